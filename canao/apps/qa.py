@@ -1,0 +1,64 @@
+"""Extractive QA with a model directory: answer questions, evaluate on a SQuAD file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from canao.config import SquadFeatureConfig, from_dict
+from canao.data import squad_metric
+from canao.data.squad import Features, Prediction, SquadExample, build_features, postprocess
+from canao.manifest import read_manifest
+from canao.models.bert_qa import load_qa_model, load_tokenizer
+
+
+@dataclass
+class QAPredictor:
+    model: torch.nn.Module
+    tokenizer: object
+    features_cfg: SquadFeatureConfig
+    batch_size: int = 64
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, features_cfg: SquadFeatureConfig | None = None,
+                 batch_size: int = 64) -> QAPredictor:
+        """Load a model directory; windowing defaults to what the model was trained with."""
+        if features_cfg is None:
+            manifest = read_manifest(model_dir) or {}
+            trained_with = manifest.get("config", {}).get("features")
+            features_cfg = from_dict(SquadFeatureConfig, trained_with) if trained_with else SquadFeatureConfig()
+        return cls(load_qa_model(model_dir), load_tokenizer(model_dir), features_cfg, batch_size)
+
+    @torch.inference_mode()
+    def logits(self, features: Features, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Start and end logits [n_windows, max_seq_len]; -inf past each batch's real length."""
+        self.model.eval()
+        shape = tuple(features.input_ids.shape)
+        start = np.full(shape, -np.inf, dtype=np.float32)
+        end = np.full(shape, -np.inf, dtype=np.float32)
+        batches = range(0, len(features), self.batch_size)
+        for lo in tqdm(batches, desc="eval", unit="batch", disable=not progress):
+            index = slice(lo, lo + self.batch_size)
+            out = self.model(**features.model_inputs(index))
+            width = out.start_logits.shape[1]
+            start[index, :width] = out.start_logits.float().numpy()
+            end[index, :width] = out.end_logits.float().numpy()
+        return start, end
+
+    def predict(self, examples: list[SquadExample], progress: bool = False) -> dict[str, Prediction]:
+        features = build_features(examples, self.tokenizer, self.features_cfg)
+        start, end = self.logits(features, progress)
+        return postprocess(examples, features, start, end, self.features_cfg)
+
+
+def evaluate(predictor: QAPredictor, examples: list[SquadExample],
+             progress: bool = True) -> tuple[dict, dict[str, Prediction]]:
+    """Official EM/F1 (percent) of `predictor` on `examples`, and its predictions."""
+    predictions = predictor.predict(examples, progress)
+    scores = squad_metric.score(examples, {qid: p.text for qid, p in predictions.items()})
+    metrics = {"exact_match": scores["exact_match"], "f1": scores["f1"], "questions": len(examples)}
+    return metrics, predictions

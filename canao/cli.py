@@ -1,0 +1,148 @@
+"""`canao <command>`: every stage and tool from the command line.
+
+Stage commands take `--profile tiny|quick|full` (configs/<profile>/<stage>.yaml) or
+`--config FILE`, and `--set key=value` overrides (dotted keys for nested sections).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from canao.config import PROFILES, ConfigError, SquadFeatureConfig, apply_overrides, from_dict, load_config, to_dict
+from canao.data.squad import SquadExample, SquadFormatError, load_squad
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", choices=PROFILES, default="quick", help="config profile (default: quick)")
+    p.add_argument("--config", help="a config YAML instead of the profile's")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set train.epochs=1 (repeatable)")
+
+
+def cmd_teacher(args) -> None:
+    from canao.distill import train_teacher
+
+    cfg = load_config("teacher", args.profile, args.config, args.overrides)
+    manifest = train_teacher(cfg, args.out)
+    m = manifest["metrics"]
+    print(json.dumps({"exact_match": round(m["exact_match"], 2), "f1": round(m["f1"], 2),
+                      "questions": m["questions"], "model": str(Path(args.out).resolve())}))
+
+
+def _predictor(args):
+    from canao.apps.qa import QAPredictor
+
+    _set_threads(args.threads)
+    predictor = QAPredictor.from_dir(args.model, batch_size=args.batch_size)
+    if args.overrides:
+        merged = apply_overrides(to_dict(predictor.features_cfg), args.overrides)
+        predictor.features_cfg = from_dict(SquadFeatureConfig, merged, "features.")
+    return predictor
+
+
+def _set_threads(threads: int) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def cmd_eval_qa(args) -> None:
+    from canao.apps.qa import evaluate
+
+    examples = load_squad(args.data, args.questions)
+    metrics, predictions = evaluate(_predictor(args), examples)
+    if args.out:
+        Path(args.out).write_text(json.dumps({qid: p.text for qid, p in predictions.items()}, indent=1))
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in metrics.items()}))
+
+
+def cmd_qa(args) -> None:
+    for name in ("context", "question"):
+        if not getattr(args, name).strip():
+            raise ValueError(f"--{name}: must not be empty")
+    predictor = _predictor(args)
+    example = SquadExample("cli", args.question, args.context, ())
+    started = time.perf_counter()
+    prediction = predictor.predict([example])["cli"]
+    latency_ms = (time.perf_counter() - started) * 1000
+    print(json.dumps({"answer": prediction.text, "score": round(prediction.probability, 4),
+                      "start": prediction.start, "end": prediction.end, "latency_ms": round(latency_ms, 1)}))
+
+
+def cmd_squad_score(args) -> None:
+    from canao.data import squad_metric
+
+    examples = load_squad(args.data)
+    path = Path(args.predictions)
+    try:
+        predictions = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(predictions, dict):
+        raise ValueError(f"{path}: expected an object of question id -> answer text")
+    for qid, text in predictions.items():
+        if not isinstance(text, str):
+            raise ValueError(f"{path}: question id {qid!r}: answer must be a string, got {type(text).__name__}")
+    scores = squad_metric.score(examples, predictions)
+    if scores["missing"]:
+        print(f"{path}: {scores['missing']} of {len(examples)} questions have no prediction; "
+              "they are scored as wrong", file=sys.stderr)
+    print(json.dumps({"exact_match": scores["exact_match"], "f1": scores["f1"]}))
+
+
+def _add_predictor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (save_pretrained layout)")
+    p.add_argument("--batch-size", type=int, default=64, help="windows per forward pass")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the windowing, e.g. --set max_seq_len=256")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="canao", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("teacher", help="fine-tune the QA teacher and evaluate it on dev")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.set_defaults(func=cmd_teacher)
+
+    p = sub.add_parser("eval-qa", help="EM/F1 of a QA model on a SQuAD v1.1 file")
+    _add_predictor_args(p)
+    p.add_argument("--data", required=True, help="SQuAD v1.1 JSON file")
+    p.add_argument("--questions", type=int, default=0, help="first N questions only (0: all)")
+    p.add_argument("--out", help="write predictions (question id -> answer) here")
+    p.set_defaults(func=cmd_eval_qa)
+
+    p = sub.add_parser("qa", help="answer one question about a context")
+    _add_predictor_args(p)
+    p.add_argument("--context", required=True)
+    p.add_argument("--question", required=True)
+    p.set_defaults(func=cmd_qa)
+
+    p = sub.add_parser("squad-score", help="the official SQuAD v1.1 metric")
+    p.add_argument("data", help="SQuAD v1.1 JSON file with gold answers")
+    p.add_argument("predictions", help="JSON object: question id -> answer text")
+    p.set_defaults(func=cmd_squad_score)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, SquadFormatError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"canao {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Stage configs: frozen dataclasses loaded from configs/<profile>/<stage>.yaml.
+
+Every value can be overridden with `key=value` (dotted keys reach nested sections,
+values are parsed as YAML), and every unknown key or wrongly typed value is an error
+that names it, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+# Relative paths in configs (data files) are relative to the project root, so a config
+# means the same thing from any working directory.
+PROJECT_ROOT = Path(os.environ.get("CANAO_PROJECT_ROOT", Path(__file__).resolve().parents[1]))
+CONFIG_DIR = PROJECT_ROOT / "configs"
+PROFILES = ("tiny", "quick", "full")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (PROJECT_ROOT / p).resolve()
+
+
+@dataclass(frozen=True)
+class BertShape:
+    num_layers: int = 2  # transformer blocks
+    hidden_size: int = 64  # width of the residual stream
+    num_heads: int = 2  # attention heads per layer (hidden_size % num_heads == 0)
+    ffn_size: int = 128  # intermediate width of each feed-forward block
+
+
+@dataclass(frozen=True)
+class SquadDataConfig:
+    train_file: str = "../shared/data/squad/train-subset-v1.1.json"  # fine-tuning questions
+    eval_file: str = "../shared/data/squad/dev-a-v1.1.json"  # evaluation only, never trained on
+    train_questions: int = 0  # first N training questions in file order; 0 = all
+    eval_questions: int = 0  # first N evaluation questions in file order; 0 = all
+
+
+@dataclass(frozen=True)
+class SquadFeatureConfig:
+    max_seq_len: int = 384  # tokens per window: [CLS] question [SEP] context-slice [SEP]
+    doc_stride: int = 128  # tokens shared by consecutive windows of a long context
+    n_best: int = 20  # start and end candidates kept per window in post-processing
+    max_answer_len: int = 30  # longest answer span, in tokens
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: float = 2.0  # passes over the training features (fractions allowed)
+    batch_size: int = 16  # features per optimizer step
+    learning_rate: float = 5e-5  # peak AdamW learning rate after warm-up
+    weight_decay: float = 0.01  # AdamW decay, not applied to biases and LayerNorm
+    warmup_ratio: float = 0.1  # fraction of steps with a linear warm-up, then linear decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    bf16: bool = True  # bfloat16 autocast for the encoder's forward (weights stay fp32)
+    eval_batch_size: int = 64  # features per forward pass during evaluation
+    checkpoint_every: int = 200  # optimizer steps between resumable checkpoints
+    threads: int = 0  # torch intra-op threads; 0 = torch's default (all cores)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    seed: int = 42
+    init: str = "minilm"  # "minilm": all-MiniLM-L6-v2 from its package; "random": random BERT of `random_shape`
+    random_shape: BertShape = field(default_factory=BertShape)
+    data: SquadDataConfig = field(default_factory=SquadDataConfig)
+    features: SquadFeatureConfig = field(default_factory=SquadFeatureConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.init not in ("minilm", "random"):
+            raise ConfigError(f"init: must be 'minilm' or 'random', got {self.init!r}")
+        _check_features(self.features)
+
+
+def _check_features(f: SquadFeatureConfig) -> None:
+    if not 0 <= f.doc_stride < f.max_seq_len // 2:
+        raise ConfigError(
+            f"features.doc_stride: must be in [0, max_seq_len/2), got {f.doc_stride} "
+            f"with max_seq_len {f.max_seq_len}"
+        )
+
+
+STAGES: dict[str, type] = {"teacher": TeacherConfig}
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> typing.Any:
+    """Build dataclass `cls` from a plain dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+    kwargs = {name: _coerce(hints[name], value, f"{where}{name}") for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from e
+
+
+def _coerce(tp, value, where: str):
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where + ".")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not tp:
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
+    """Return a copy of `data` with `a.b=value` overrides applied (values parsed as YAML)."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {part} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def config_path(stage: str, profile: str) -> Path:
+    if profile not in PROFILES:
+        raise ConfigError(f"profile: unknown {profile!r} (known: {', '.join(PROFILES)})")
+    return CONFIG_DIR / profile / f"{stage}.yaml"
+
+
+def load_config(stage: str, profile: str | None = None, file: str | os.PathLike | None = None,
+                overrides: typing.Iterable[str] = ()):
+    """Load the config of `stage` from an explicit file or the profile's file, then overrides."""
+    if stage not in STAGES:
+        raise ConfigError(f"stage: unknown {stage!r} (known: {', '.join(STAGES)})")
+    path = Path(file) if file else config_path(stage, profile or "quick")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    try:
+        return from_dict(STAGES[stage], apply_overrides(data, overrides))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg) -> str:
+    """Stable content hash of a config: what a checkpoint or a cached stage was made with."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

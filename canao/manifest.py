@@ -1,0 +1,78 @@
+"""manifest.json: what made an artifact directory, with what config, its metrics, and
+the sha256 of every file, so a copy can be verified anywhere."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+
+import canao
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_hashes(directory: str | Path) -> dict[str, str]:
+    """sha256 of every file below `directory` except the manifest, by relative path."""
+    directory = Path(directory)
+    return {
+        p.relative_to(directory).as_posix(): sha256_file(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def write_manifest(directory: str | Path, stage: str, config: dict, metrics: dict,
+                   inputs: dict | None = None, config_hash: str | None = None) -> dict:
+    """Write the manifest last, atomically: its presence marks the directory complete."""
+    directory = Path(directory)
+    manifest = {
+        "stage": stage,
+        "canao_version": canao.__version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host": {"machine": platform.machine(), "python": platform.python_version()},
+        "inputs": inputs or {},
+        "config": config,
+        "config_hash": config_hash,
+        "metrics": metrics,
+        "files": file_hashes(directory),
+    }
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, directory / MANIFEST)
+    return manifest
+
+
+def read_manifest(directory: str | Path) -> dict | None:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+
+
+def verify_manifest(directory: str | Path) -> dict:
+    """The manifest of `directory` after checking every file's sha256 against it."""
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise FileNotFoundError(f"{directory}: no {MANIFEST}; the artifact is incomplete")
+    for name, expected in manifest["files"].items():
+        path = Path(directory) / name
+        if not path.is_file():
+            raise ValueError(f"{path}: listed in {MANIFEST} but missing")
+        if sha256_file(path) != expected:
+            raise ValueError(f"{path}: sha256 differs from {MANIFEST}")
+    return manifest
