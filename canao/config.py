@@ -100,7 +100,7 @@ STAGES: dict[str, type] = {"teacher": TeacherConfig}
 def from_dict(cls: type, data: dict, where: str = "") -> typing.Any:
     """Build dataclass `cls` from a plain dict, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
@@ -112,7 +112,7 @@ def from_dict(cls: type, data: dict, where: str = "") -> typing.Any:
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where or 'config'}: {e}") from e
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: {e}") from e
 
 
 def _coerce(tp, value, where: str):
