@@ -56,3 +56,41 @@ def load_qa_model(model_dir: str | Path) -> BertForQuestionAnswering:
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: not a model directory (no config.json)")
     return BertForQuestionAnswering.from_pretrained(model_dir).eval()
+
+
+class SpanLogits(torch.nn.Module):
+    """A QA model as the compilers and runtimes see it: three int64 tensors in, two out.
+
+    inputs: input_ids, token_type_ids, attention_mask, each [batch, seq] int64
+    outputs: start_logits, end_logits, each [batch, seq] float32
+    """
+
+    def __init__(self, model: BertForQuestionAnswering):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, token_type_ids, attention_mask):
+        out = self.model(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask)
+        return out.start_logits, out.end_logits
+
+
+INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask")
+OUTPUT_NAMES = ("start_logits", "end_logits")
+
+
+def load_for_export(model_dir: str | Path) -> SpanLogits:
+    """The model of `model_dir` with eager attention (what exporters trace best), in eval mode."""
+    model = BertForQuestionAnswering.from_pretrained(model_dir, attn_implementation="eager")
+    return SpanLogits(model.eval()).eval()
+
+
+def example_inputs(seq_len: int, batch: int = 1, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Deterministic inputs of the exported shape: random tokens, a question/context split,
+    and the last quarter of the window padded, so numerics checks cover the mask."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1000, 30000, (batch, seq_len), generator=g)
+    token_type_ids = torch.zeros(batch, seq_len, dtype=torch.long)
+    token_type_ids[:, seq_len // 4 :] = 1
+    attention_mask = torch.ones(batch, seq_len, dtype=torch.long)
+    attention_mask[:, seq_len - seq_len // 4 :] = 0
+    return input_ids, token_type_ids, attention_mask
