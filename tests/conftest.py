@@ -1,9 +1,10 @@
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from canao.config import resolve_path
+from canao.config import PROJECT_ROOT, resolve_path
 
 SQUAD_DIR = resolve_path("../shared/data/squad")
 TRAIN_FILE = SQUAD_DIR / "train-subset-v1.1.json"
@@ -28,3 +29,10 @@ def tokenizer():
     from canao.models.bert_qa import load_tokenizer
 
     return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def litert_env():
+    """Builds the converter environment the way a fresh clone gets it (about a minute, once)."""
+    done = subprocess.run(["make", "-C", str(PROJECT_ROOT), "litert-env"], capture_output=True, text=True)
+    assert done.returncode == 0, f"make litert-env failed:\n{done.stderr[-3000:]}"

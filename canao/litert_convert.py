@@ -1,0 +1,68 @@
+"""Convert a BERT-QA model directory to a LiteRT (.tflite) model, optionally dynamic-range int8.
+
+Runs with the LiteRT converter's own python (`make litert-env`, .venv-litert), never with
+canao's: litert-torch cannot share an environment with TVM (TOOLCHAIN.md), so this file
+imports only torch, transformers, litert_torch and ai_edge_quantizer. canao calls it by
+file path through `canao.peers.export_litert`.
+
+    .venv-litert/bin/python canao/litert_convert.py --model DIR --seq-len 128 --out model.tflite [--int8]
+"""
+
+import argparse
+from pathlib import Path
+
+import litert_torch
+import torch
+from ai_edge_quantizer import quantizer, recipe
+from transformers import BertForQuestionAnswering
+
+# These mirror canao.models.bert_qa (SpanLogits, INPUT_NAMES, OUTPUT_NAMES), which cannot be
+# imported here. The converter names the model's signature after the sample kwargs and the
+# returned dict's keys, so LiteRTRunner finds tensors by these names instead of args_0, output_0.
+INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask")
+OUTPUT_NAMES = ("start_logits", "end_logits")
+
+
+class NamedSpanLogits(torch.nn.Module):
+    def __init__(self, model: BertForQuestionAnswering):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, token_type_ids, attention_mask):
+        out = self.model(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask)
+        return dict(zip(OUTPUT_NAMES, (out.start_logits, out.end_logits), strict=True))
+
+
+def convert(model_dir: Path, seq_len: int, out: Path, int8: bool) -> None:
+    # Eager attention: the exporters trace it best (as canao.models.bert_qa.load_for_export).
+    model = BertForQuestionAnswering.from_pretrained(model_dir, attn_implementation="eager").eval()
+    # int32 token ids: the converter narrows int64 inputs to int32 anyway (the same graph either
+    # way), and tracing with int32 avoids its downcast warning.
+    sample_kwargs = {name: torch.zeros(1, seq_len, dtype=torch.int32) for name in INPUT_NAMES}
+    sample_kwargs["attention_mask"] += 1
+    edge_model = litert_torch.convert(NamedSpanLogits(model).eval(), sample_kwargs=sample_kwargs)
+    if not int8:
+        edge_model.export(str(out))
+        return
+    # Dynamic range: int8 weights, activations quantized on the fly; no calibration data needed.
+    quantized = quantizer.Quantizer(edge_model.model_content(), recipe.dynamic_wi8_afp32()).quantize()
+    quantized.export_model(str(out), overwrite=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="model directory (config.json, weights)")
+    parser.add_argument("--seq-len", type=int, required=True, help="static sequence length of the inputs")
+    parser.add_argument("--out", type=Path, required=True, help="the .tflite file to write")
+    parser.add_argument("--int8", action="store_true", help="dynamic-range int8 weights (recipe dynamic_wi8_afp32)")
+    args = parser.parse_args()
+    if not (args.model / "config.json").is_file():
+        parser.error(f"--model {args.model}: not a model directory (no config.json)")
+    if args.seq_len < 1:
+        parser.error(f"--seq-len {args.seq_len}: must be positive")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    convert(args.model, args.seq_len, args.out, args.int8)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Peer runtimes on a tiny random BERT: exports match PyTorch, int8 stays close, errors are clear."""
+
+
+import numpy as np
+import pytest
+
+from canao import peers
+from canao.compile import max_abs_diff
+from canao.config import BertShape
+from canao.models.bert_qa import example_inputs, init_qa_model, load_for_export
+
+SEQ_LEN = 32
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-qa")
+    init_qa_model("random", BertShape(), seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def span_model(model_dir):
+    return load_for_export(model_dir)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return tuple(x.numpy() for x in example_inputs(SEQ_LEN))
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, inputs):
+    return peers.TorchRunner(model_dir, threads=1)(*inputs)
+
+
+def cosine(outputs, reference) -> float:
+    a, b = np.concatenate([o.ravel() for o in outputs]), np.concatenate([r.ravel() for r in reference])
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.mark.parametrize(
+    "name, atol, min_cosine",
+    [
+        ("onnxruntime", 1e-4, None),
+        ("onnxruntime-int8", None, 0.99),
+        ("litert", 1e-3, None),
+        ("litert-int8", None, 0.99),
+    ],
+)
+def test_peer_matches_pytorch(name, atol, min_cosine, model_dir, span_model, inputs, reference, tmp_path, request):
+    if name.startswith("litert"):
+        request.getfixturevalue("litert_env")
+    path = peers.export(name, model_dir, span_model, SEQ_LEN, tmp_path)
+    outputs = peers.runner(name, path, threads=1)(*inputs)
+    assert [(o.dtype, o.shape) for o in outputs] == [(np.float32, (1, SEQ_LEN))] * 2
+    if atol is not None:
+        assert max_abs_diff(outputs, reference) < atol
+    if min_cosine is not None:
+        assert cosine(outputs, reference) > min_cosine
+    if name.endswith("-int8"):  # int8 weights: well under 2 bytes a parameter, fp32 would take 4
+        assert path.stat().st_size < 2 * sum(p.numel() for p in span_model.parameters())
+
+
+def test_unknown_backend_is_named(model_dir, span_model, tmp_path):
+    with pytest.raises(ValueError, match="'tensorrt': unknown"):
+        peers.export("tensorrt", model_dir, span_model, SEQ_LEN, tmp_path)
+    with pytest.raises(ValueError, match="'tensorrt': unknown"):
+        peers.runner("tensorrt", tmp_path, threads=1)
+
+
+def test_litert_export_without_its_environment_says_how_to_build_it(model_dir, tmp_path, monkeypatch):
+    missing = tmp_path / "no-venv" / "bin" / "python"
+    monkeypatch.setenv("CANAO_LITERT_PYTHON", str(missing))
+    with pytest.raises(FileNotFoundError, match="make litert-env") as error:
+        peers.export_litert(model_dir, SEQ_LEN, tmp_path / "model.tflite")
+    assert str(missing) in str(error.value)
+
+
+def test_litert_conversion_failure_carries_the_converters_stderr(model_dir, tmp_path, monkeypatch):
+    failing_python = tmp_path / "python"
+    failing_python.write_text("#!/bin/sh\necho 'converter trace line' >&2\necho 'ValueError: bad op' >&2\nexit 3\n")
+    failing_python.chmod(0o755)
+    monkeypatch.setenv("CANAO_LITERT_PYTHON", str(failing_python))
+    with pytest.raises(RuntimeError, match=r"exit 3[\s\S]*ValueError: bad op"):
+        peers.export_litert(model_dir, SEQ_LEN, tmp_path / "model.tflite")
+
