@@ -8,7 +8,7 @@ OUT ?= outputs/$(PROFILE)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test run bench lint clean
+.PHONY: setup litert-env test run bench lint clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# The LiteRT converter's own environment: litert-torch cannot share one with TVM
+# (TOOLCHAIN.md). canao runs canao/litert_convert.py with its python, so it holds only what
+# that script imports; transformers is pinned as in pyproject.toml. Reinstalls when this file
+# changes (the pins live here).
+LITERT_VENV := .venv-litert
+LITERT_STAMP := $(LITERT_VENV)/.installed
+LITERT_PACKAGES := torch==2.13.0 transformers==5.23.0 litert-torch==0.10.0 ai-edge-quantizer==0.10.0
+
+litert-env: $(LITERT_STAMP)
+
+$(LITERT_STAMP): Makefile
+	test -x $(LITERT_VENV)/bin/python || $(PYTHON) -m venv $(LITERT_VENV)
+	$(LITERT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LITERT_VENV)/bin/python -m pip install --quiet $(LITERT_PACKAGES)
+	touch $@
+
 test: setup
 	$(BIN)/python -m pytest -q tests
 
@@ -27,12 +43,12 @@ test: setup
 run: setup
 	$(BIN)/canao teacher --profile $(PROFILE) --out $(OUT)/teacher
 
-bench: setup
-	@echo "make bench: the benchmark suite (BENCHMARKS.md) comes with the compiler stage; nothing to run yet" >&2
-	@exit 1
+bench: setup litert-env
+	$(BIN)/canao device-lab up
+	$(BIN)/canao bench-suite --profile full --out BENCHMARKS.md; status=$$?; $(BIN)/canao device-lab down; exit $$status
 
 lint: setup
 	$(BIN)/ruff check canao tests
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LITERT_VENV) build .pytest_cache .ruff_cache

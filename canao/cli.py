@@ -12,7 +12,17 @@ import sys
 import time
 from pathlib import Path
 
-from canao.config import PROFILES, ConfigError, SquadFeatureConfig, apply_overrides, from_dict, load_config, to_dict
+from canao import device_lab
+from canao.config import (
+    PROFILES,
+    ConfigError,
+    SquadFeatureConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    resolve_path,
+    to_dict,
+)
 from canao.data.squad import SquadExample, SquadFormatError, load_squad
 
 
@@ -97,6 +107,36 @@ def cmd_squad_score(args) -> None:
     print(json.dumps({"exact_match": scores["exact_match"], "f1": scores["f1"]}))
 
 
+def cmd_compile(args) -> None:
+    from canao.compile import compile_model
+
+    overrides = [*args.overrides, f"seq_len={args.seq_len}"]
+    if args.trials is not None:
+        overrides.append(f"trials={args.trials}")
+    cfg = load_config("compile", args.profile, args.config, overrides)
+    manifest = compile_model(args.model, args.device, cfg, args.out)
+    print(json.dumps({"out": str(Path(args.out).resolve()), "backends": manifest["backends"], **manifest["metrics"]}))
+
+
+def cmd_bench(args) -> None:
+    from canao import bench
+
+    backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    compile_cfg = load_config("compile", args.profile, None, [f"seq_len={args.seq_len}"])
+    bench_cfg = load_config("bench", args.profile, args.config, args.overrides)
+    artifact = args.artifact or bench.compiled(args.model, args.device, compile_cfg)
+    records = bench.bench(artifact, args.model, args.device, backends, bench_cfg)
+    bench.write_records(records, args.out)
+    print(bench.table(records))
+
+
+def cmd_bench_suite(args) -> None:
+    from canao import bench
+
+    bench.suite(resolve_path(args.teacher), args.profile, Path(args.out),
+                command=f"canao bench-suite --profile {args.profile} --out {args.out}")
+
+
 def _add_predictor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (save_pretrained layout)")
     p.add_argument("--batch-size", type=int, default=64, help="windows per forward pass")
@@ -126,6 +166,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", required=True)
     p.add_argument("--question", required=True)
     p.set_defaults(func=cmd_qa)
+
+    p = sub.add_parser("compile", help="compile a QA model with TVM for a device (+ peer exports)")
+    _add_config_args(p)
+    p.add_argument("--model", required=True, help="model directory (save_pretrained layout)")
+    p.add_argument("--device", required=True, help="device key from device_lab/devices.yaml")
+    p.add_argument("--seq-len", type=int, required=True, help="static sequence length")
+    p.add_argument("--trials", type=int, help="MetaSchedule trials for kernels not yet tuned (default: profile's)")
+    p.add_argument("--out", required=True, help="artifact directory to write")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("bench", help="time a model on a device: TVM against the peers")
+    _add_config_args(p)
+    p.add_argument("--model", required=True, help="model directory (save_pretrained layout)")
+    p.add_argument("--device", required=True, help="device key from device_lab/devices.yaml")
+    p.add_argument("--seq-len", type=int, required=True, help="static sequence length")
+    p.add_argument("--backends", default=",".join(("tvm", "litert", "litert-int8", "onnxruntime",
+                                                   "onnxruntime-int8", "torch")), help="comma-separated")
+    p.add_argument("--artifact", help="a `canao compile` output (default: compile into outputs/compiled/)")
+    p.add_argument("--out", required=True, help="JSON records to write")
+    p.set_defaults(func=cmd_bench)
+
+    device_lab.add_cli(sub)
+
+    p = sub.add_parser("bench-suite", help="`make bench`: every suite model, length and device -> BENCHMARKS.md")
+    p.add_argument("--profile", choices=PROFILES, default="full", help="compile/bench profile (default: full)")
+    p.add_argument("--teacher", default="outputs/full/teacher", help="the trained QA teacher, if there is one")
+    p.add_argument("--out", default="BENCHMARKS.md", help="Markdown report (records beside it as .json)")
+    p.set_defaults(func=cmd_bench_suite)
 
     p = sub.add_parser("squad-score", help="the official SQuAD v1.1 metric")
     p.add_argument("data", help="SQuAD v1.1 JSON file with gold answers")

@@ -7,6 +7,7 @@ that names it, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -94,7 +95,26 @@ def _check_features(f: SquadFeatureConfig) -> None:
         )
 
 
-STAGES: dict[str, type] = {"teacher": TeacherConfig}
+@dataclass(frozen=True)
+class CompileConfig:
+    seq_len: int = 128  # static sequence length of the compiled module (one bucket)
+    trials: int = 0  # MetaSchedule trials for kernels not yet in the device's tuning database; 0 = reuse only
+    max_trials_per_task: int = 64  # cap per kernel, so every new kernel gets a share of `trials`
+    fast_math: bool = True  # polynomial erf (GELU), exp (softmax); held to `numerics_tol`
+    numerics_tol: float = 1e-3  # max abs difference of start/end logits vs PyTorch fp32
+    peers: tuple[str, ...] = ("onnxruntime", "onnxruntime-int8", "litert", "litert-int8")  # peer exports
+    tuning_dir: str = "outputs/tuning"  # per-device tuning databases live in <tuning_dir>/<device key>/
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    warmup: int = 10  # untimed runs before timing (caches, thread pools, lazy allocation)
+    runs: int = 50  # timed runs; p50/p90/min are over these
+    seq_lens: tuple[int, ...] = (128, 384)  # `make bench`: sequence lengths of the suite
+    devices: tuple[str, ...] = ("x86-1t", "x86-2t")  # `make bench`: device keys of the suite
+
+
+STAGES: dict[str, type] = {"teacher": TeacherConfig, "compile": CompileConfig, "bench": BenchConfig}
 
 
 def from_dict(cls: type, data: dict, where: str = "") -> typing.Any:
@@ -118,8 +138,17 @@ def from_dict(cls: type, data: dict, where: str = "") -> typing.Any:
 def _coerce(tp, value, where: str):
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where + ".")
+    if typing.get_origin(tp) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item, _) = typing.get_args(tp)
+        return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML reads 1e-4 (no dot) as a string; it is a float to anyone writing a config.
+        with contextlib.suppress(ValueError):
+            return float(value)
     if type(value) is not tp:
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value

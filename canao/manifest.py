@@ -34,8 +34,9 @@ def file_hashes(directory: str | Path) -> dict[str, str]:
 
 
 def write_manifest(directory: str | Path, stage: str, config: dict, metrics: dict,
-                   inputs: dict | None = None, config_hash: str | None = None) -> dict:
-    """Write the manifest last, atomically: its presence marks the directory complete."""
+                   inputs: dict | None = None, config_hash: str | None = None, **extra) -> dict:
+    """Write the manifest last, atomically: its presence marks the directory complete.
+    `extra` adds stage-specific top-level keys (e.g. the compiled backends' files)."""
     directory = Path(directory)
     manifest = {
         "stage": stage,
@@ -47,6 +48,7 @@ def write_manifest(directory: str | Path, stage: str, config: dict, metrics: dic
         "config_hash": config_hash,
         "metrics": metrics,
         "files": file_hashes(directory),
+        **extra,
     }
     tmp = directory / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -50,3 +50,9 @@ def test_bad_files_and_names(tmp_path):
         load_config("teacher", file=path)
     with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
         load_config("teacher", file=tmp_path / "missing.yaml")
+
+
+def test_exponent_floats_without_a_dot_are_floats():
+    assert load_config("teacher", "tiny", overrides=["train.learning_rate=1e-4"]).train.learning_rate == 1e-4
+    with pytest.raises(ConfigError, match="train.learning_rate: expected float, got 'fast'"):
+        load_config("teacher", "tiny", overrides=["train.learning_rate=fast"])

@@ -1,0 +1,210 @@
+"""One benchmark protocol for every backend: warm-up, repeated timed runs, p50/p90/min.
+
+The TVM module runs on the device through the lab's tracker (`time_evaluator` on the
+device server, pinned to the device's cores with its thread count). The peers (LiteRT,
+ONNX Runtime, PyTorch) run on this machine in a fresh process pinned to the same cores
+with the same thread count, so every backend gets the same hardware. Inputs are the same
+deterministic windows for all, and every record carries its numerics difference from
+PyTorch fp32.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import multiprocessing
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from canao import device_lab
+from canao.config import BenchConfig, BertShape, CompileConfig, config_hash, load_config, resolve_path
+from canao.manifest import read_manifest, sha256_file, verify_manifest
+from canao.models.bert_qa import example_inputs, init_qa_model, load_tokenizer
+
+BACKENDS = ("tvm", "litert", "litert-int8", "onnxruntime", "onnxruntime-int8", "torch")
+BASELINE = "litert"  # speedups are relative to LiteRT fp32, the strongest fp32 peer on CPUs
+COMPILED_DIR = "outputs/compiled"  # compiled artifacts by device and content hash, relative to the project root
+
+
+@dataclass(frozen=True)
+class Record:
+    backend: str
+    device: str
+    seq_len: int
+    p50_ms: float
+    p90_ms: float
+    min_ms: float
+    runs: int
+    threads: int
+    cores: tuple[int, ...]
+    version: str  # backend version string
+    numerics_max_abs_diff: float  # max |start/end logits - PyTorch fp32|
+
+
+def summarize(times_ms: list[float]) -> dict:
+    t = np.asarray(times_ms)
+    return {"p50_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)), "min_ms": float(t.min())}
+
+
+def _time_peer(backend: str, path: str, device_key: str, warmup: int, runs: int, seq_len: int) -> tuple[list, str]:
+    """In a child process: pin to the device's cores, then time the peer runtime."""
+    from canao import peers
+
+    device = device_lab.get_device(device_key)
+    device_lab.pin(device)
+    runner = peers.runner(backend, Path(path), threads=device.threads)
+    inputs = [t.numpy() for t in example_inputs(seq_len)]
+    for _ in range(warmup):
+        runner(*inputs)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        runner(*inputs)
+        times.append((time.perf_counter() - started) * 1000)
+    return times, runner.version
+
+
+def bench(artifact_dir: str | Path, model_dir: str | Path, device_key: str, backends: tuple[str, ...],
+          cfg: BenchConfig) -> list[Record]:
+    """Time `backends` of a compiled artifact directory on `device_key`."""
+    unknown = sorted(set(backends) - set(BACKENDS))
+    if unknown:
+        raise ValueError(f"--backends: unknown {', '.join(unknown)} (known: {', '.join(BACKENDS)})")
+    device = device_lab.get_device(device_key)
+    artifact_dir = Path(artifact_dir)
+    manifest = verify_manifest(artifact_dir)
+    if manifest["config"]["device"] != device.key:
+        raise ValueError(f"{artifact_dir}: compiled for {manifest['config']['device']}, not for {device.key}")
+    seq_len = manifest["config"]["seq_len"]
+    numerics = manifest["metrics"]["numerics_max_abs_diff"]
+    records = []
+    for backend in backends:
+        if backend == "tvm":
+            inputs = [t.numpy() for t in example_inputs(seq_len)]
+            times = device_lab.time_remote(artifact_dir / manifest["backends"]["tvm"], inputs, device.key,
+                                           cfg.warmup, cfg.runs)
+            version = _tvm_version()
+        else:
+            path = Path(model_dir) if backend == "torch" else artifact_dir / manifest["backends"][backend]
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(1) as pool:
+                times, version = pool.apply(_time_peer, (backend, str(path), device.key, cfg.warmup, cfg.runs,
+                                                         seq_len))
+        records.append(Record(
+            backend=backend, device=device.key, seq_len=seq_len, runs=len(times), threads=device.threads,
+            cores=tuple(device.cores), version=version, numerics_max_abs_diff=numerics.get(backend, 0.0),
+            **summarize(times),
+        ))
+    return records
+
+
+def _tvm_version() -> str:
+    import tvm
+
+    return f"tvm {tvm.__version__}"
+
+
+def compiled(model_dir: str | Path, device_key: str, cfg: CompileConfig) -> Path:
+    """The compiled artifact of `model_dir` for `device_key` under `cfg`, compiled on first use
+    and kept in outputs/compiled/<device>/<weights and config hash>/ for later runs."""
+    from canao.compile import compile_model
+
+    model_dir = Path(model_dir)
+    key = hashlib.sha256((sha256_file(model_dir / "model.safetensors") + config_hash(cfg)).encode()).hexdigest()[:16]
+    out = resolve_path(COMPILED_DIR) / device_key / key
+    if read_manifest(out) is None:
+        compile_model(model_dir, device_key, cfg, out)
+    return out
+
+
+def table(records: list[Record]) -> str:
+    """Markdown table with each backend's speedup over LiteRT fp32 on the same device and length."""
+    base = {(r.device, r.seq_len): r.p50_ms for r in records if r.backend == BASELINE}
+    lines = ["| device | seq | backend | p50 ms | p90 ms | min ms | vs LiteRT fp32 | max abs diff |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        ref = base.get((r.device, r.seq_len))
+        speedup = f"{ref / r.p50_ms:.2f}x" if ref else "n/a"
+        lines.append(f"| {r.device} | {r.seq_len} | {r.backend} | {r.p50_ms:.2f} | {r.p90_ms:.2f} | "
+                     f"{r.min_ms:.2f} | {speedup} | {r.numerics_max_abs_diff:.1e} |")
+    return "\n".join(lines)
+
+
+def write_records(records: list[Record], path: str | Path) -> None:
+    """Write atomically: a benchmark cut short leaves no file that looks complete."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({"host": platform.processor() or platform.machine(),
+                               "records": [asdict(r) for r in records]}, indent=1))
+    tmp.replace(path)
+
+
+# `make bench`: the models of the suite. The QA teacher's shape (all-MiniLM-L6-v2) and a
+# smaller BERT; latency depends on the shape only, so the small one keeps random weights.
+SMALL_BERT = BertShape(num_layers=4, hidden_size=256, num_heads=4, ffn_size=1024)
+BENCH_MODELS_DIR = "outputs/bench-models"
+
+
+def suite_models(teacher_dir: Path) -> dict[str, Path]:
+    """Model name -> directory: the trained teacher if there is one (else MiniLM with an
+    untrained span head: the same shape), and the small BERT."""
+    root = resolve_path(BENCH_MODELS_DIR)
+    models = {}
+    if read_manifest(teacher_dir) is not None:
+        models["QA teacher (all-MiniLM-L6-v2: 6 layers, hidden 384, 12 heads, FFN 1536)"] = teacher_dir
+    else:
+        models["all-MiniLM-L6-v2 QA shape (6 layers, hidden 384, 12 heads, FFN 1536; untrained head)"] = (
+            _saved(root / "minilm-qa", "minilm", BertShape()))
+    models["small BERT (4 layers, hidden 256, 4 heads, FFN 1024; random weights)"] = (
+        _saved(root / "small-bert", "random", SMALL_BERT))
+    return models
+
+
+def _saved(path: Path, init: str, shape: BertShape) -> Path:
+    if not (path / "model.safetensors").is_file():
+        init_qa_model(init, shape, seed=0).save_pretrained(path)
+        load_tokenizer().save_pretrained(path)
+    return path
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def suite(teacher_dir: Path, profile: str, out: Path, command: str) -> None:
+    """Every suite model at every length on every device, all backends; writes `out` (Markdown)."""
+    bench_cfg = load_config("bench", profile)
+    sections, raw = [], []
+    for name, model_dir in suite_models(teacher_dir).items():
+        records, tuning = [], []
+        for device_key in bench_cfg.devices:
+            for seq_len in bench_cfg.seq_lens:
+                compile_cfg = load_config("compile", profile, overrides=[f"seq_len={seq_len}"])
+                artifact = compiled(model_dir, device_key, compile_cfg)
+                manifest = read_manifest(artifact)
+                tuning.append(f"| {device_key} | {seq_len} | {manifest['metrics']['tuning']['tasks']} | "
+                              f"{manifest['metrics']['tuning']['tasks_reused']} | "
+                              f"{manifest['metrics']['tuning']['trials']} | "
+                              f"{manifest['metrics']['tuning']['seconds']:.0f} |")
+                records += bench(artifact, model_dir, device_key, BACKENDS, bench_cfg)
+        raw += records
+        sections.append(f"### {name}\n\n{table(records)}\n\nTVM tuning behind these numbers "
+                        "(kernels of one shape are tuned once per device and reused):\n\n"
+                        "| device | seq | kernels | reused from the database | trials | tuning s |\n"
+                        "|---|---|---|---|---|---|\n" + "\n".join(tuning))
+    header = (f"# Benchmarks\n\nGenerated by `{command}` on {datetime.date.today().isoformat()}, "
+              f"CPU: {cpu_model()}. Batch 1; p50/p90/min over {bench_cfg.runs} timed runs after "
+              f"{bench_cfg.warmup} warm-up runs. TVM runs on the device-lab server of each device "
+              "(tracker on 127.0.0.1); the peers run pinned to the same cores with the same thread count. "
+              "`vs LiteRT fp32` is LiteRT fp32's p50 divided by the backend's p50 on the same device and "
+              "length; `max abs diff` is against PyTorch fp32 start/end logits.\n")
+    out.write_text(header + "\n" + "\n\n".join(sections) + "\n")
+    write_records(raw, out.with_suffix(".json"))

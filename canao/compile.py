@@ -1,0 +1,188 @@
+"""The compiler stage: a transformers QA model -> TVM Relax -> tuned, device-specific module.
+
+torch.export traces the model at one static sequence length; the Relax importer binds the
+weights as constants (so weight transposes fold away at compile time); a fast GELU and
+TVM's fast-math pass replace erf/exp with polynomial approximations; operators are fused;
+MetaSchedule tunes every fused kernel that the device's tuning database does not hold yet
+(the database is per device and shared by every compile, so a search's many subnets tune
+each kernel shape once); `tvm.compile` builds the module. The result must match PyTorch
+within `numerics_tol` or no artifact is written. The same model is exported for the peer
+runtimes (ONNX Runtime, LiteRT) into the same artifact directory, so the benchmark compares
+like with like.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from canao import device_lab
+from canao.config import CompileConfig, resolve_path
+from canao.manifest import write_manifest
+from canao.models.bert_qa import example_inputs, load_for_export, load_tokenizer
+
+TVM_LIBRARY = "tvm/model.so"
+
+
+class NumericsError(ValueError):
+    """A compiled model whose outputs differ from PyTorch's by more than the tolerance."""
+
+
+def import_relax(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]):
+    """torch.export at the inputs' static shapes -> Relax IRModule with weights as constants."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    with torch.no_grad():
+        exported = torch.export.export(model, inputs)
+    return from_exported_program(exported, keep_params_as_input=False)
+
+
+def fast_math(mod):
+    """GELU through TVM's polynomial erf, then TVM's fast exp/erf/tanh/softmax everywhere."""
+    import tvm
+    from tvm import relax, topi
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    def gelu(x):
+        return topi.multiply(topi.multiply(x, 0.5), topi.add(topi.fast_erf(topi.multiply(x, 0.7071067811865476)), 1.0))
+
+    @mutator
+    class FastGelu(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.gelu":
+                return self.builder_.call_te(gelu, call.args[0], primfunc_name_hint="fast_gelu")
+            return call
+
+    rewriter = FastGelu(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    return relax.transform.FastMathTransform()(rewriter.builder_.get())
+
+
+@contextlib.contextmanager
+def _locked(directory: Path):
+    """One writer at a time per tuning database (concurrent compiles for one device)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def tune_and_build(mod, target, cfg: CompileConfig, tuning_dir: Path) -> tuple[object, dict]:
+    """Fuse, tune the kernels the database lacks, apply the database, build. Returns the
+    executable and what tuning did (tasks, tasks reused from the database, seconds)."""
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    with target:
+        mod = tvm.transform.Sequential([
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.CanonicalizeBindings(),
+            relax.pipeline.zero_pipeline(),
+        ])(mod)
+    started = time.perf_counter()
+    with _locked(tuning_dir):
+        database = ms.database.JSONDatabase(work_dir=str(tuning_dir))
+        tasks = ms.relax_integration.extract_tasks(mod, target)
+        new = [t for t in tasks if database.query_tuning_record(t.dispatched[0], target, t.task_name) is None]
+        if new and cfg.trials > 0:
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(new, str(tuning_dir))
+            ms.tune_tasks(
+                tasks=contexts, task_weights=weights, work_dir=str(tuning_dir), database=database,
+                max_trials_global=cfg.trials, max_trials_per_task=cfg.max_trials_per_task,
+            )
+        with target:
+            mod = relax.transform.MetaScheduleApplyDatabase(str(tuning_dir))(mod)
+    tuning = {
+        "tasks": len(tasks),
+        "tasks_reused": len(tasks) - len(new),
+        "tasks_tuned_now": len(new) if cfg.trials > 0 else 0,
+        "trials": cfg.trials,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return tvm.compile(mod, target=target), tuning
+
+
+def max_abs_diff(outputs, reference) -> float:
+    return max(float(np.max(np.abs(np.asarray(o) - np.asarray(r)))) for o, r in zip(outputs, reference, strict=True))
+
+
+def compile_model(model_dir: str | Path, device_key: str, cfg: CompileConfig, out_dir: str | Path) -> dict:
+    """Compile `model_dir` for `device_key` into `out_dir` (TVM library, peer exports,
+    tokenizer, config, manifest). Nothing is written unless every numerics check passes."""
+    from canao import peers
+
+    device = device_lab.get_device(device_key)
+    out_dir, model_dir = Path(out_dir), Path(model_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir}: already exists; choose another --out")
+    target = device_lab.tvm_target(device)
+    model = load_for_export(model_dir)
+    inputs = example_inputs(cfg.seq_len)
+    with torch.no_grad():
+        reference = [t.numpy() for t in model(*inputs)]
+
+    mod = import_relax(model, inputs)
+    if cfg.fast_math:
+        mod = fast_math(mod)
+    executable, tuning = tune_and_build(mod, target, cfg, resolve_path(cfg.tuning_dir) / device.key)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        library = staging / TVM_LIBRARY
+        library.parent.mkdir()
+        executable.export_library(str(library))
+        numpy_inputs = [t.numpy() for t in inputs]
+        numerics = {"tvm": max_abs_diff(_run_tvm(library, numpy_inputs, device), reference)}
+        if numerics["tvm"] > cfg.numerics_tol:
+            raise NumericsError(
+                f"{model_dir}: TVM output differs from PyTorch by {numerics['tvm']:.2e} "
+                f"(tolerance {cfg.numerics_tol:.0e}); no artifact written"
+            )
+        backends = {"tvm": TVM_LIBRARY}
+        for name in cfg.peers:
+            path = peers.export(name, model_dir, model, cfg.seq_len, staging)
+            backends[name] = path.relative_to(staging).as_posix()
+            numerics[name] = max_abs_diff(peers.runner(name, path, threads=1)(*numpy_inputs), reference)
+        load_tokenizer(model_dir).save_pretrained(staging)
+        shutil.copy(model_dir / "config.json", staging / "config.json")
+        manifest = write_manifest(
+            staging, "compile",
+            config={"device": device.key, "target": json.loads(str(target)), **asdict(cfg)},
+            metrics={"numerics_max_abs_diff": numerics, "tuning": tuning},
+            inputs={"model": str(model_dir.resolve())},
+            backends=backends,
+        )
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _run_tvm(library: Path, inputs: list[np.ndarray], device) -> list[np.ndarray]:
+    """Outputs of the built library: on this machine for local devices, else on the device."""
+    if not device.local:
+        return device_lab.run_remote(library, inputs, device.key)
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
+    return [o.numpy() for o in vm["main"](*[tvm.runtime.tensor(x) for x in inputs])]

@@ -1,0 +1,64 @@
+"""The compiler stage on a tiny random BERT: TVM numerics, peer exports, the tuning database."""
+
+import json
+
+import numpy as np
+import pytest
+
+from canao.compile import NumericsError, compile_model
+from canao.config import BertShape, load_config
+from canao.device_lab import DeviceLabError
+from canao.models.bert_qa import example_inputs, init_qa_model, load_for_export
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-bert")
+    shape = BertShape(num_layers=1, hidden_size=32, num_heads=2, ffn_size=64)
+    init_qa_model("random", shape, seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _cfg(tmp_path, **overrides):
+    sets = [f"tuning_dir={tmp_path / 'tuning'}", *(f"{k}={json.dumps(v)}" for k, v in overrides.items())]
+    return load_config("compile", "tiny", overrides=sets)
+
+
+def _run_tvm(library, inputs):
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
+    return [o.numpy() for o in vm["main"](*[tvm.runtime.tensor(x) for x in inputs])]
+
+
+def test_tiny_bert_compiles_for_llvm_within_tolerance(tiny_model, tmp_path):
+    cfg = _cfg(tmp_path)
+    manifest = compile_model(tiny_model, "x86-1t", cfg, tmp_path / "out")
+    numerics = manifest["metrics"]["numerics_max_abs_diff"]
+    assert numerics["tvm"] <= 1e-3
+    assert numerics["onnxruntime"] <= 1e-4
+    assert set(manifest["backends"]) == {"tvm", "onnxruntime", "onnxruntime-int8"}
+    assert manifest["config"]["target"]["kind"] == "llvm"
+    for path in manifest["backends"].values():
+        assert (tmp_path / "out" / path).is_file()
+    # Other inputs than the ones checked at compile time: the same agreement.
+    inputs = [t.numpy() for t in example_inputs(cfg.seq_len, seed=7)]
+    import torch
+
+    with torch.no_grad():
+        reference = [t.numpy() for t in load_for_export(tiny_model)(*map(torch.from_numpy, inputs))]
+    for out, ref in zip(_run_tvm(tmp_path / "out" / manifest["backends"]["tvm"], inputs), reference, strict=True):
+        np.testing.assert_allclose(out, ref, atol=1e-3)
+
+
+def test_failed_numerics_write_no_artifact(tiny_model, tmp_path):
+    with pytest.raises(NumericsError, match="no artifact written"):
+        compile_model(tiny_model, "x86-1t", _cfg(tmp_path, numerics_tol=1e-12), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == [tmp_path / "tuning"]  # no output, no staging left behind
+
+
+def test_unknown_device_lists_the_known_keys(tiny_model, tmp_path):
+    with pytest.raises(DeviceLabError, match="x86-1t"):
+        compile_model(tiny_model, "pixel-99", _cfg(tmp_path), tmp_path / "out")
