@@ -14,6 +14,7 @@ process. TVM is imported inside the functions that need it: importing this modul
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -497,6 +498,11 @@ def _on_device(device_key: str, lib_path: str | os.PathLike, work: Callable[[Any
             if _session_alive(session):
                 raise DeviceLabError(f"device {device_key}: {e}") from e
             lost.append(str(e).strip().splitlines()[-1])
+        finally:
+            # The Relax VM keeps its module, and so the session, in reference cycles: collect
+            # them now, so the server is free for the next request rather than whenever the GC runs.
+            del session
+            gc.collect()
     raise DeviceLabError(f"device {device_key}: lost {len(lost)} RPC server session(s) and no server of the key "
                          f"is left to finish the work; last error: {lost[-1] if lost else 'none'}")
 
