@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from canao import device_lab
+from canao.bench import BACKENDS
 from canao.config import (
     PROFILES,
     ConfigError,
@@ -137,6 +138,13 @@ def cmd_bench_suite(args) -> None:
                 command=f"canao bench-suite --profile {args.profile} --out {args.out}")
 
 
+def _add_model_on_device_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--model", required=True, help="model directory (save_pretrained layout)")
+    p.add_argument("--device", required=True, help="device key from device_lab/devices.yaml")
+    p.add_argument("--seq-len", type=int, required=True, help="static sequence length")
+
+
 def _add_predictor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (save_pretrained layout)")
     p.add_argument("--batch-size", type=int, default=64, help="windows per forward pass")
@@ -168,21 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_qa)
 
     p = sub.add_parser("compile", help="compile a QA model with TVM for a device (+ peer exports)")
-    _add_config_args(p)
-    p.add_argument("--model", required=True, help="model directory (save_pretrained layout)")
-    p.add_argument("--device", required=True, help="device key from device_lab/devices.yaml")
-    p.add_argument("--seq-len", type=int, required=True, help="static sequence length")
+    _add_model_on_device_args(p)
     p.add_argument("--trials", type=int, help="MetaSchedule trials for kernels not yet tuned (default: profile's)")
     p.add_argument("--out", required=True, help="artifact directory to write")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("bench", help="time a model on a device: TVM against the peers")
-    _add_config_args(p)
-    p.add_argument("--model", required=True, help="model directory (save_pretrained layout)")
-    p.add_argument("--device", required=True, help="device key from device_lab/devices.yaml")
-    p.add_argument("--seq-len", type=int, required=True, help="static sequence length")
-    p.add_argument("--backends", default=",".join(("tvm", "litert", "litert-int8", "onnxruntime",
-                                                   "onnxruntime-int8", "torch")), help="comma-separated")
+    _add_model_on_device_args(p)
+    p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated")
     p.add_argument("--artifact", help="a `canao compile` output (default: compile into outputs/compiled/)")
     p.add_argument("--out", required=True, help="JSON records to write")
     p.set_defaults(func=cmd_bench)
