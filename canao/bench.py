@@ -80,6 +80,9 @@ def bench(artifact_dir: str | Path, model_dir: str | Path, device_key: str, back
     manifest = verify_manifest(artifact_dir)
     if manifest["config"]["device"] != device.key:
         raise ValueError(f"{artifact_dir}: compiled for {manifest['config']['device']}, not for {device.key}")
+    missing = sorted(set(backends) - set(manifest["backends"]) - {"torch"})
+    if missing:
+        raise ValueError(f"{artifact_dir}: has no {', '.join(missing)} export (compile it with those peers)")
     seq_len = manifest["config"]["seq_len"]
     numerics = manifest["metrics"]["numerics_max_abs_diff"]
     records = []

@@ -55,6 +55,8 @@ def test_bench_refuses_unknown_backends_and_other_devices(lab, artifact, tmp_pat
             "--out", str(tmp_path / "r.json")]
     assert main([*args, "--device", "x86-1t", "--backends", "tvm,tensorrt"]) == 2
     assert "--backends: unknown tensorrt" in capsys.readouterr().err
+    assert main([*args, "--device", "x86-1t", "--backends", "tvm,litert-int8"]) == 2
+    assert "has no litert-int8 export" in capsys.readouterr().err
     assert main([*args, "--device", "x86-2t", "--backends", "tvm"]) == 2
     assert "compiled for x86-1t, not for x86-2t" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
