@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from canao import device_lab
+from canao import device_lab, tvm_cpu_intrinsics
 from canao.config import CompileConfig, resolve_path
 from canao.manifest import write_manifest
 from canao.models.bert_qa import example_inputs, load_for_export, load_tokenizer
@@ -88,6 +88,8 @@ def tune_and_build(mod, target, cfg: CompileConfig, tuning_dir: Path) -> tuple[o
     executable and what tuning did (tasks, tasks reused from the database, seconds)."""
     import tvm
     from tvm import relax
+
+    tvm_cpu_intrinsics.install()
     from tvm.s_tir import meta_schedule as ms
 
     with target:
@@ -106,6 +108,8 @@ def tune_and_build(mod, target, cfg: CompileConfig, tuning_dir: Path) -> tuple[o
             ms.tune_tasks(
                 tasks=contexts, task_weights=weights, work_dir=str(tuning_dir), database=database,
                 max_trials_global=cfg.trials, max_trials_per_task=cfg.max_trials_per_task,
+                builder=ms.builder.LocalBuilder(initializer=tvm_cpu_intrinsics.install),
+                runner=ms.runner.LocalRunner(initializer=tvm_cpu_intrinsics.install),
             )
         with target:
             mod = relax.transform.MetaScheduleApplyDatabase(str(tuning_dir))(mod)
