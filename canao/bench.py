@@ -142,7 +142,7 @@ def write_records(records: list[Record], path: str | Path) -> None:
     """Write atomically: a benchmark cut short leaves no file that looks complete."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"host": platform.processor() or platform.machine(),
+    tmp.write_text(json.dumps({"host": cpu_model(),
                                "records": [asdict(r) for r in records]}, indent=1))
     tmp.replace(path)
 

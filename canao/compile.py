@@ -20,14 +20,13 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from canao import device_lab, tvm_cpu_intrinsics
-from canao.config import CompileConfig, resolve_path
+from canao.config import CompileConfig, resolve_path, to_dict
 from canao.manifest import write_manifest
 from canao.models.bert_qa import example_inputs, load_for_export, load_tokenizer
 
@@ -169,7 +168,7 @@ def compile_model(model_dir: str | Path, device_key: str, cfg: CompileConfig, ou
         shutil.copy(model_dir / "config.json", staging / "config.json")
         manifest = write_manifest(
             staging, "compile",
-            config={"device": device.key, "target": json.loads(str(target)), **asdict(cfg)},
+            config={"device": device.key, "target": json.loads(str(target)), **to_dict(cfg)},
             metrics={"numerics_max_abs_diff": numerics, "tuning": tuning},
             inputs={"model": str(model_dir.resolve())},
             backends=backends,
