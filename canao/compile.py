@@ -101,7 +101,9 @@ def tune_and_build(mod, target, cfg: CompileConfig, tuning_dir: Path) -> tuple[o
     with _locked(tuning_dir):
         database = ms.database.JSONDatabase(work_dir=str(tuning_dir))
         tasks = ms.relax_integration.extract_tasks(mod, target)
-        new = [t for t in tasks if database.query_tuning_record(t.dispatched[0], target, t.task_name) is None]
+        # A kernel the database has seen is not tuned again, even when none of its candidates
+        # ran (some kernels have no valid schedule in the space; they keep TVM's default).
+        new = [t for t in tasks if not database.has_workload(t.dispatched[0])]
         if new and cfg.trials > 0:
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(new, str(tuning_dir))
             ms.tune_tasks(
@@ -110,6 +112,8 @@ def tune_and_build(mod, target, cfg: CompileConfig, tuning_dir: Path) -> tuple[o
                 builder=ms.builder.LocalBuilder(initializer=tvm_cpu_intrinsics.install),
                 runner=ms.runner.LocalRunner(initializer=tvm_cpu_intrinsics.install),
             )
+            for task in new:
+                database.commit_workload(task.dispatched[0])
         with target:
             mod = relax.transform.MetaScheduleApplyDatabase(str(tuning_dir))(mod)
     tuning = {

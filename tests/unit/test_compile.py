@@ -62,3 +62,11 @@ def test_failed_numerics_write_no_artifact(tiny_model, tmp_path):
 def test_unknown_device_lists_the_known_keys(tiny_model, tmp_path):
     with pytest.raises(DeviceLabError, match="x86-1t"):
         compile_model(tiny_model, "pixel-99", _cfg(tmp_path), tmp_path / "out")
+
+
+def test_kernels_are_tuned_once_per_device(tiny_model, tmp_path):
+    cfg = _cfg(tmp_path, trials=24, max_trials_per_task=1, peers=[])
+    first = compile_model(tiny_model, "x86-1t", cfg, tmp_path / "a")["metrics"]["tuning"]
+    second = compile_model(tiny_model, "x86-1t", cfg, tmp_path / "b")["metrics"]["tuning"]
+    assert first["tasks_tuned_now"] > 0
+    assert second["tasks_reused"] == second["tasks"] and second["tasks_tuned_now"] == 0
