@@ -138,6 +138,26 @@ def cmd_bench_suite(args) -> None:
                 command=f"canao bench-suite --profile {args.profile} --out {args.out}")
 
 
+def cmd_serve(args) -> None:
+    from canao.apps.serve import serve
+
+    overrides = [*args.overrides, *(f"{k}={v}" for k, v in (("host", args.host), ("port", args.port)) if v)]
+    serve(args.model, load_config("serve", args.profile, args.config, overrides))
+
+
+def cmd_loadtest(args) -> None:
+    from canao.apps import loadtest
+
+    cfg = load_config("loadtest", args.profile, args.config, args.overrides)
+    if args.url:
+        result = loadtest.run(args.url, cfg)
+    else:
+        with loadtest.spawned_server(args.model, args.profile, args.serve_overrides) as url:
+            result = loadtest.run(url, cfg)
+    table = loadtest.write(result, args.out)
+    print(table.read_text(), end="")
+
+
 def _add_model_on_device_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--model", required=True, help="model directory (save_pretrained layout)")
@@ -195,6 +215,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default="outputs/full/teacher", help="the trained QA teacher, if there is one")
     p.add_argument("--out", default="BENCHMARKS.md", help="Markdown report (records beside it as .json)")
     p.set_defaults(func=cmd_bench_suite)
+
+    p = sub.add_parser("serve", help="serve a model over HTTP: the QA API, metrics and the web page")
+    _add_config_args(p)
+    p.add_argument("--model", required=True, help="a QA model directory or a `canao compile` artifact directory")
+    p.add_argument("--host", help="bind address (default: the profile's, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: the profile's)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("loadtest", help="concurrent clients against /v1/qa on loopback: answers/s, p50, p99")
+    _add_config_args(p)
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--model", help="start `canao serve` for this model on a free loopback port")
+    target.add_argument("--url", help="a server already running on loopback, e.g. http://127.0.0.1:8000")
+    p.add_argument("--serve-set", dest="serve_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the started server's config (repeatable)")
+    p.add_argument("--out", required=True, help="JSON figures to write (and the table beside it as .md)")
+    p.set_defaults(func=cmd_loadtest)
 
     p = sub.add_parser("squad-score", help="the official SQuAD v1.1 metric")
     p.add_argument("data", help="SQuAD v1.1 JSON file with gold answers")

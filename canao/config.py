@@ -114,7 +114,51 @@ class BenchConfig:
     devices: tuple[str, ...] = ("x86-1t", "x86-2t")  # `make bench`: device keys of the suite
 
 
-STAGES: dict[str, type] = {"teacher": TeacherConfig, "compile": CompileConfig, "bench": BenchConfig}
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"  # bind address; 0.0.0.0 only inside a container
+    port: int = 8000
+    backend: str = "auto"  # a compiled artifact's backend by name, or "auto": the fastest of those that match
+    #                        PyTorch within the artifact's numerics_tol (int8 ones do not), timed at start-up
+    threads: int = 0  # inference threads; 0 = every core of this machine
+    max_body_bytes: int = 65536  # larger request bodies get 413 before they are read whole
+    max_context_chars: int = 20000  # longer contexts get 422; a context is split into windows, each a forward pass
+    max_question_chars: int = 500  # longer questions get 422 (a question must also fit in one window)
+    max_pending: int = 8  # requests admitted at once, computing or queued; one more gets 429 at once
+    request_timeout_s: float = 10.0  # a request not answered by then (queueing included) gets 503
+
+    def __post_init__(self):
+        for name in ("max_body_bytes", "max_context_chars", "max_question_chars", "max_pending"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.request_timeout_s <= 0:
+            raise ConfigError(f"request_timeout_s: must be > 0, got {self.request_timeout_s}")
+        if self.threads < 0:
+            raise ConfigError(f"threads: must be >= 0, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class LoadtestConfig:
+    data_file: str = "../shared/data/squad/dev-a-v1.1.json"  # the questions the clients ask, in file order
+    questions: int = 200  # distinct questions, asked round-robin
+    clients: tuple[int, ...] = (1, 4, 16)  # one scenario per count of concurrent clients, in turn
+    seconds: float = 30.0  # each scenario stops sending after this long
+    max_requests: int = 10000  # ... or after this many requests, whichever comes first
+    client_timeout_s: float = 60.0  # a request unanswered by then counts as an error (the server must not hang)
+
+    def __post_init__(self):
+        for name in ("questions", "max_requests"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not self.clients or min(self.clients) < 1:
+            raise ConfigError(f"clients: must be counts >= 1, got {list(self.clients)}")
+        for name in ("seconds", "client_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+
+
+STAGES: dict[str, type] = {"teacher": TeacherConfig, "compile": CompileConfig, "bench": BenchConfig,
+                           "serve": ServeConfig, "loadtest": LoadtestConfig}
 
 
 def from_dict(cls: type, data: dict, where: str = "") -> typing.Any:

@@ -1,7 +1,8 @@
 """The peer runtimes a compiled model is measured against: PyTorch eager, ONNX Runtime, LiteRT.
 
-Exports write the same QA model for each runtime; runners run any of them through one
-interface, so the benchmark and the numerics checks treat every backend alike.
+Exports write the same QA model for each runtime; runners run any of them (and the TVM
+library, in this process) through one interface, so the benchmark, the numerics checks and
+the server treat every backend alike.
 """
 
 from __future__ import annotations
@@ -164,6 +165,23 @@ class LiteRTRunner:
         return start, end
 
 
+class TVMRunner:
+    """The compiled TVM library on this machine's CPU (the benchmark times it on the device lab instead)."""
+
+    def __init__(self, path: str | os.PathLike, threads: int, name: str = "tvm"):
+        # TVM sizes its thread pool from the environment when it first runs something.
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+        import tvm
+        from tvm import relax
+
+        self.name, self.version, self._tensor = name, f"tvm {tvm.__version__}", tvm.runtime.tensor
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+
+    def __call__(self, input_ids, token_type_ids, attention_mask):
+        start, end = self.vm["main"](*(self._tensor(x) for x in (input_ids, token_type_ids, attention_mask)))
+        return start.numpy(), end.numpy()
+
+
 # The peers by name, as stage configs list them, and where each lives inside an artifact directory.
 PEER_FILES = {
     "onnxruntime": "onnx/model.onnx",
@@ -172,6 +190,7 @@ PEER_FILES = {
     "litert-int8": "litert/model-int8.tflite",
 }
 RUNNERS = {
+    "tvm": TVMRunner,
     "torch": TorchRunner,
     "onnxruntime": OnnxRunner,
     "onnxruntime-int8": OnnxRunner,
@@ -199,7 +218,7 @@ def export(name: str, model_dir: str | os.PathLike, model: SpanLogits, seq_len: 
 
 
 def runner(name: str, path: str | os.PathLike, threads: int) -> Runner:
-    """A runner for backend `name` (a peer, or torch with `path` the model directory)."""
+    """A runner for backend `name` (tvm or a peer with `path` its file, or torch with `path` the model directory)."""
     if name not in RUNNERS:
         raise ValueError(f"backend {name!r}: unknown; one of {list(RUNNERS)}")
     return RUNNERS[name](path, threads, name=name)

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from canao.config import PROJECT_ROOT, resolve_path
+from canao.data.squad import SquadExample
 
 SQUAD_DIR = resolve_path("../shared/data/squad")
 TRAIN_FILE = SQUAD_DIR / "train-subset-v1.1.json"
@@ -36,3 +37,24 @@ def litert_env():
     """Builds the converter environment the way a fresh clone gets it (about a minute, once)."""
     done = subprocess.run(["make", "-C", str(PROJECT_ROOT), "litert-env"], capture_output=True, text=True)
     assert done.returncode == 0, f"make litert-env failed:\n{done.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="session")
+def memorized_qa(tmp_path_factory) -> tuple[Path, SquadExample]:
+    """A tiny random BERT trained by the teacher stage until it answers one SQuAD training
+    question right, so serving tests can check the right answer: (model dir, the question)."""
+    from canao.cli import main
+    from canao.data.squad import load_squad
+    from canao.manifest import read_manifest
+
+    first_paragraph = json.loads(TRAIN_FILE.read_text())["data"][0]
+    context = first_paragraph["paragraphs"][0]["context"]
+    question = first_paragraph["paragraphs"][0]["qas"][1]  # "What is in front of the Notre Dame Main Building?"
+    directory = tmp_path_factory.mktemp("memorized")
+    data = squad_file(directory / "one-question.json", [article(context, [question], first_paragraph["title"])])
+    out = directory / "model"
+    sets = [f"data.train_file={data}", f"data.eval_file={data}", "train.epochs=30", "train.batch_size=1",
+            "train.learning_rate=3e-3"]
+    assert main(["teacher", "--profile", "tiny", *(f"--set={s}" for s in sets), "--out", str(out)]) == 0
+    assert read_manifest(out)["metrics"]["exact_match"] == 100.0, "the tiny model did not learn its one question"
+    return out, load_squad(data)[0]

@@ -1,9 +1,10 @@
-"""Extractive QA with a model directory: answer questions, evaluate on a SQuAD file."""
+"""Extractive QA with a model directory or a compiled artifact: answer questions, evaluate on a SQuAD file."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,9 +16,29 @@ from canao.data.squad import Features, Prediction, SquadExample, build_features,
 from canao.manifest import read_manifest
 from canao.models.bert_qa import load_qa_model, load_tokenizer
 
+if TYPE_CHECKING:
+    from canao.peers import Runner
+
+
+class SpanPredictor:
+    """Windows -> start/end logits -> best spans; subclasses say how logits are computed."""
+
+    tokenizer: object
+    features_cfg: SquadFeatureConfig
+
+    def logits(self, features: Features, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def predict(self, examples: list[SquadExample], progress: bool = False) -> dict[str, Prediction]:
+        features = build_features(examples, self.tokenizer, self.features_cfg)
+        start, end = self.logits(features, progress)
+        return postprocess(examples, features, start, end, self.features_cfg)
+
 
 @dataclass
-class QAPredictor:
+class QAPredictor(SpanPredictor):
+    """A model directory in PyTorch, batches of windows trimmed to their longest real length."""
+
     model: torch.nn.Module
     tokenizer: object
     features_cfg: SquadFeatureConfig
@@ -49,13 +70,25 @@ class QAPredictor:
             end[index, :width] = out.end_logits.float().numpy()
         return start, end
 
-    def predict(self, examples: list[SquadExample], progress: bool = False) -> dict[str, Prediction]:
-        features = build_features(examples, self.tokenizer, self.features_cfg)
-        start, end = self.logits(features, progress)
-        return postprocess(examples, features, start, end, self.features_cfg)
+
+@dataclass
+class StaticShapePredictor(SpanPredictor):
+    """A compiled backend (canao.peers.Runner): one window of exactly the compiled length per call."""
+
+    runner: Runner
+    tokenizer: object
+    features_cfg: SquadFeatureConfig  # max_seq_len must be the compiled sequence length
+
+    def logits(self, features: Features, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        inputs = [t.numpy() for t in (features.input_ids, features.token_type_ids, features.attention_mask)]
+        start = np.empty(inputs[0].shape, dtype=np.float32)
+        end = np.empty(inputs[0].shape, dtype=np.float32)
+        for w in tqdm(range(len(features)), desc="eval", unit="window", disable=not progress):
+            start[w], end[w] = (x[0] for x in self.runner(*(x[w : w + 1] for x in inputs)))
+        return start, end
 
 
-def evaluate(predictor: QAPredictor, examples: list[SquadExample],
+def evaluate(predictor: SpanPredictor, examples: list[SquadExample],
              progress: bool = True) -> tuple[dict, dict[str, Prediction]]:
     """Official EM/F1 (percent) of `predictor` on `examples`, and its predictions."""
     predictions = predictor.predict(examples, progress)
