@@ -54,7 +54,7 @@ def memorized_qa(tmp_path_factory) -> tuple[Path, SquadExample]:
     data = squad_file(directory / "one-question.json", [article(context, [question], first_paragraph["title"])])
     out = directory / "model"
     sets = [f"data.train_file={data}", f"data.eval_file={data}", "train.epochs=30", "train.batch_size=1",
-            "train.learning_rate=3e-3"]
+            "train.learning_rate=3e-3", "train.checkpoint_every=1000"]
     assert main(["teacher", "--profile", "tiny", *(f"--set={s}" for s in sets), "--out", str(out)]) == 0
     assert read_manifest(out)["metrics"]["exact_match"] == 100.0, "the tiny model did not learn its one question"
     return out, load_squad(data)[0]

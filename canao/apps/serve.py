@@ -20,10 +20,12 @@ from pathlib import Path
 
 from fastapi import FastAPI, HTTPException
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from canao.apps.qa import QAPredictor, SpanPredictor, StaticShapePredictor
 from canao.config import ServeConfig, SquadFeatureConfig, to_dict
@@ -331,9 +333,10 @@ def create_app(service: Service) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app):
+        # The worker lives as long as the service (an ASGI host may start the app more than once);
+        # at exit Python lets it finish the computation at hand and drops the queue.
         service.start_loading()
         yield
-        service.worker.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="canao", version="1", lifespan=lifespan,
                   description="Real-time extractive question answering with a compiled transformer. "
@@ -348,6 +351,14 @@ def create_app(service: Service) -> FastAPI:
         # Unicode (a lone surrogate) cannot be sent back as JSON.
         errors = [{k: v for k, v in e.items() if k != "input"} for e in exc.errors()]
         return JSONResponse({"detail": jsonable_encoder(errors)}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_problem(request, exc):
+        # FastAPI answers 400 to a body that is not UTF-8; that is invalid JSON (RFC 8259): 422 like the rest.
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            errors = [{"loc": ["body"], "msg": f"JSON must be UTF-8: {exc.__cause__}", "type": "json_invalid"}]
+            return JSONResponse({"detail": errors}, 422)
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(Overloaded)
     async def overloaded(request, exc):

@@ -111,6 +111,8 @@ def test_invalid_json_and_invalid_unicode_get_422(client):
     headers = {"content-type": "application/json"}
     response = client.post("/v1/qa", content=b'{"context": "text", "question": ', headers=headers)
     assert response.status_code == 422 and response.json()["detail"][0]["type"] == "json_invalid"
+    response = client.post("/v1/qa", content='{"context": "é", "question": "?"}'.encode("latin-1"), headers=headers)
+    assert response.status_code == 422 and "UTF-8" in response.json()["detail"][0]["msg"]
     lone_surrogate = b'{"context": "text \\ud800", "question": "Who?"}'
     assert_field_error(client.post("/v1/qa", content=lone_surrogate, headers=headers), "context", "unicode")
 
