@@ -1,0 +1,106 @@
+"""The web page in headless Chromium (Debian's, driven by Selenium): ask about a SQuAD
+paragraph and see the right answer highlighted in it; a screenshot is saved."""
+
+import contextlib
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service as DriverService
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
+
+from canao.apps.serve import Service, create_app
+from canao.config import load_config
+from tests.integration.conftest import free_port
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1100,900")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> tuple[str, str]:
+    """Debian's chromium and chromedriver (one source package, so their versions match),
+    installed with apt-get when missing: (browser, driver)."""
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]):
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
+            assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stderr[-2000:]}"
+    return shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@contextlib.contextmanager
+def running_server(model_dir):
+    """`canao serve`'s app on a free loopback port, in a thread, until the block ends: its URL once ready."""
+    url = f"http://127.0.0.1:{free_port()}"
+    app = create_app(Service(str(model_dir), load_config("serve", "tiny")))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=int(url.rsplit(":", 1)[1]),
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "the server did not get ready"
+            time.sleep(0.1)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def browser(chromium: tuple[str, str]):
+    options = Options()
+    options.binary_location = chromium[0]
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=DriverService(executable_path=chromium[1]))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_the_page_highlights_the_right_answer(chromium, memorized_qa, tmp_path):
+    model_dir, example = memorized_qa
+    with running_server(model_dir) as url, browser(chromium) as driver:
+        version = httpx.get(f"{url}/v1/info").json()["version"]
+        driver.get(url)
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+        model_line = driver.find_element(By.ID, "model").text
+        assert f"version {version}" in model_line and "torch on cpu" in model_line
+        assert driver.find_element(By.CSS_SELECTOR, "nav button[aria-selected=true]").text == "Question answering"
+
+        driver.find_element(By.ID, "qa-context").send_keys(example.context)
+        driver.find_element(By.ID, "qa-question").send_keys(example.question)
+        driver.find_element(By.ID, "qa-ask").click()
+        mark = wait.until(expected_conditions.visibility_of_element_located((By.CSS_SELECTOR, "#qa-highlighted mark")))
+        assert mark.text == example.answers[0].text == "a copper statue of Christ"
+        assert driver.find_element(By.ID, "qa-highlighted").text == example.context
+        assert driver.find_element(By.ID, "qa-answer").text == mark.text
+        assert "ms in the server" in driver.find_element(By.ID, "qa-facts").text
+        screenshot = tmp_path / "qa-page.png"
+        assert driver.save_screenshot(str(screenshot))
+        print(f"screenshot: {screenshot}")
+
+        # A question the server refuses: the page shows the 422's field and message.
+        question = driver.find_element(By.ID, "qa-question")
+        question.clear()
+        question.send_keys(",".join(["a"] * 100))
+        driver.find_element(By.ID, "qa-ask").click()
+        wait.until(lambda d: d.find_element(By.ID, "qa-error").text)
+        assert driver.find_element(By.ID, "qa-error").text.startswith("question: ")
