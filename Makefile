@@ -8,7 +8,7 @@ OUT ?= outputs/$(PROFILE)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup litert-env test run bench lint clean
+.PHONY: setup litert-env test run bench bench-serve serve lint clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,16 @@ run: setup
 bench: setup litert-env
 	$(BIN)/canao device-lab up
 	$(BIN)/canao bench-suite --profile full --out BENCHMARKS.md; status=$$?; $(BIN)/canao device-lab down; exit $$status
+
+# The QA server for a model directory or compiled artifact: http://127.0.0.1:8000/
+SERVE_MODEL ?= outputs/full/teacher
+serve: setup
+	$(BIN)/canao serve --model $(SERVE_MODEL) --profile $(PROFILE)
+
+# Load test on loopback: 1, 4 and 16 concurrent clients for 20 s each against /v1/qa of
+# SERVE_MODEL -> outputs/bench-serve.json and .md (the table for BENCHMARKS.md).
+bench-serve: setup
+	$(BIN)/canao loadtest --profile full --model $(SERVE_MODEL) --out outputs/bench-serve.json
 
 lint: setup
 	$(BIN)/ruff check canao tests

@@ -1,0 +1,43 @@
+"""k8s/serving: the Deployment runs a `canao serve` command the CLI accepts, probes /readyz and
+/healthz on the port it serves, and takes registry credentials from Secrets only."""
+
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from canao.cli import build_parser
+from canao.config import PROJECT_ROOT, load_config
+
+SERVING = PROJECT_ROOT / "k8s" / "serving"
+
+
+def manifests() -> dict[str, dict]:
+    kustomization = yaml.safe_load((SERVING / "kustomization.yaml").read_text())
+    documents = [d for name in kustomization["resources"] for d in yaml.safe_load_all((SERVING / name).read_text())]
+    return {d["kind"]: d for d in documents}
+
+
+def test_the_deployment_serves_with_probes_on_its_port_and_secrets_by_reference():
+    pod = manifests()["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == "canao"  # the project's image; kustomize sets the tag
+    command = [arg.replace("$(CANAO_SERVE_MODEL)", "canao-qa@production") for arg in container["command"]]
+    assert command[:2] == ["canao", "serve"]
+    args = build_parser().parse_args(command[1:])
+    cfg = load_config("serve", args.profile, None, [*args.overrides, f"host={args.host}", f"port={args.port}"])
+    assert container["ports"] == [{"name": "http", "containerPort": cfg.port}]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert cfg.threads == int(container["resources"]["limits"]["cpu"])  # not the node's core count
+    assert {s["secretRef"]["name"] for s in container["envFrom"]} == {"canao-s3", "canao-pipeline"}
+    assert all("value" not in e or "KEY" not in e["name"] for e in container["env"])  # no credential in the file
+    assert manifests()["Service"]["spec"]["ports"][0]["targetPort"] == "http"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl renders kustomize directories")
+def test_kustomize_renders_the_directory():
+    rendered = subprocess.run(["kubectl", "kustomize", str(SERVING)], capture_output=True, text=True, check=True)
+    kinds = [d["kind"] for d in yaml.safe_load_all(rendered.stdout)]
+    assert sorted(kinds) == ["ConfigMap", "Deployment", "Service"]
