@@ -113,7 +113,7 @@ def _load_artifact(artifact_dir: Path, manifest: dict, backend: str, threads: in
     return StaticShapePredictor(runners[fastest], load_tokenizer(artifact_dir), features), fastest, timings
 
 
-def _median_ms(runner, inputs, warmup: int = 3, runs: int = 10) -> float:
+def _median_ms(runner, inputs, warmup: int = 2, runs: int = 7) -> float:
     for _ in range(warmup):
         runner(*inputs)
     times = []

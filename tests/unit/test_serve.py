@@ -14,7 +14,7 @@ from canao.apps.qa import QAPredictor
 from canao.apps.serve import Service, create_app
 from canao.cli import main
 from canao.compile import compile_model
-from canao.config import SquadFeatureConfig, load_config
+from canao.config import PROFILES, ConfigError, SquadFeatureConfig, load_config
 from canao.data.squad import SquadExample, build_features
 
 LIMITS = load_config("serve", "tiny")
@@ -231,3 +231,18 @@ def test_the_load_test_targets_loopback_only():
     for url in ("http://10.0.0.1:8000", "http://192.168.1.2", "http://example.com", "http://0.0.0.0:80"):
         with pytest.raises(ValueError, match="loopback only"):
             check_loopback(url)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_serve_and_loadtest_configs_load_for_every_profile(profile):
+    assert load_config("serve", profile).host == "127.0.0.1"
+    assert load_config("loadtest", profile).clients
+
+
+def test_bad_limits_are_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="max_pending: must be >= 1"):
+        load_config("serve", "tiny", overrides=["max_pending=0"])
+    with pytest.raises(ConfigError, match="request_timeout_s: must be > 0"):
+        load_config("serve", "tiny", overrides=["request_timeout_s=0"])
+    with pytest.raises(ConfigError, match="clients: must be counts >= 1"):
+        load_config("loadtest", "tiny", overrides=["clients=[4, 0]"])
