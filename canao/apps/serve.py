@@ -254,13 +254,22 @@ def _qa_request_model(cfg: ServeConfig) -> type[BaseModel]:
         model_config = ConfigDict(extra="forbid")
         context: str = Field(max_length=cfg.max_context_chars, pattern=r"\S",
                              description="the text to answer from; split into overlapping windows when long")
-        question: str = Field(max_length=cfg.max_question_chars, pattern=r"\S")
+        question: str = Field(max_length=cfg.max_question_chars, pattern=r"\S",
+                              description="must also leave room for context in one window, else 422")
 
     return QARequest
 
 
+PROBLEMS = {
+    413: "The request body is over max_body_bytes.",
+    429: "max_pending requests are admitted already; retry after Retry-After seconds.",
+    503: "The model is not loaded (yet), or the request was not answered within request_timeout_s; "
+         "retry after Retry-After seconds.",
+}
+
+
 def _problems(*codes: int) -> dict:
-    return {code: {"model": Problem} for code in codes}
+    return {code: {"model": Problem, "description": PROBLEMS[code]} for code in codes}
 
 
 class Observe:
@@ -338,7 +347,8 @@ def create_app(service: Service) -> FastAPI:
         service.start_loading()
         yield
 
-    app = FastAPI(title="canao", version="1", lifespan=lifespan,
+    # No /docs or /redoc: their pages load scripts from a CDN. The schema is at /openapi.json.
+    app = FastAPI(title="canao", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Real-time extractive question answering with a compiled transformer. "
                               "Also served, outside this schema: the web page at / and Prometheus metrics "
                               "at /metrics.")

@@ -181,7 +181,8 @@ def test_a_model_whose_files_differ_from_its_manifest_is_never_served(memorized_
 
 
 def test_no_request_value_reaches_a_file_path(client):
-    for path in ("/..%2f..%2fetc%2fpasswd", "/web/index.html", "/canao/apps/web/index.html", "/%2e%2e/manifest.json"):
+    for path in ("/..%2f..%2fetc%2fpasswd", "/web/index.html", "/canao/apps/web/index.html", "/%2e%2e/manifest.json",
+                 "/docs"):
         assert client.get(path).status_code == 404, path
     page = client.get("/")
     assert page.status_code == 200 and 'data-task="qa"' in page.text

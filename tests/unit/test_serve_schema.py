@@ -31,7 +31,7 @@ def test_every_response_matches_the_schema(api_schema, mode):
             continue  # no input to get wrong
 
         @given(case=operation.as_strategy(generation_mode=mode))
-        @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def check(case):
             case.call_and_validate()
 
