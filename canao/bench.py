@@ -58,7 +58,11 @@ def _time_peer(backend: str, path: str, device_key: str, warmup: int, runs: int,
     device = device_lab.get_device(device_key)
     device_lab.pin(device)
     runner = peers.runner(backend, Path(path), threads=device.threads)
-    inputs = [t.numpy() for t in example_inputs(seq_len)]
+    return time_calls(runner, [t.numpy() for t in example_inputs(seq_len)], warmup, runs), runner.version
+
+
+def time_calls(runner, inputs: list, warmup: int, runs: int) -> list[float]:
+    """Milliseconds of each of `runs` calls runner(*inputs), after `warmup` untimed ones."""
     for _ in range(warmup):
         runner(*inputs)
     times = []
@@ -66,7 +70,7 @@ def _time_peer(backend: str, path: str, device_key: str, warmup: int, runs: int,
         started = time.perf_counter()
         runner(*inputs)
         times.append((time.perf_counter() - started) * 1000)
-    return times, runner.version
+    return times
 
 
 def bench(artifact_dir: str | Path, model_dir: str | Path, device_key: str, backends: tuple[str, ...],

@@ -120,7 +120,7 @@ class ServeConfig:
     port: int = 8000
     backend: str = "auto"  # a compiled artifact's backend by name, or "auto": the fastest of those that match
     #                        PyTorch within the artifact's numerics_tol (int8 ones do not), timed at start-up
-    threads: int = 0  # inference threads; 0 = every core of this machine
+    threads: int = 0  # inference threads; 0 = one per core this process may run on
     max_body_bytes: int = 65536  # larger request bodies get 413 before they are read whole
     max_context_chars: int = 20000  # longer contexts get 422; a context is split into windows, each a forward pass
     max_question_chars: int = 500  # longer questions get 422 (a question must also fit in one window)

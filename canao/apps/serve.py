@@ -63,7 +63,7 @@ def load_model(model_dir: Path, cfg: ServeConfig) -> tuple[SpanPredictor, ModelI
     configured) backend; a QA model directory runs in PyTorch with the windowing it was trained with."""
     manifest = verify_manifest(model_dir)
     version = sha256_file(model_dir / MANIFEST)[:12]
-    threads = cfg.threads or os.cpu_count() or 1
+    threads = cfg.threads or len(os.sched_getaffinity(0))
     if "backends" in manifest:
         predictor, backend, timings = _load_artifact(model_dir, manifest, cfg.backend, threads)
         compiled = manifest["config"]
@@ -84,6 +84,7 @@ def load_model(model_dir: Path, cfg: ServeConfig) -> tuple[SpanPredictor, ModelI
 def _load_artifact(artifact_dir: Path, manifest: dict, backend: str, threads: int
                    ) -> tuple[StaticShapePredictor, str, dict[str, float]]:
     from canao import peers
+    from canao.bench import time_calls
     from canao.models.bert_qa import example_inputs, load_tokenizer
 
     compiled, backends = manifest["config"], manifest["backends"]
@@ -99,7 +100,7 @@ def _load_artifact(artifact_dir: Path, manifest: dict, backend: str, threads: in
     for name in candidates:
         try:
             runner = peers.runner(name, artifact_dir / backends[name], threads)
-            timings[name] = _median_ms(runner, inputs)
+            timings[name] = round(statistics.median(time_calls(runner, inputs, warmup=2, runs=7)), 3)
         except Exception as e:  # a backend that cannot run here (another CPU, a missing runtime)
             failures[name] = f"{type(e).__name__}: {e}"
             log.warning("%s: backend %s does not run here: %s", artifact_dir, name, failures[name])
@@ -111,17 +112,6 @@ def _load_artifact(artifact_dir: Path, manifest: dict, backend: str, threads: in
     # The compiled length is the window; consecutive windows share a quarter of it.
     features = SquadFeatureConfig(max_seq_len=compiled["seq_len"], doc_stride=compiled["seq_len"] // 4)
     return StaticShapePredictor(runners[fastest], load_tokenizer(artifact_dir), features), fastest, timings
-
-
-def _median_ms(runner, inputs, warmup: int = 2, runs: int = 7) -> float:
-    for _ in range(warmup):
-        runner(*inputs)
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        runner(*inputs)
-        times.append((time.perf_counter() - started) * 1000)
-    return round(statistics.median(times), 3)
 
 
 class Metrics:
