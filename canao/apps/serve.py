@@ -100,7 +100,9 @@ def _load_artifact(artifact_dir: Path, manifest: dict, backend: str, threads: in
     for name in candidates:
         try:
             runner = peers.runner(name, artifact_dir / backends[name], threads)
-            timings[name] = round(statistics.median(time_calls(runner, inputs, warmup=2, runs=7)), 3)
+            # Few runs: enough to rank backends that differ by tens of percent, and an untuned
+            # TVM library (seconds a window) does not hold the start-up for long.
+            timings[name] = round(statistics.median(time_calls(runner, inputs, warmup=1, runs=5)), 3)
         except Exception as e:  # a backend that cannot run here (another CPU, a missing runtime)
             failures[name] = f"{type(e).__name__}: {e}"
             log.warning("%s: backend %s does not run here: %s", artifact_dir, name, failures[name])
