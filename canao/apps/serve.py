@@ -195,8 +195,11 @@ class Service:
         try:
             return await asyncio.wait_for(asyncio.shield(done), self.cfg.request_timeout_s)
         except TimeoutError:
-            work.cancel()  # still queued: dropped; already computing: finishes unread
             raise TimedOut from None
+        finally:
+            # Nobody waits any more (timed out, or the request was cancelled): work still queued is
+            # dropped; work already computing finishes unread. A no-op for work that is done.
+            work.cancel()
 
     def _release(self, done: asyncio.Future) -> None:
         self.admitted -= 1
