@@ -114,7 +114,20 @@ class BenchConfig:
     devices: tuple[str, ...] = ("x86-1t", "x86-2t")  # `make bench`: device keys of the suite
 
 
-STAGES: dict[str, type] = {"teacher": TeacherConfig, "compile": CompileConfig, "bench": BenchConfig}
+@dataclass(frozen=True)
+class DeployConfig:
+    model_name: str = "canao-qa"  # registry name: s3://<bucket>/models/<model_name>/<version>/, and MLflow's
+    bucket: str = "canao"  # S3 bucket of the registry (endpoint and credentials come from the environment)
+    alias: str = "production"  # MLflow Model Registry alias moved to the new version
+    # Which measured backend serves: the fastest whose start/end logits stay within a bound of
+    # PyTorch fp32: the compile stage's numerics_tol for fp32 backends, this looser one for int8
+    # backends (quantization moves logits by design; a bound this size keeps the answer spans).
+    int8_numerics_tol: float = 0.5
+
+
+STAGES: dict[str, type] = {
+    "teacher": TeacherConfig, "compile": CompileConfig, "bench": BenchConfig, "deploy": DeployConfig,
+}
 
 
 def from_dict(cls: type, data: dict, where: str = "") -> typing.Any:
