@@ -60,7 +60,8 @@ class Registry:
         _check_segment(bucket, "bucket")
         self.bucket = bucket
         self.endpoint_url = endpoint_url if endpoint_url is not None else os.environ.get("CANAO_S3_ENDPOINT")
-        self.client = boto3.client(
+        # A session of its own: boto3's default session keeps the credentials it first resolved.
+        self.client = boto3.session.Session().client(
             "s3", endpoint_url=self.endpoint_url or None,
             region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
             config=botocore.config.Config(

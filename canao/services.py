@@ -130,6 +130,15 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+HEALTH = {"mlflow": "/health", "s3": "/status"}
+
+
+def wait_ready(service: dict, deadline: float | None = None) -> None:
+    """Return once `service` answers HTTP; ServiceError with its log tail if it dies or times out."""
+    deadline = deadline or time.monotonic() + START_TIMEOUT_S
+    _wait_http(service["url"] + HEALTH[service["name"]], service, deadline)
+
+
 def start_mlflow(directory: Path, port: int) -> dict:
     """MLflow server with sqlite runs and local artifacts under `directory`."""
     _check_free(port, "mlflow")
@@ -205,8 +214,8 @@ def up(mlflow_port: int = MLFLOW_PORT, s3_port: int = S3_PORT) -> dict:
         started.append(mlflow)
         s3 = start_s3(directory / "s3", s3_port, credentials(directory))
         started.append(s3)
-        _wait_http(f"{mlflow['url']}/health", mlflow, deadline)
-        _wait_http(f"{s3['url']}/status", s3, deadline)
+        wait_ready(mlflow, deadline)
+        wait_ready(s3, deadline)
     except BaseException:
         for service in started:
             stop(service)
