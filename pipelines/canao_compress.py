@@ -3,8 +3,9 @@
 Until the search stages land (distill, latency, search, finalize go between teacher and
 compile, each one task fed by the one before) the student is the teacher itself.
 
-On a cluster every task gets the S3 credentials, the S3 endpoint and the MLflow URI from the
-Secret `canao-pipeline`, the device-lab tracker from the ConfigMap `canao-config`, and the
+On a cluster every task gets the S3 keys from the Secret `canao-s3`, the S3 endpoint and the
+MLflow URI from the Secret `canao-pipeline` (k8s/README.md), the device-lab tracker from the
+ConfigMap `canao-config`, and the
 data from the PVC `canao-data` at /shared (the image's project root is /app, so configs'
 `../shared/data/...` is /shared/data). kfp.local ignores these and uses the environment.
 (No `from __future__ import annotations`: kfp reads the annotations as types.)
@@ -14,9 +15,10 @@ from kfp import dsl, kubernetes
 
 from components import stages
 
-SECRET = "canao-pipeline"
-SECRET_ENV = {key: key for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "CANAO_S3_ENDPOINT",
-                                   "MLFLOW_TRACKING_URI")}
+SECRETS = {  # Secret -> its keys, each set as the environment variable of the same name
+    "canao-s3": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"),
+    "canao-pipeline": ("CANAO_S3_ENDPOINT", "MLFLOW_TRACKING_URI"),
+}
 CONFIG_MAP = "canao-config"
 CONFIG_ENV = {"CANAO_TRACKER": "CANAO_TRACKER"}
 DATA_PVC = "canao-data"
@@ -24,7 +26,8 @@ DATA_MOUNT = "/shared"
 
 
 def on_cluster(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    kubernetes.use_secret_as_env(task, secret_name=SECRET, secret_key_to_env=SECRET_ENV)
+    for secret, keys in SECRETS.items():
+        kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={key: key for key in keys})
     kubernetes.use_config_map_as_env(task, config_map_name=CONFIG_MAP, config_map_key_to_env=CONFIG_ENV)
     kubernetes.mount_pvc(task, pvc_name=DATA_PVC, mount_path=DATA_MOUNT)
     return task
