@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import json
 import os
+import warnings
 from pathlib import Path
 
 import kfp.local
@@ -52,6 +53,8 @@ def run(profile: str, device: str, latency_budgets_ms: list[float], overrides: d
     run_name = f"canao-compress-{profile}-{datetime.datetime.now(datetime.UTC):%Y%m%d-%H%M%S}"
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                    raise_on_error=True)
+    # kfp warns that the tasks' base image is not Python's; this environment is that image's content.
+    warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom")
     task = canao_compress(device=device, profile=profile, latency_budgets_ms=latency_budgets_ms,
                           run_name=run_name, overrides=overrides)
     deployment = task.output  # the pipeline's output artifact: the deploy stage's directory
