@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -153,6 +154,21 @@ def _architecture(model_dir: Path) -> dict:
             "num_heads": config["num_attention_heads"], "ffn_size": config["intermediate_size"]}
 
 
+def model_stats(model_dir: Path, seq_len: int) -> dict:
+    """Parameters, weight bytes, and the FLOPs of one forward pass over `seq_len` tokens
+    (matmuls only: the Q/K/V/output projections, the FFN, attention scores and mixing, the span head)."""
+    from safetensors import safe_open
+
+    weights = model_dir / "model.safetensors"
+    with safe_open(weights, framework="np") as f:
+        params = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    a = _architecture(model_dir)
+    h, n = a["hidden_size"], seq_len
+    per_layer = 2 * n * (4 * h * h + 2 * h * a["ffn_size"]) + 2 * 2 * n * n * h
+    return {"params": params, "size_bytes": weights.stat().st_size,
+            "flops": a["num_layers"] * per_layer + 2 * n * h * 2, "seq_len": seq_len}
+
+
 def run_deploy(cfg: DeployConfig, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
     """Choose the serving backend from the measurements, push the student and its compiled
     artifact to the S3 registry, register that version in MLflow under `cfg.alias`."""
@@ -170,6 +186,7 @@ def run_deploy(cfg: DeployConfig, inputs: dict[str, Path], out_dir: Path, contex
     baseline = [r["p50_ms"] for r in records("teacher_benchmark") if r["backend"] == bench.BASELINE]
     speedup = baseline[0] / choice["p50_ms"] if baseline else None
     teacher, student = _qa_block(inputs["teacher"]), _qa_block(inputs["model"])
+    stats = model_stats(inputs["model"], compiled["config"]["seq_len"])
     files = {**directory_files(inputs["model"], "model"), **directory_files(inputs["compiled"], f"compiled/{device}")}
     version = content_version(files)
     registry = Registry(cfg.bucket)
@@ -178,7 +195,7 @@ def run_deploy(cfg: DeployConfig, inputs: dict[str, Path], out_dir: Path, contex
     else:
         registry.push(cfg.model_name, version, files, {
             "metrics": {"exact_match": student["exact_match"], "f1": student["f1"], "p50_ms": choice["p50_ms"],
-                        "speedup_vs_litert_fp32_teacher": speedup},
+                        "p90_ms": choice["p90_ms"], "speedup_vs_litert_fp32_teacher": speedup, **stats},
             "backends": {device: choice},
             "lineage": {"teacher": {"dir": teacher["dir"], "content": content_id(inputs["teacher"])},
                         "pipeline_run": context.pipeline_run, "mlflow_run_id": context.parent_run_id},
@@ -194,7 +211,7 @@ def run_deploy(cfg: DeployConfig, inputs: dict[str, Path], out_dir: Path, contex
     deployment = {
         "teacher": teacher,
         # Until the search stages land the student is the teacher itself.
-        "student": {**student, "config": _architecture(inputs["model"]),
+        "student": {**student, "config": _architecture(inputs["model"]), **stats,
                     "is_teacher": content_id(inputs["model"]) == content_id(inputs["teacher"])},
         "front": None,
         "device": device,
@@ -208,7 +225,8 @@ def run_deploy(cfg: DeployConfig, inputs: dict[str, Path], out_dir: Path, contex
     def fill(staging: Path) -> dict:
         (staging / DEPLOYMENT).write_text(json.dumps(deployment, indent=1))
         return write_manifest(staging, "deploy", to_dict(cfg),
-                              {"p50_ms": choice["p50_ms"], "speedup_vs_litert_fp32_teacher": speedup},
+                              {"p50_ms": choice["p50_ms"], "p90_ms": choice["p90_ms"],
+                               "speedup_vs_litert_fp32_teacher": speedup, "student": stats},
                               inputs={name: str(path) for name, path in inputs.items()},
                               config_hash=config_hash(cfg), registry_uri=uri, backend=choice["backend"])
 

@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -29,7 +30,8 @@ PIPELINE_ROOT = "outputs/pipeline-runs"
 
 
 @contextlib.contextmanager
-def running_services(mlflow_port: int = services.MLFLOW_PORT, s3_port: int = services.S3_PORT):
+def running_services(mlflow_port: int = services.MLFLOW_PORT, s3_port: int = services.S3_PORT,
+                     lab_port: int = device_lab.DEFAULT_PORT):
     """The embedded services and the device lab, with their client environment set; what this
     started is stopped on exit (what was already running stays)."""
     started_services = services.read_state() is None
@@ -37,7 +39,7 @@ def running_services(mlflow_port: int = services.MLFLOW_PORT, s3_port: int = ser
     try:
         state = services.up(mlflow_port, s3_port)
         if started_lab:
-            device_lab.up()
+            device_lab.up(port=lab_port)
         os.environ.update(services.env(state))
         yield state
     finally:
@@ -90,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="x86-1t", help="device key from device_lab/devices.yaml")
     parser.add_argument("--budget-ms", type=float, action="append", dest="budgets",
                         help="latency budget in ms (repeatable; default 10 and 25)")
+    parser.add_argument("--mlflow-port", type=int, default=services.MLFLOW_PORT, help="if not running yet")
+    parser.add_argument("--s3-port", type=int, default=services.S3_PORT, help="if not running yet")
+    parser.add_argument("--lab-port", type=int, default=device_lab.DEFAULT_PORT, help="tracker, if not running")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE:KEY=VALUE",
                         help="override one config value of one stage, e.g. compile:trials=0")
     args = parser.parse_args(argv)
@@ -99,9 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             parser.error(f"--set {item}: expected STAGE:KEY=VALUE")
         overrides.setdefault(stage, []).append(override)
-    with running_services():
-        summary = run(args.profile, args.device, args.budgets or [10.0, 25.0], overrides,
-                      resolve_path(PIPELINE_ROOT), resolve_path(SUMMARY))
+    try:
+        with running_services(args.mlflow_port, args.s3_port, args.lab_port):
+            summary = run(args.profile, args.device, args.budgets or [10.0, 25.0], overrides,
+                          resolve_path(PIPELINE_ROOT), resolve_path(SUMMARY))
+    except (services.ServiceError, device_lab.DeviceLabError, tracking.TrackingError) as e:
+        print(f"canao-compress: error: {e}", file=sys.stderr)
+        return 2
     print(describe(summary))
     print(f"summary: {resolve_path(SUMMARY)}")
     return 0

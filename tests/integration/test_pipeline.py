@@ -59,6 +59,7 @@ def test_pipeline_resumes_after_a_failed_stage_and_records_what_its_summary_says
     for block in ("teacher", "student"):
         assert {"dir", "exact_match", "f1"} <= set(summary[block])
     assert summary["student"]["is_teacher"] and summary["student"]["config"]["num_layers"] == 2
+    assert summary["student"]["params"] > 0 and summary["student"]["flops"] > 0 and summary["student"]["seq_len"] == 32
     assert summary["device"] == "x86-1t" and "front" in summary
     assert "speedup_vs_litert_fp32_teacher" in summary  # None: the tiny profile exports no LiteRT model
 
