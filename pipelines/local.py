@@ -57,8 +57,12 @@ def run(profile: str, device: str, latency_budgets_ms: list[float], overrides: d
                    raise_on_error=True)
     # kfp warns that the tasks' base image is not Python's; this environment is that image's content.
     warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom")
-    task = canao_compress(device=device, profile=profile, latency_budgets_ms=latency_budgets_ms,
-                          run_name=run_name, overrides=overrides)
+    try:
+        task = canao_compress(device=device, profile=profile, latency_budgets_ms=latency_budgets_ms,
+                              run_name=run_name, overrides=overrides)
+    except BaseException:
+        _mark_failed(run_name)
+        raise
     deployment = task.output  # the pipeline's output artifact: the deploy stage's directory
     summary = json.loads((Path(deployment.path) / DEPLOYMENT).read_text())
     # The deployment may come from the cache (an earlier run); the MLflow run is this run's.
@@ -69,6 +73,14 @@ def run(profile: str, device: str, latency_budgets_ms: list[float], overrides: d
         summary_path.parent.mkdir(parents=True, exist_ok=True)
         summary_path.write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _mark_failed(run_name: str) -> None:
+    """The pipeline's MLflow run, if it was opened, ends FAILED rather than RUNNING forever."""
+    try:
+        tracking.end_run(tracking.find_pipeline_run(run_name), "FAILED")
+    except tracking.TrackingError:
+        pass  # the run was never opened (or MLflow is gone): nothing to mark
 
 
 def describe(summary: dict) -> str:

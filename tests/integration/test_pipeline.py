@@ -51,6 +51,10 @@ def test_pipeline_resumes_after_a_failed_stage_and_records_what_its_summary_says
     with pytest.raises(RuntimeError, match="benchmark"):
         local.run("tiny", "x86-1t", [10.0], overrides, root / "runs", None)
     assert {p.parent.parent.name for p in (root / "cache").glob("*/*/manifest.json")} == {"teacher", "compile"}
+    mlflow = tracking.client()
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name(tracking.EXPERIMENT).experiment_id],
+                              filter_string="tags.`canao.kind` = 'pipeline'")
+    assert [r.info.status for r in runs] == ["FAILED"]  # the failed run's MLflow run says so
 
     (root / "lab").mkdir()
     with running_lab(root / "lab", {"x86-1t": yaml.safe_load((root / "devices.yaml").read_text())["x86-1t"]}):

@@ -113,3 +113,56 @@ def test_store_killed_during_a_push_leaves_no_version_and_a_retry_succeeds(store
     registry.push("qa", version, files, {})
     assert registry.versions("qa") == [version]
     registry.pull("qa", version, tmp_path / "pulled")
+
+
+def deploy_inputs(root, records):
+    """A tiny model, a compile artifact and benchmark records for it, as the stages write them."""
+    from canao.config import BertShape
+    from canao.manifest import write_manifest
+    from canao.models.bert_qa import init_qa_model
+
+    model, compiled, bench = root / "model", root / "compiled", root / "bench"
+    init_qa_model("random", BertShape(num_layers=1, hidden_size=32, num_heads=2, ffn_size=64), 0).save_pretrained(model)
+    write_manifest(model, "teacher", {}, {"exact_match": 10.0, "f1": 20.0})
+    (compiled / "tvm").mkdir(parents=True)
+    (compiled / "tvm" / "model.so").write_bytes(b"\x7fELF library")
+    write_manifest(compiled, "compile", {"device": "x86-1t", "seq_len": 32, "numerics_tol": 1e-3},
+                   {"numerics_max_abs_diff": {"tvm": 1e-6}}, backends={"tvm": "tvm/model.so"})
+    bench.mkdir()
+    (bench / "records.json").write_text(json.dumps({"records": [
+        {"backend": b, "device": "x86-1t", "p50_ms": p50, "p90_ms": p50, "numerics_max_abs_diff": diff}
+        for b, p50, diff in records]}))
+    write_manifest(bench, "benchmark", {}, {})
+    return ["--model", str(model), "--compiled", str(compiled), "--benchmark", str(bench)]
+
+
+def test_deploy_pushes_the_fastest_passing_backend_once(store, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CANAO_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["deploy", "--profile", "tiny", "--set", "bucket=canao-deploy",
+            *deploy_inputs(tmp_path, [("tvm", 2.0, 1e-6), ("litert", 3.0, 1e-6), ("onnxruntime-int8", 1.0, 0.9),
+                                      ("torch", 8.0, 0.0)])]
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "d1")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["backend"] == "tvm"  # int8 was faster but moved the logits by 0.9 > 0.5
+    version = result["registry_uri"].rstrip("/").rsplit("/", 1)[1]
+    manifest = Registry("canao-deploy").manifest("canao-qa", version)
+    assert {"model/model.safetensors", "compiled/x86-1t/tvm/model.so"} <= set(manifest["files"])
+    assert manifest["metrics"]["speedup_vs_litert_fp32_teacher"] == 1.5
+    deployment = json.loads((tmp_path / "d1" / "deployment.json").read_text())
+    assert deployment["student"]["is_teacher"] and deployment["registry_uri"] == result["registry_uri"]
+
+    # Without the stage cache the same content is found in the registry and reused, not pushed again.
+    monkeypatch.setenv("CANAO_CACHE_DIR", str(tmp_path / "other-cache"))
+    assert main([*args, "--out", str(tmp_path / "d2")]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["registry_uri"] == result["registry_uri"]
+    assert Registry("canao-deploy").versions("canao-qa") == [version]
+
+
+def test_deploy_refuses_when_no_backend_passes(store, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CANAO_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["deploy", "--profile", "tiny", "--set", "bucket=canao-none",
+            *deploy_inputs(tmp_path, [("tvm", 2.0, 0.01)]), "--out", str(tmp_path / "d")]
+    assert main(args) == 2
+    assert "no measured backend passes" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
