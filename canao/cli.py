@@ -248,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, SquadFormatError, FileNotFoundError, FileExistsError, ValueError, registry.RegistryError,
-            services.ServiceError) as e:
+    except (ConfigError, SquadFormatError, FileNotFoundError, FileExistsError, ValueError, ConnectionError,
+            registry.RegistryError, services.ServiceError) as e:
         print(f"canao {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,6 +1,7 @@
 """What goes to a cluster, checked offline: the compiled pipeline, the images' Dockerfiles, k8s/."""
 
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +74,13 @@ def test_k8s_base_renders_and_validates_strictly(tmp_path):
                 assert container["readinessProbe"] and container["livenessProbe"], o["metadata"]
                 for env in container.get("env", []):
                     assert "value" not in env or not any(w in env["name"] for w in ("SECRET", "PASSWORD", "KEY"))
+
+
+def test_submit_to_an_endpoint_that_does_not_answer_is_a_clear_error(capsys):
+    from canao.cli import main
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again below: nothing listens there
+    assert main(["submit", "--host", f"http://127.0.0.1:{port}"]) == 2
+    assert f"--host http://127.0.0.1:{port}: no Kubeflow Pipelines API answers there" in capsys.readouterr().err
