@@ -3,8 +3,11 @@ its numeric metrics on the kfp Metrics output, and open or close the pipeline's 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from canao import tracking
-from canao.stages import Context, execute
+from canao.stages import DEPLOYMENT, Context, execute
 
 
 def run_stage(stage: str, profile: str, overrides: dict, inputs: dict, out, metrics, device: str,
@@ -26,11 +29,6 @@ def open_run(run_name: str, profile: str, device: str, latency_budgets_ms: list)
 
 def close_run(parent_run_id: str, deployment) -> None:
     """Log the deployment's outcome on the pipeline run and mark it finished."""
-    import json
-    from pathlib import Path
-
-    from canao.stages import DEPLOYMENT
-
     summary = json.loads((Path(deployment.path) / DEPLOYMENT).read_text())
     tracking.log(parent_run_id, metrics={"teacher": summary["teacher"], "student": summary["student"],
                                          "speedup_vs_litert_fp32_teacher": summary["speedup_vs_litert_fp32_teacher"]},

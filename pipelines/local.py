@@ -88,7 +88,8 @@ def describe(summary: dict) -> str:
     speedup = summary["speedup_vs_litert_fp32_teacher"]
     return "\n".join([
         f"teacher      EM {teacher['exact_match']:.2f}  F1 {teacher['f1']:.2f}  ({teacher['dir']})",
-        f"student      EM {student['exact_match']:.2f}  F1 {student['f1']:.2f}  {student['config']}"
+        f"student      EM {student['exact_match']:.2f}  F1 {student['f1']:.2f}  {student['config']}, "
+        f"{student['params'] / 1e6:.1f}M params, {student['flops'] / 1e9:.2f} GFLOPs at {student['seq_len']} tokens"
         + ("  (the teacher itself until the search stages land)" if student["is_teacher"] else ""),
         f"front        {summary['front'] or 'none yet (no search stage)'}",
         f"device       {summary['device']}: {backend['backend']} p50 {backend['p50_ms']:.2f} ms, "

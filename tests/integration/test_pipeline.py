@@ -60,6 +60,7 @@ def test_pipeline_resumes_after_a_failed_stage_and_records_what_its_summary_says
     with running_lab(root / "lab", {"x86-1t": yaml.safe_load((root / "devices.yaml").read_text())["x86-1t"]}):
         summary = local.run("tiny", "x86-1t", [10.0], overrides, root / "runs", root / "summary.json")
     assert json.loads((root / "summary.json").read_text()) == summary
+    assert summary["registry_uri"] in local.describe(summary)
     for block in ("teacher", "student"):
         assert {"dir", "exact_match", "f1"} <= set(summary[block])
     assert summary["student"]["is_teacher"] and summary["student"]["config"]["num_layers"] == 2
