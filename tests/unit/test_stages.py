@@ -2,9 +2,9 @@
 
 import pytest
 
-from canao.config import load_config
+from canao.config import PROFILES, load_config
 from canao.manifest import write_manifest
-from canao.stages import cache_key, choose_backend
+from canao.stages import RUNNERS, cache_key, choose_backend
 
 
 def record(backend, p50, diff):
@@ -45,3 +45,9 @@ def test_cache_key_follows_config_device_and_input_content(tmp_path):
     assert key != cache_key("compile", cfg, "x86-1t", {"model": model})
     with pytest.raises(FileNotFoundError, match="incomplete"):
         cache_key("compile", cfg, "x86-1t", {"model": tmp_path / "missing"})
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_pipeline_stage_has_a_config_in_every_profile(profile):
+    for config_name, _ in RUNNERS.values():
+        load_config(config_name, profile)
