@@ -4,11 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROFILE ?= quick
-OUT ?= outputs/$(PROFILE)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup litert-env test run bench bench-serve serve lint clean
+.PHONY: setup litert-env test run up down pipelines image bench bench-serve serve lint clean
 
 setup: $(STAMP)
 
@@ -22,26 +21,46 @@ $(STAMP): pyproject.toml
 
 # The LiteRT converter's own environment: litert-torch cannot share one with TVM
 # (TOOLCHAIN.md). canao runs canao/litert_convert.py with its python, so it holds only what
-# that script imports; transformers is pinned as in pyproject.toml. Reinstalls when this file
-# changes (the pins live here).
+# that script imports. Its pins live in requirements-litert.txt (the Dockerfile uses them too);
+# reinstalls when that file changes.
 LITERT_VENV := .venv-litert
 LITERT_STAMP := $(LITERT_VENV)/.installed
-LITERT_PACKAGES := torch==2.13.0 transformers==5.23.0 litert-torch==0.10.0 ai-edge-quantizer==0.10.0
 
 litert-env: $(LITERT_STAMP)
 
-$(LITERT_STAMP): Makefile
+$(LITERT_STAMP): requirements-litert.txt
 	test -x $(LITERT_VENV)/bin/python || $(PYTHON) -m venv $(LITERT_VENV)
 	$(LITERT_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(LITERT_VENV)/bin/python -m pip install --quiet $(LITERT_PACKAGES)
+	$(LITERT_VENV)/bin/python -m pip install --quiet -r requirements-litert.txt
 	touch $@
 
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-# The main job. Until the pipeline lands: the quick teacher, trained and scored on dev-a.
-run: setup
-	$(BIN)/canao teacher --profile $(PROFILE) --out $(OUT)/teacher
+# The main job: the canao-compress pipeline (PROFILE, default quick) with kfp's local runner;
+# starts MLflow, SeaweedFS and the device lab if they are not running and stops what it started.
+# The summary goes to outputs/latest/summary.json.
+DEVICE ?= x86-1t
+run: setup litert-env
+	$(BIN)/python -m pipelines.local --profile $(PROFILE) --device $(DEVICE)
+
+# MLflow (http://127.0.0.1:5000) and SeaweedFS S3 (127.0.0.1:8333) and the device lab, left
+# running for the UIs; `make down` stops them. `canao services env` prints the client env.
+up: setup
+	$(BIN)/canao services up
+	$(BIN)/canao device-lab up
+
+down: setup
+	$(BIN)/canao device-lab down
+	$(BIN)/canao services down
+
+# The pipeline as a Kubeflow Pipelines package.
+pipelines: setup
+	$(BIN)/python -m pipelines.compile --out build/canao-compress.yaml
+
+# The components' image, through a Docker engine (fails clearly where none answers).
+image: setup
+	$(BIN)/python -m components.image
 
 bench: setup litert-env
 	$(BIN)/canao device-lab up
@@ -58,7 +77,7 @@ bench-serve: setup
 	$(BIN)/canao loadtest --profile full --model $(SERVE_MODEL) --out outputs/bench-serve.json
 
 lint: setup
-	$(BIN)/ruff check canao tests
+	$(BIN)/ruff check canao components pipelines tests
 
 clean:
 	rm -rf $(VENV) $(LITERT_VENV) build .pytest_cache .ruff_cache

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from canao import device_lab
+from canao import device_lab, registry, services
 from canao.bench import BACKENDS
 from canao.config import (
     PROFILES,
@@ -158,6 +158,25 @@ def cmd_loadtest(args) -> None:
     print(table.read_text(), end="")
 
 
+def cmd_deploy(args) -> None:
+    from canao.manifest import verify_manifest
+    from canao.stages import Context, execute
+
+    device = verify_manifest(args.compiled)["config"]["device"]
+    inputs = {"teacher": args.teacher or args.model, "model": args.model, "compiled": args.compiled,
+              "benchmark": args.benchmark, "teacher_benchmark": args.teacher_benchmark or args.benchmark}
+    manifest, _ = execute("deploy", args.profile, args.overrides, inputs, args.out,
+                          Context(device=device, parent_run_id=args.mlflow_run or ""))
+    print(json.dumps({"registry_uri": manifest["registry_uri"], "backend": manifest["backend"],
+                      "out": str(Path(args.out).resolve())}))
+
+
+def cmd_submit(args) -> None:
+    from pipelines.submit import submit  # the kfp side lives outside canao/
+
+    print(json.dumps(submit(args.host, args.experiment, args.profile, args.device, args.budgets or [10.0, 25.0])))
+
+
 def _add_model_on_device_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--model", required=True, help="model directory (save_pretrained layout)")
@@ -210,6 +229,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     device_lab.add_cli(sub)
 
+    p = sub.add_parser("deploy", help="choose the serving backend, push to the S3 registry, register in MLflow")
+    _add_config_args(p)
+    p.add_argument("--model", required=True, help="the student model directory")
+    p.add_argument("--compiled", required=True, help="its `canao compile` artifact")
+    p.add_argument("--benchmark", required=True, help="a directory with its benchmark records.json and manifest")
+    p.add_argument("--teacher", help="the teacher model directory, for lineage (default: --model)")
+    p.add_argument("--teacher-benchmark", help="the teacher's benchmark directory (default: --benchmark)")
+    p.add_argument("--mlflow-run", help="MLflow run id to register the model version under (default: none)")
+    p.add_argument("--out", required=True, help="directory to write the deployment record to")
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("submit", help="run the canao-compress pipeline on a Kubeflow Pipelines endpoint")
+    p.add_argument("--host", required=True, help="Kubeflow Pipelines API URL")
+    p.add_argument("--experiment", default="canao", help="Kubeflow experiment (default: canao)")
+    p.add_argument("--profile", choices=PROFILES, default="quick")
+    p.add_argument("--device", default="x86-1t", help="device key from device_lab/devices.yaml")
+    p.add_argument("--budget-ms", type=float, action="append", dest="budgets", help="latency budget (repeatable)")
+    p.set_defaults(func=cmd_submit)
+
+    registry.add_cli(sub)
+    services.add_cli(sub)
+
     p = sub.add_parser("bench-suite", help="`make bench`: every suite model, length and device -> BENCHMARKS.md")
     p.add_argument("--profile", choices=PROFILES, default="full", help="compile/bench profile (default: full)")
     p.add_argument("--teacher", default="outputs/full/teacher", help="the trained QA teacher, if there is one")
@@ -244,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, SquadFormatError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (ConfigError, SquadFormatError, FileNotFoundError, FileExistsError, ValueError, ConnectionError,
+            registry.RegistryError, services.ServiceError) as e:
         print(f"canao {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

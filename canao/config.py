@@ -157,8 +157,21 @@ class LoadtestConfig:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
 
 
-STAGES: dict[str, type] = {"teacher": TeacherConfig, "compile": CompileConfig, "bench": BenchConfig,
-                           "serve": ServeConfig, "loadtest": LoadtestConfig}
+@dataclass(frozen=True)
+class DeployConfig:
+    model_name: str = "canao-qa"  # registry name: s3://<bucket>/models/<model_name>/<version>/, and MLflow's
+    bucket: str = "canao"  # S3 bucket of the registry (endpoint and credentials come from the environment)
+    alias: str = "production"  # MLflow Model Registry alias moved to the new version
+    # Which measured backend serves: the fastest whose start/end logits stay within a bound of
+    # PyTorch fp32: the compile stage's numerics_tol for fp32 backends, this looser one for int8
+    # backends (quantization moves logits by design; a bound this size keeps the answer spans).
+    int8_numerics_tol: float = 0.5
+
+
+STAGES: dict[str, type] = {
+    "teacher": TeacherConfig, "compile": CompileConfig, "bench": BenchConfig, "deploy": DeployConfig,
+    "serve": ServeConfig, "loadtest": LoadtestConfig,
+}
 
 
 def from_dict(cls: type, data: dict, where: str = "") -> typing.Any:

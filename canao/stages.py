@@ -1,0 +1,267 @@
+"""The pipeline's stages as pure functions (config, input dirs) -> output dir, with a content-hash cache.
+
+`execute()` is the one call a pipeline component makes: it loads the stage's config, keys
+the stage by the config hash, the target device and the content (manifest file hashes) of
+its inputs, and runs it only when the cache (`outputs/cache/<stage>/<key>/`, env
+CANAO_CACHE_DIR) holds no verified result for that key; then it links the result into the
+output directory the pipeline asked for and logs the stage as a child run of the pipeline's
+MLflow run. A pipeline re-run after a failure thus resumes after the last finished stage
+(and the teacher resumes inside its training from its checkpoints).
+
+A stage is added by writing its runner `(cfg, inputs, out_dir, context) -> manifest` and
+naming it in RUNNERS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from canao.config import BenchConfig, DeployConfig, config_hash, load_config, resolve_path, to_dict
+from canao.manifest import read_manifest, verify_manifest, write_manifest
+
+CACHE_DIR = "outputs/cache"  # relative to the project root; env CANAO_CACHE_DIR overrides
+RECORDS = "records.json"
+DEPLOYMENT = "deployment.json"
+
+
+@dataclass(frozen=True)
+class Context:
+    device: str  # device key (device_lab/devices.yaml) the pipeline targets
+    parent_run_id: str = ""  # MLflow run of the pipeline run; "" = not tracked
+    pipeline_run: str = ""  # the pipeline run's name, for lineage
+
+
+def cache_root() -> Path:
+    return resolve_path(os.environ.get("CANAO_CACHE_DIR") or CACHE_DIR)
+
+
+def content_id(directory: Path) -> str:
+    """What an input directory holds, by content: the hash of its manifest's file hashes."""
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise FileNotFoundError(f"{directory}: no manifest.json; the input artifact is incomplete")
+    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_key(stage: str, cfg, device: str, inputs: dict[str, Path]) -> str:
+    identity = {"stage": stage, "config": config_hash(cfg), "device": device,
+                "inputs": {name: content_id(path) for name, path in sorted(inputs.items())}}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _finished(directory: Path) -> dict | None:
+    """The manifest of a complete, intact result, or None (absent, partial or corrupted)."""
+    if read_manifest(directory) is None:
+        return None
+    try:
+        return verify_manifest(directory)
+    except ValueError:
+        return None
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """`target` as a copy of `source` made of hard links where the filesystem allows."""
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, copy_function=link)
+
+
+def _write_through_staging(out_dir: Path, fill: Callable[[Path], dict]) -> dict:
+    """Let `fill` write a directory next to `out_dir`, then move it into place whole."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        manifest = fill(staging)
+        shutil.rmtree(out_dir, ignore_errors=True)  # a result that failed verification
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def run_teacher(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
+    from canao.distill import train_teacher
+
+    return train_teacher(cfg, out_dir)
+
+
+def run_compile(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
+    from canao.compile import compile_model
+
+    shutil.rmtree(out_dir, ignore_errors=True)  # compile refuses an existing directory; a finished one is cached
+    return compile_model(inputs["model"], context.device, cfg, out_dir)
+
+
+def run_benchmark(cfg: BenchConfig, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
+    """Every backend the compiled artifact holds, and PyTorch, timed on the device."""
+    from canao import bench
+
+    compiled = verify_manifest(inputs["compiled"])
+    backends = tuple(b for b in bench.BACKENDS if b in compiled["backends"] or b == "torch")
+    records = bench.bench(inputs["compiled"], inputs["model"], context.device, backends, cfg)
+
+    def fill(staging: Path) -> dict:
+        bench.write_records(records, staging / RECORDS)
+        metrics = {field: {r.backend: getattr(r, field) for r in records}
+                   for field in ("p50_ms", "p90_ms", "numerics_max_abs_diff")}
+        return write_manifest(staging, "benchmark", to_dict(cfg), metrics,
+                              inputs={name: str(path) for name, path in inputs.items()},
+                              config_hash=config_hash(cfg), device=context.device)
+
+    return _write_through_staging(out_dir, fill)
+
+
+def choose_backend(records: list[dict], fp32_tol: float, int8_tol: float) -> dict:
+    """The fastest measured backend whose logits pass its numerics bound (fp32 backends:
+    the compile tolerance; int8 backends: the looser int8 one), with every candidate judged."""
+    judged = []
+    for r in records:
+        tolerance = int8_tol if r["backend"].endswith("-int8") else fp32_tol
+        judged.append({"backend": r["backend"], "p50_ms": r["p50_ms"], "p90_ms": r["p90_ms"],
+                       "numerics_max_abs_diff": r["numerics_max_abs_diff"], "tolerance": tolerance,
+                       "passes": r["numerics_max_abs_diff"] <= tolerance})
+    passing = [j for j in judged if j["passes"]]
+    if not passing:
+        raise ValueError(f"no measured backend passes its numerics bound: {judged}")
+    best = min(passing, key=lambda j: j["p50_ms"])
+    return {**best, "candidates": judged}
+
+
+def _qa_block(directory: Path) -> dict:
+    metrics = verify_manifest(directory)["metrics"]
+    return {"dir": str(directory), "exact_match": metrics["exact_match"], "f1": metrics["f1"]}
+
+
+def _architecture(model_dir: Path) -> dict:
+    config = json.loads((model_dir / "config.json").read_text())
+    return {"num_layers": config["num_hidden_layers"], "hidden_size": config["hidden_size"],
+            "num_heads": config["num_attention_heads"], "ffn_size": config["intermediate_size"]}
+
+
+def model_stats(model_dir: Path, seq_len: int) -> dict:
+    """Parameters, weight bytes, and the FLOPs of one forward pass over `seq_len` tokens
+    (matmuls only: the Q/K/V/output projections, the FFN, attention scores and mixing, the span head)."""
+    from safetensors import safe_open
+
+    weights = model_dir / "model.safetensors"
+    with safe_open(weights, framework="np") as f:
+        params = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    a = _architecture(model_dir)
+    h, n = a["hidden_size"], seq_len
+    per_layer = 2 * n * (4 * h * h + 2 * h * a["ffn_size"]) + 2 * 2 * n * n * h
+    return {"params": params, "size_bytes": weights.stat().st_size,
+            "flops": a["num_layers"] * per_layer + 2 * n * h * 2, "seq_len": seq_len}
+
+
+def run_deploy(cfg: DeployConfig, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
+    """Choose the serving backend from the measurements, push the student and its compiled
+    artifact to the S3 registry, register that version in MLflow under `cfg.alias`."""
+    from canao import bench
+    from canao.registry import Registry, content_version, directory_files
+
+    compiled = verify_manifest(inputs["compiled"])
+    device = compiled["config"]["device"]
+
+    def records(name: str) -> list[dict]:
+        rows = json.loads((inputs[name] / RECORDS).read_text())["records"]
+        return [r for r in rows if r["device"] == device]
+
+    choice = choose_backend(records("benchmark"), compiled["config"]["numerics_tol"], cfg.int8_numerics_tol)
+    baseline = [r["p50_ms"] for r in records("teacher_benchmark") if r["backend"] == bench.BASELINE]
+    speedup = baseline[0] / choice["p50_ms"] if baseline else None
+    teacher, student = _qa_block(inputs["teacher"]), _qa_block(inputs["model"])
+    stats = model_stats(inputs["model"], compiled["config"]["seq_len"])
+    files = {**directory_files(inputs["model"], "model"), **directory_files(inputs["compiled"], f"compiled/{device}")}
+    version = content_version(files)
+    registry = Registry(cfg.bucket)
+    if registry.has_version(cfg.model_name, version):
+        print(f"{registry.uri(cfg.model_name, version)}: this content is already in the registry; reusing it")
+    else:
+        registry.push(cfg.model_name, version, files, {
+            "metrics": {"exact_match": student["exact_match"], "f1": student["f1"], "p50_ms": choice["p50_ms"],
+                        "p90_ms": choice["p90_ms"], "speedup_vs_litert_fp32_teacher": speedup, **stats},
+            "backends": {device: choice},
+            "lineage": {"teacher": {"dir": teacher["dir"], "content": content_id(inputs["teacher"])},
+                        "pipeline_run": context.pipeline_run, "mlflow_run_id": context.parent_run_id},
+        })
+    uri = registry.uri(cfg.model_name, version)
+    model_version = None
+    if context.parent_run_id:
+        from canao import tracking
+
+        model_version = tracking.register_model(cfg.model_name, uri, context.parent_run_id, cfg.alias,
+                                                {"registry_version": version, "device": device,
+                                                 "backend": choice["backend"]})
+    deployment = {
+        "teacher": teacher,
+        # Until the search stages land the student is the teacher itself.
+        "student": {**student, "config": _architecture(inputs["model"]), **stats,
+                    "is_teacher": content_id(inputs["model"]) == content_id(inputs["teacher"])},
+        "front": None,
+        "device": device,
+        "backend": choice,
+        "speedup_vs_litert_fp32_teacher": speedup,
+        "registry_uri": uri,
+        "registry_version": version,
+        "mlflow_model": {"name": cfg.model_name, "version": model_version, "alias": cfg.alias},
+    }
+
+    def fill(staging: Path) -> dict:
+        (staging / DEPLOYMENT).write_text(json.dumps(deployment, indent=1))
+        return write_manifest(staging, "deploy", to_dict(cfg),
+                              {"p50_ms": choice["p50_ms"], "p90_ms": choice["p90_ms"],
+                               "speedup_vs_litert_fp32_teacher": speedup, "student": stats},
+                              inputs={name: str(path) for name, path in inputs.items()},
+                              config_hash=config_hash(cfg), registry_uri=uri, backend=choice["backend"])
+
+    return _write_through_staging(out_dir, fill)
+
+
+Runner = Callable[[object, dict[str, Path], Path, Context], dict]
+
+# stage -> (config name in configs/<profile>/, runner)
+RUNNERS: dict[str, tuple[str, Runner]] = {
+    "teacher": ("teacher", run_teacher),
+    "compile": ("compile", run_compile),
+    "benchmark": ("bench", run_benchmark),
+    "deploy": ("deploy", run_deploy),
+}
+
+
+def execute(stage: str, profile: str, overrides: list[str], inputs: dict[str, str | Path], out_dir: str | Path,
+            context: Context) -> tuple[dict, bool]:
+    """Run (or reuse) `stage` into `out_dir`; returns its manifest and whether it came from the cache."""
+    if stage not in RUNNERS:
+        raise ValueError(f"stage: unknown {stage!r} (known: {', '.join(RUNNERS)})")
+    config_name, runner = RUNNERS[stage]
+    cfg = load_config(config_name, profile, overrides=overrides)
+    inputs = {name: Path(path) for name, path in inputs.items()}
+    cached_dir = cache_root() / stage / cache_key(stage, cfg, context.device, inputs)
+    manifest = _finished(cached_dir)
+    cached = manifest is not None
+    if cached:
+        print(f"{stage}: reusing {cached_dir} (same config and inputs)", flush=True)
+    else:
+        manifest = runner(cfg, inputs, cached_dir, context)
+    _link_tree(cached_dir, Path(out_dir))
+    if context.parent_run_id:
+        from canao import tracking
+
+        tracking.log_stage(context.parent_run_id, stage, manifest, cached)
+    return manifest, cached

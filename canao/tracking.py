@@ -1,0 +1,193 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+One parent run per pipeline run; a child run per stage and per search candidate, each
+with the stage's config as params, its numeric metrics, and the tags device, git commit,
+profile and stage. Pipeline steps run in separate processes (kfp), so everything goes
+through `MlflowClient` and run ids, never through mlflow's process-global active run.
+The server is env MLFLOW_TRACKING_URI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from canao.config import PROJECT_ROOT
+
+EXPERIMENT = "canao-compress"
+MAX_PARAM_LENGTH = 6000  # MLflow's limit for one param value
+BATCH = 900  # MLflow accepts at most 1000 metrics, 100 params per log_batch call
+PARAM_BATCH = 90
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be reached or refused a request; the message names it."""
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise TrackingError("MLFLOW_TRACKING_URI: not set; point it at the MLflow server (make up starts one)")
+    return uri
+
+
+def client() -> MlflowClient:
+    return MlflowClient(tracking_uri())
+
+
+def git_commit() -> str:
+    """The commit this code is at: git where there is a checkout, else env CANAO_GIT_COMMIT (the image's)."""
+    try:
+        done = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if done.returncode == 0:
+            return done.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return os.environ.get("CANAO_GIT_COMMIT", "unknown")
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def numeric(data: dict) -> dict[str, float]:
+    """The numeric leaves of `data`, flattened: what can be an MLflow metric."""
+    return {k: float(v) for k, v in flatten(data).items()
+            if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def _experiment_id(mlflow: MlflowClient, name: str) -> str:
+    experiment = mlflow.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else mlflow.create_experiment(name)
+
+
+def _call(what: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except MlflowException as e:
+        raise TrackingError(f"MLflow at {tracking_uri()}: {what} failed: {e}") from None
+
+
+def start_pipeline_run(run_name: str, tags: dict[str, str], params: dict, experiment: str = EXPERIMENT) -> str:
+    """Create the parent run of one pipeline run; returns its id."""
+    mlflow = client()
+    experiment_id = _call("finding the experiment", _experiment_id, mlflow, experiment)
+    run = _call("creating the pipeline run", mlflow.create_run, experiment_id, run_name=run_name,
+                tags={**tags, "git_commit": git_commit(), "canao.kind": "pipeline"})
+    log(run.info.run_id, params=params)
+    return run.info.run_id
+
+
+def find_pipeline_run(run_name: str, experiment: str = EXPERIMENT) -> str:
+    """The id of the pipeline run named `run_name`."""
+    mlflow = client()
+    experiment_id = _call("finding the experiment", _experiment_id, mlflow, experiment)
+    runs = _call("searching runs", mlflow.search_runs, [experiment_id],
+                 filter_string=f"tags.pipeline_run = '{run_name}' and tags.`canao.kind` = 'pipeline'")
+    if len(runs) != 1:
+        raise TrackingError(f"MLflow at {tracking_uri()}: expected one pipeline run named {run_name}, "
+                            f"found {len(runs)}")
+    return runs[0].info.run_id
+
+
+def start_child_run(parent_run_id: str, run_name: str, tags: dict[str, str]) -> str:
+    """A child run of `parent_run_id`, inheriting its device and profile tags."""
+    mlflow = client()
+    parent = _call("reading the pipeline run", mlflow.get_run, parent_run_id)
+    inherited = {k: v for k, v in parent.data.tags.items() if k in ("device", "profile", "git_commit")}
+    run = _call("creating a child run", mlflow.create_run, parent.info.experiment_id, run_name=run_name,
+                tags={**inherited, **tags, "mlflow.parentRunId": parent_run_id})
+    return run.info.run_id
+
+
+def log(run_id: str, params: dict | None = None, metrics: dict | None = None, tags: dict | None = None,
+        step: int = 0) -> None:
+    """Params (flattened, as strings), numeric metrics (flattened) and tags, in batches."""
+    mlflow = client()
+    params_list = [Param(k, json.dumps(v) if not isinstance(v, str) else v)
+                   for k, v in flatten(params or {}).items()]
+    for p in params_list:
+        if len(p.value) > MAX_PARAM_LENGTH:
+            raise TrackingError(f"param {p.key}: value longer than {MAX_PARAM_LENGTH} characters")
+    metrics_list = [Metric(k, v, 0, step) for k, v in numeric(metrics or {}).items()]
+    tags_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    for i in range(0, len(params_list), PARAM_BATCH):
+        _call("logging params", mlflow.log_batch, run_id, params=params_list[i:i + PARAM_BATCH])
+    for i in range(0, len(metrics_list), BATCH):
+        _call("logging metrics", mlflow.log_batch, run_id, metrics=metrics_list[i:i + BATCH])
+    if tags_list:
+        _call("logging tags", mlflow.log_batch, run_id, tags=tags_list)
+
+
+def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    _call(f"uploading {path}", client().log_artifact, run_id, str(path), artifact_path)
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    _call("closing a run", client().set_terminated, run_id, status)
+
+
+def log_stage(parent_run_id: str, stage: str, manifest: dict, cached: bool) -> str:
+    """A finished stage as a child run: its config, metrics and where its artifact came from."""
+    run_id = start_child_run(parent_run_id, stage, {"stage": stage, "cached": str(cached).lower()})
+    log(run_id, params=manifest.get("config", {}), metrics=manifest.get("metrics", {}),
+        tags={"config_hash": manifest.get("config_hash") or ""})
+    end_run(run_id)
+    return run_id
+
+
+def log_candidate(parent_run_id: str, number: int, params: dict, metrics: dict) -> str:
+    """One search candidate as a child run (search's `on_trial` hook)."""
+    run_id = start_child_run(parent_run_id, f"candidate-{number}", {"stage": "search", "candidate": str(number)})
+    log(run_id, params=params, metrics=metrics)
+    end_run(run_id)
+    return run_id
+
+
+def log_front(run_id: str, front_json: str | Path, front_png: str | Path | None = None) -> None:
+    """The Pareto front as artifacts (JSON, PNG) and as metrics: every numeric field of point i
+    is metric `front.<field>` at step i, so the fronts of several runs overlay in the MLflow UI."""
+    front_json = Path(front_json)
+    data = json.loads(front_json.read_text())
+    points = data["front"] if isinstance(data, dict) else data
+    if not isinstance(points, list):
+        raise ValueError(f"{front_json}: expected a list of points or an object with a `front` list")
+    for step, point in enumerate(points):
+        log(run_id, metrics={"front": point}, step=step)
+    log(run_id, metrics={"front_size": len(points)})
+    log_artifact(run_id, front_json, "front")
+    if front_png is not None:
+        log_artifact(run_id, front_png, "front")
+
+
+def register_model(name: str, source_uri: str, run_id: str, alias: str, tags: dict[str, str]) -> str:
+    """A Model Registry version of `name` pointing at `source_uri`, with `alias` moved to it;
+    returns the version number."""
+    mlflow = client()
+    try:
+        mlflow.get_registered_model(name)
+    except MlflowException:
+        _call("creating the registered model", mlflow.create_registered_model, name)
+    version = _call("creating a model version", mlflow.create_model_version, name, source=source_uri,
+                    run_id=run_id, tags=tags)
+    _call("setting the alias", mlflow.set_registered_model_alias, name, alias, version.version)
+    return str(version.version)
+
+
+def run_url(run_id: str) -> str:
+    run = _call("reading a run", client().get_run, run_id)
+    return f"{tracking_uri().rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"

@@ -1,0 +1,37 @@
+"""What every component does around its canao call: run the stage (cached by content), put
+its numeric metrics on the kfp Metrics output, and open or close the pipeline's MLflow run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from canao import tracking
+from canao.stages import DEPLOYMENT, Context, execute
+
+
+def run_stage(stage: str, profile: str, overrides: dict, inputs: dict, out, metrics, device: str,
+              parent_run_id: str, pipeline_run: str = "") -> dict:
+    """`out` and `metrics` are kfp output artifacts; `inputs` maps names to kfp input artifacts."""
+    manifest, cached = execute(stage, profile, list(overrides.get(stage, [])),
+                               {name: artifact.path for name, artifact in inputs.items()}, out.path,
+                               Context(device=device, parent_run_id=parent_run_id, pipeline_run=pipeline_run))
+    out.metadata.update({"stage": stage, "cached": cached, "config_hash": manifest.get("config_hash") or ""})
+    for name, value in tracking.numeric(manifest["metrics"]).items():
+        metrics.log_metric(name, value)
+    return manifest
+
+
+def open_run(run_name: str, profile: str, device: str, latency_budgets_ms: list) -> str:
+    return tracking.start_pipeline_run(run_name, {"device": device, "profile": profile, "pipeline_run": run_name},
+                                       {"device": device, "profile": profile, "latency_budgets_ms": latency_budgets_ms})
+
+
+def close_run(parent_run_id: str, deployment) -> None:
+    """Log the deployment's outcome on the pipeline run and mark it finished."""
+    summary = json.loads((Path(deployment.path) / DEPLOYMENT).read_text())
+    tracking.log(parent_run_id, metrics={"teacher": summary["teacher"], "student": summary["student"],
+                                         "speedup_vs_litert_fp32_teacher": summary["speedup_vs_litert_fp32_teacher"]},
+                 tags={"registry_uri": summary["registry_uri"], "backend": summary["backend"]["backend"]})
+    tracking.log_artifact(parent_run_id, Path(deployment.path) / DEPLOYMENT)
+    tracking.end_run(parent_run_id)

@@ -1,0 +1,1 @@
+"""Pipeline wiring (kfp): the `canao-compress` pipeline, its compiler, local runner and submitter."""

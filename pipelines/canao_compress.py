@@ -1,0 +1,55 @@
+"""`canao-compress`: teacher -> compile -> benchmark -> deploy, tracked as one MLflow run.
+
+Until the search stages land (distill, latency, search, finalize go between teacher and
+compile, each one task fed by the one before) the student is the teacher itself.
+
+On a cluster every task gets the S3 keys from the Secret `canao-s3`, the S3 endpoint and the
+MLflow URI from the Secret `canao-pipeline` (k8s/README.md), the device-lab tracker from the
+ConfigMap `canao-config`, and the
+data from the PVC `canao-data` at /shared (the image's project root is /app, so configs'
+`../shared/data/...` is /shared/data). kfp.local ignores these and uses the environment.
+(No `from __future__ import annotations`: kfp reads the annotations as types.)
+"""
+
+from kfp import dsl, kubernetes
+
+from components import stages
+
+SECRETS = {  # Secret -> its keys, each set as the environment variable of the same name
+    "canao-s3": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"),
+    "canao-pipeline": ("CANAO_S3_ENDPOINT", "MLFLOW_TRACKING_URI"),
+}
+CONFIG_MAP = "canao-config"
+CONFIG_ENV = {"CANAO_TRACKER": "CANAO_TRACKER"}
+DATA_PVC = "canao-data"
+DATA_MOUNT = "/shared"
+
+
+def on_cluster(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    for secret, keys in SECRETS.items():
+        kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={key: key for key in keys})
+    kubernetes.use_config_map_as_env(task, config_map_name=CONFIG_MAP, config_map_key_to_env=CONFIG_ENV)
+    kubernetes.mount_pvc(task, pvc_name=DATA_PVC, mount_path=DATA_MOUNT)
+    return task
+
+
+@dsl.pipeline(name="canao-compress",
+              description="Compress a QA transformer for a device's latency budget, compile, benchmark and deploy it.")
+def canao_compress(device: str = "x86-1t", profile: str = "quick", latency_budgets_ms: list = [10.0, 25.0],  # noqa: B006
+                   run_name: str = "canao-compress", overrides: dict = {}) -> dsl.Artifact:  # noqa: B006
+    """`overrides`: stage -> list of `key=value` config overrides, e.g. {"compile": ["trials=0"]}."""
+    common = {"profile": profile, "overrides": overrides, "device": device}
+    run = on_cluster(stages.open_run(run_name=run_name, profile=profile, device=device,
+                                     latency_budgets_ms=latency_budgets_ms))
+    parent = run.output
+    teacher = on_cluster(stages.teacher(parent_run_id=parent, **common))
+    student = teacher.outputs["model"]
+    compiled = on_cluster(stages.compile_model(parent_run_id=parent, model=student, **common))
+    measured = on_cluster(stages.benchmark(parent_run_id=parent, model=student, compiled=compiled.outputs["compiled"],
+                                           **common))
+    deployed = on_cluster(stages.deploy(
+        parent_run_id=parent, run_name=run_name, teacher=teacher.outputs["model"], model=student,
+        compiled=compiled.outputs["compiled"], benchmark=measured.outputs["records"],
+        teacher_benchmark=measured.outputs["records"], **common))
+    on_cluster(stages.close_run(parent_run_id=parent, deployment=deployed.outputs["deployment"]))
+    return deployed.outputs["deployment"]

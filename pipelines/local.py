@@ -1,0 +1,133 @@
+"""`make run`: `canao-compress` on this machine with kfp's SubprocessRunner.
+
+Starts what the pipeline needs and is not running yet (the MLflow server and SeaweedFS S3
+store of canao/services.py, the device lab), runs the pipeline (each task a subprocess in
+this environment, the image's content), writes the summary to `outputs/latest/summary.json`
+and stops what it started. Finished stages are reused from the content-hash cache
+(outputs/cache/), so running it again after a failure resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import kfp.local
+
+from canao import device_lab, services, tracking
+from canao.config import PROFILES, resolve_path
+from canao.stages import DEPLOYMENT
+from pipelines.canao_compress import canao_compress
+
+SUMMARY = "outputs/latest/summary.json"
+PIPELINE_ROOT = "outputs/pipeline-runs"
+
+
+@contextlib.contextmanager
+def running_services(mlflow_port: int = services.MLFLOW_PORT, s3_port: int = services.S3_PORT,
+                     lab_port: int = device_lab.DEFAULT_PORT):
+    """The embedded services and the device lab, with their client environment set; what this
+    started is stopped on exit (what was already running stays)."""
+    started_services = services.read_state() is None
+    started_lab = device_lab.read_state() is None and not os.environ.get("CANAO_TRACKER")
+    try:
+        state = services.up(mlflow_port, s3_port)
+        if started_lab:
+            device_lab.up(port=lab_port)
+        os.environ.update(services.env(state))
+        yield state
+    finally:
+        if started_lab:
+            device_lab.down()
+        if started_services:
+            services.down()
+
+
+def run(profile: str, device: str, latency_budgets_ms: list[float], overrides: dict[str, list[str]],
+        pipeline_root: Path, summary_path: Path | None) -> dict:
+    """Run the pipeline with kfp.local in this environment (services must be up); returns the summary."""
+    run_name = f"canao-compress-{profile}-{datetime.datetime.now(datetime.UTC):%Y%m%d-%H%M%S}"
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
+                   raise_on_error=True)
+    # kfp warns that the tasks' base image is not Python's; this environment is that image's content.
+    warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom")
+    try:
+        task = canao_compress(device=device, profile=profile, latency_budgets_ms=latency_budgets_ms,
+                              run_name=run_name, overrides=overrides)
+    except BaseException:
+        _mark_failed(run_name)
+        raise
+    deployment = task.output  # the pipeline's output artifact: the deploy stage's directory
+    summary = json.loads((Path(deployment.path) / DEPLOYMENT).read_text())
+    # The deployment may come from the cache (an earlier run); the MLflow run is this run's.
+    run_id = tracking.find_pipeline_run(run_name)
+    summary.update(pipeline_run=run_name, profile=profile, deployment=deployment.path, mlflow_run_id=run_id,
+                   mlflow_url=tracking.run_url(run_id))
+    if summary_path is not None:
+        summary_path.parent.mkdir(parents=True, exist_ok=True)
+        summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _mark_failed(run_name: str) -> None:
+    """The pipeline's MLflow run, if it was opened, ends FAILED rather than RUNNING forever."""
+    try:
+        tracking.end_run(tracking.find_pipeline_run(run_name), "FAILED")
+    except tracking.TrackingError:
+        pass  # the run was never opened (or MLflow is gone): nothing to mark
+
+
+def describe(summary: dict) -> str:
+    teacher, student, backend = summary["teacher"], summary["student"], summary["backend"]
+    speedup = summary["speedup_vs_litert_fp32_teacher"]
+    return "\n".join([
+        f"teacher      EM {teacher['exact_match']:.2f}  F1 {teacher['f1']:.2f}  ({teacher['dir']})",
+        f"student      EM {student['exact_match']:.2f}  F1 {student['f1']:.2f}  {student['config']}, "
+        f"{student['params'] / 1e6:.1f}M params, {student['flops'] / 1e9:.2f} GFLOPs at {student['seq_len']} tokens"
+        + ("  (the teacher itself until the search stages land)" if student["is_teacher"] else ""),
+        f"front        {summary['front'] or 'none yet (no search stage)'}",
+        f"device       {summary['device']}: {backend['backend']} p50 {backend['p50_ms']:.2f} ms, "
+        f"{f'{speedup:.2f}x' if speedup else 'n/a'} vs LiteRT fp32 teacher",
+        f"registry     {summary['registry_uri']}",
+        f"mlflow       {summary['mlflow_url']}",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=PROFILES, default="quick")
+    parser.add_argument("--device", default="x86-1t", help="device key from device_lab/devices.yaml")
+    parser.add_argument("--budget-ms", type=float, action="append", dest="budgets",
+                        help="latency budget in ms (repeatable; default 10 and 25)")
+    parser.add_argument("--mlflow-port", type=int, default=services.MLFLOW_PORT, help="if not running yet")
+    parser.add_argument("--s3-port", type=int, default=services.S3_PORT, help="if not running yet")
+    parser.add_argument("--lab-port", type=int, default=device_lab.DEFAULT_PORT, help="tracker, if not running")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE:KEY=VALUE",
+                        help="override one config value of one stage, e.g. compile:trials=0")
+    args = parser.parse_args(argv)
+    overrides: dict[str, list[str]] = {}
+    for item in args.overrides:
+        stage, sep, override = item.partition(":")
+        if not sep:
+            parser.error(f"--set {item}: expected STAGE:KEY=VALUE")
+        overrides.setdefault(stage, []).append(override)
+    try:
+        with running_services(args.mlflow_port, args.s3_port, args.lab_port):
+            summary = run(args.profile, args.device, args.budgets or [10.0, 25.0], overrides,
+                          resolve_path(PIPELINE_ROOT), resolve_path(SUMMARY))
+    except (services.ServiceError, device_lab.DeviceLabError, tracking.TrackingError) as e:
+        print(f"canao-compress: error: {e}", file=sys.stderr)
+        return 2
+    print(describe(summary))
+    print(f"summary: {resolve_path(SUMMARY)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

