@@ -36,3 +36,14 @@ def litert_env():
     """Builds the converter environment the way a fresh clone gets it (about a minute, once)."""
     done = subprocess.run(["make", "-C", str(PROJECT_ROOT), "litert-env"], capture_output=True, text=True)
     assert done.returncode == 0, f"make litert-env failed:\n{done.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """The tiny profile's random decoder (SmolLM2's tokenizer and special tokens), saved once."""
+    from canao.config import load_config
+    from canao.models.llama_lm import save_teacher
+
+    path = tmp_path_factory.mktemp("lm") / "tiny-lm"
+    save_teacher(load_config("lm-teacher", "tiny"), path)
+    return path
