@@ -9,6 +9,9 @@ each kernel shape once); `tvm.compile` builds the module. The result must match 
 within `numerics_tol` or no artifact is written. The same model is exported for the peer
 runtimes (ONNX Runtime, LiteRT) into the same artifact directory, so the benchmark compares
 like with like.
+
+Decoder LMs (`compile_lm`) go the same way, through the same `build_checked`: a prefill and
+a decode step over a static KV cache, each a library of its own.
 """
 
 from __future__ import annotations

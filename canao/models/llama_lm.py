@@ -49,7 +49,16 @@ def init_causal_lm(init: str, random_shape: DecoderShape, seed: int) -> LlamaFor
     torch.manual_seed(seed)
     gguf = teacher_gguf()
     if init == "smollm2":
-        return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers marks a GGUF-loaded model as quantized, which save_pretrained refuses; its weights
+        # are plain float32 by now, so they move into an ordinary model of the same config.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        return model.eval()
     base = LlamaConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = LlamaConfig(
         vocab_size=base.vocab_size,
