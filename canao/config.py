@@ -158,8 +158,9 @@ class LMCompileConfig:
     tuning_dir: str = "outputs/tuning"  # per-device tuning databases live in <tuning_dir>/<device key>/
 
     def __post_init__(self):
-        if not 1 <= self.prefill_len <= self.max_context:
-            raise ConfigError(f"prefill_len: must be in [1, max_context={self.max_context}], got {self.prefill_len}")
+        # A padded last prefill chunk must stay inside the cache (its positions index the RoPE tables).
+        if not 1 <= self.prefill_len <= self.max_context or self.max_context % self.prefill_len:
+            raise ConfigError(f"prefill_len: must divide max_context ({self.max_context}), got {self.prefill_len}")
 
 
 @dataclass(frozen=True)

@@ -138,5 +138,6 @@ def test_generate_cli_bad_input(compiled_lm, capsys, args, message):
 
 
 def test_compile_lm_config_is_checked():
-    with pytest.raises(ConfigError, match="prefill_len"):
-        load_config("compile-lm", "tiny", overrides=["prefill_len=100"])
+    for bad in (100, 20):  # longer than the cache; not dividing it
+        with pytest.raises(ConfigError, match="prefill_len: must divide max_context"):
+            load_config("compile-lm", "tiny", overrides=[f"prefill_len={bad}"])
