@@ -141,3 +141,26 @@ def test_compile_lm_config_is_checked():
     for bad in (100, 20):  # longer than the cache; not dividing it
         with pytest.raises(ConfigError, match="prefill_len: must divide max_context"):
             load_config("compile-lm", "tiny", overrides=[f"prefill_len={bad}"])
+
+
+def test_generation_benchmark_runs_every_backend(tiny_lm, compiled_lm):
+    from canao import bench
+
+    cfg = load_config("bench-lm", "tiny")
+    records = bench.bench_generation(tiny_lm, compiled_lm[0], "x86-1t", bench.GEN_BACKENDS, cfg)
+    assert [(r.backend, r.context) for r in records] == [(b, 16) for b in bench.GEN_BACKENDS]
+    assert all(r.ms_per_token > 0 and r.time_to_first_token_ms > 0 and r.new_tokens == 4 for r in records)
+    assert records[-1].model.endswith(".gguf")  # llama.cpp runs the teacher's own file
+    assert "| x86-1t | 16 | tvm |" in bench.generation_table(records)
+
+
+def test_generation_benchmark_bad_input(tiny_lm, compiled_lm):
+    from canao import bench
+
+    too_long = load_config("bench-lm", "tiny", overrides=["contexts=[100]"])
+    with pytest.raises(ValueError, match="KV cache holds 48 tokens"):
+        bench.bench_generation(tiny_lm, compiled_lm[0], "x86-1t", ("tvm",), too_long)
+    with pytest.raises(ValueError, match="--backends: unknown onnx"):
+        bench.bench_generation(tiny_lm, compiled_lm[0], "x86-1t", ("onnx",), load_config("bench-lm", "tiny"))
+    with pytest.raises(ValueError, match="--artifact"):
+        bench.bench_generation(tiny_lm, None, "x86-1t", ("tvm",), load_config("bench-lm", "tiny"))
