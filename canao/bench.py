@@ -250,6 +250,8 @@ def gen_prompt(context: int, vocab_size: int) -> list[int]:
 def _time_generation(backend: str, path: str, device_key: str, contexts: tuple[int, ...], new_tokens: int,
                      repeats: int) -> tuple[dict, str]:
     """In a child process pinned to the device: {context: [(ttft ms, ms/token) per repeat]} and the version."""
+    from canao.apps.generate import timings
+
     device = device_lab.get_device(device_key)
     device_lab.pin(device)
     generate_times, version, vocab = _generator(backend, Path(path), device.threads)
@@ -259,8 +261,8 @@ def _time_generation(backend: str, path: str, device_key: str, contexts: tuple[i
         generate_times(prompt, 2)  # warm-up: thread pools, allocations
         results[context] = []
         for _ in range(repeats):
-            times = generate_times(prompt, new_tokens)
-            results[context].append((times[0], (times[-1] - times[0]) / (len(times) - 1)))
+            stats = timings(generate_times(prompt, new_tokens))
+            results[context].append((stats["time_to_first_token_ms"], stats["ms_per_token"]))
     return results, version
 
 

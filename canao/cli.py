@@ -180,7 +180,7 @@ def cmd_generate(args) -> None:
     sampling = generate.Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     _set_threads(args.threads)
     decoder = generate.open_decoder(args.model, args.max_context)
-    ids = generate.prompt_ids(decoder.tokenizer, args.prompt, chat=not args.no_chat)
+    ids = generate.encode_prompt(decoder.tokenizer, args.prompt, chat=not args.no_chat)
     ids, dropped = generate.fit_prompt(ids, args.max_new_tokens, decoder)
     if dropped:
         print(f"canao generate: prompt truncated from the left: kept its last {len(ids)} tokens, dropped {dropped} "

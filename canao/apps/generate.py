@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoConfig
 
 from canao.config import LMCompileConfig
 from canao.manifest import read_manifest, verify_manifest
@@ -100,7 +101,7 @@ class TVMDecoder:
         self.max_context = manifest["config"]["max_context"]
         self.prefill_len = manifest["config"]["prefill_len"]
         self.pads_chunks = True
-        config = llama_lm.LlamaConfig.from_pretrained(artifact_dir)
+        config = AutoConfig.from_pretrained(artifact_dir)
         head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self._cache_shape = (config.num_hidden_layers, config.num_key_value_heads, self.max_context, head_size)
 
@@ -145,6 +146,8 @@ def stream(decoder, prompt_ids: list[int], max_new_tokens: int, sampling: Sampli
     """Generate after `prompt_ids` (which must fit: see fit_prompt): yields (token id, ms since the
     first prefill call) for each new token, ending after an EOS token (if `stop_at_eos`) or
     `max_new_tokens` tokens."""
+    if not prompt_ids:
+        raise ValueError("prompt: empty; give at least one token of text")
     if len(prompt_ids) + max_new_tokens > decoder.max_context:
         raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceed the "
                          f"context window ({decoder.max_context}); cut the prompt with fit_prompt")
@@ -166,7 +169,7 @@ def stream(decoder, prompt_ids: list[int], max_new_tokens: int, sampling: Sampli
         position += 1
 
 
-def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
     """Token ids of `prompt`, wrapped as one user turn of the tokenizer's chat template if `chat`
     (and the tokenizer has one)."""
     if not prompt.strip():
