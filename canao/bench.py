@@ -22,7 +22,15 @@ from pathlib import Path
 import numpy as np
 
 from canao import device_lab
-from canao.config import BenchConfig, BertShape, CompileConfig, config_hash, load_config, resolve_path
+from canao.config import (
+    BenchConfig,
+    BertShape,
+    CompileConfig,
+    GenBenchConfig,
+    config_hash,
+    load_config,
+    resolve_path,
+)
 from canao.manifest import read_manifest, sha256_file, verify_manifest
 from canao.models.bert_qa import example_inputs, init_qa_model, load_tokenizer
 
@@ -142,7 +150,7 @@ def table(records: list[Record]) -> str:
     return "\n".join(lines)
 
 
-def write_records(records: list[Record], path: str | Path) -> None:
+def write_records(records: list[Record] | list[GenRecord], path: str | Path) -> None:
     """Write atomically: a benchmark cut short leaves no file that looks complete."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -215,3 +223,171 @@ def suite(teacher_dir: Path, profile: str, out: Path, command: str) -> None:
               "length; `max abs diff` is against PyTorch fp32 start/end logits.\n")
     out.write_text(header + "\n" + "\n\n".join(sections) + "\n")
     write_records(raw, out.with_suffix(".json"))
+
+
+# ---- text generation ----------------------------------------------------------------------------
+
+GEN_BACKENDS = ("tvm", "torch", "llama.cpp")
+
+
+@dataclass(frozen=True)
+class GenRecord:
+    backend: str
+    model: str  # what ran: the model directory, the compiled artifact, or the teacher GGUF (llama.cpp)
+    device: str
+    context: int  # prompt tokens before the first generated token
+    new_tokens: int  # tokens generated per measurement (greedy; EOS does not stop it)
+    time_to_first_token_ms: float  # median over repeats: prompt processing + first token
+    ms_per_token: float  # median over repeats of the mean time of each token after the first
+    repeats: int
+    threads: int
+    cores: tuple[int, ...]
+    version: str
+
+
+def gen_prompt(context: int, vocab_size: int) -> list[int]:
+    """The same deterministic prompt of `context` token ids for every backend (latency does not
+    depend on which tokens they are)."""
+    return np.random.default_rng(0).integers(100, vocab_size, context).tolist()
+
+
+def _time_generation(backend: str, path: str, device_key: str, contexts: tuple[int, ...], new_tokens: int,
+                     repeats: int) -> tuple[dict, str]:
+    """In a child process pinned to the device: {context: [(ttft ms, ms/token) per repeat]} and the version."""
+    from canao.apps.generate import timings
+
+    device = device_lab.get_device(device_key)
+    device_lab.pin(device)
+    generate_times, version, vocab = _generator(backend, Path(path), device.threads)
+    results = {}
+    for context in contexts:
+        prompt = gen_prompt(context, vocab)
+        generate_times(prompt, 2)  # warm-up: thread pools, allocations
+        results[context] = []
+        for _ in range(repeats):
+            stats = timings(generate_times(prompt, new_tokens))
+            results[context].append((stats["time_to_first_token_ms"], stats["ms_per_token"]))
+    return results, version
+
+
+def _generator(backend: str, path: Path, threads: int):
+    """(generate_times(prompt ids, n) -> ms since start of each of n greedy tokens, version, vocab size)."""
+    import time as clock
+
+    if backend == "tvm":
+        import tvm
+
+        from canao.apps.generate import TVMDecoder, stream
+
+        decoder = TVMDecoder(path)
+
+        def tvm_times(prompt, n):
+            return [ms for _, ms in stream(decoder, prompt, n, stop_at_eos=False)]
+
+        return tvm_times, f"tvm {tvm.__version__}", len(decoder.tokenizer)
+    if backend == "torch":
+        import torch
+        from transformers.generation.streamers import BaseStreamer
+
+        from canao.models.llama_lm import load_causal_lm
+
+        torch.set_num_threads(threads)
+        model = load_causal_lm(path)
+
+        class Clock(BaseStreamer):  # transformers hands the streamer the prompt first, then each new token
+            def __init__(self):
+                self.started, self.times, self.prompt_seen = clock.perf_counter(), [], False
+
+            def put(self, value):
+                if self.prompt_seen:
+                    self.times.append((clock.perf_counter() - self.started) * 1000)
+                self.prompt_seen = True
+
+            def end(self):
+                pass
+
+        @torch.inference_mode()
+        def torch_times(prompt, n):
+            streamer = Clock()
+            model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                           streamer=streamer, pad_token_id=model.config.eos_token_id)
+            return streamer.times
+
+        return torch_times, f"torch {torch.__version__} eager, transformers DynamicCache", model.config.vocab_size
+    if backend == "llama.cpp":
+        import llama_cpp
+
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
+                              verbose=False)
+
+        def llama_cpp_times(prompt, n):
+            llm.reset()  # no reuse of the previous run's prompt cache: every run processes its whole prompt
+            started, times = clock.perf_counter(), []
+            for _ in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, reset=True):
+                times.append((clock.perf_counter() - started) * 1000)
+                if len(times) == n:
+                    break
+            return times
+
+        return llama_cpp_times, f"llama.cpp (llama-cpp-python {llama_cpp.__version__})", llm.n_vocab()
+    raise ValueError(f"--backends: unknown {backend!r} (known: {', '.join(GEN_BACKENDS)})")
+
+
+def bench_generation(model_dir: str | Path | None, artifact_dir: str | Path | None, device_key: str,
+                     backends: tuple[str, ...], cfg: GenBenchConfig) -> list[GenRecord]:
+    """Time greedy generation at each of `cfg.contexts` on `device_key` (a local device: every
+    backend runs here, pinned to its cores with its thread count): `tvm` runs the compile-lm
+    artifact, `torch` the model directory with transformers' generate, `llama.cpp` the teacher's
+    GGUF file (the issue's peer: llama.cpp on the very file the teacher comes from)."""
+    from canao.models.llama_lm import teacher_gguf
+
+    unknown = sorted(set(backends) - set(GEN_BACKENDS))
+    if unknown:
+        raise ValueError(f"--backends: unknown {', '.join(unknown)} (known: {', '.join(GEN_BACKENDS)})")
+    device = device_lab.get_device(device_key)
+    if not device.local:
+        raise ValueError(f"device {device.key}: generation is timed on this machine; pick a local device")
+    if cfg.new_tokens < 2:
+        raise ValueError(f"new_tokens: must be >= 2 (ms/token is measured after the first), got {cfg.new_tokens}")
+    paths = {"llama.cpp": teacher_gguf()}
+    if "torch" in backends:
+        if model_dir is None:
+            raise ValueError("--model: needed for the torch backend")
+        paths["torch"] = Path(model_dir)
+    if "tvm" in backends:
+        if artifact_dir is None:
+            raise ValueError("--artifact: needed for the tvm backend (a `canao compile-lm` output)")
+        manifest = verify_manifest(artifact_dir)
+        if manifest["stage"] != "compile-lm" or manifest["config"]["device"] != device.key:
+            raise ValueError(f"{artifact_dir}: not a compile-lm artifact for {device.key}")
+        room = manifest["config"]["max_context"]
+        if max(cfg.contexts) + cfg.new_tokens > room:
+            raise ValueError(f"{artifact_dir}: its KV cache holds {room} tokens, fewer than context "
+                             f"{max(cfg.contexts)} + {cfg.new_tokens} new tokens; compile with a larger max_context")
+        paths["tvm"] = Path(artifact_dir)
+    records = []
+    for backend in backends:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(1) as pool:
+            results, version = pool.apply(_time_generation, (backend, str(paths[backend]), device.key, cfg.contexts,
+                                                             cfg.new_tokens, cfg.repeats))
+        for context, runs in results.items():
+            ttft, per_token = np.median(np.asarray(runs), axis=0)
+            records.append(GenRecord(
+                backend=backend, model=str(paths[backend]), device=device.key, context=context,
+                new_tokens=cfg.new_tokens, time_to_first_token_ms=float(ttft), ms_per_token=float(per_token),
+                repeats=len(runs), threads=device.threads, cores=tuple(device.cores), version=version,
+            ))
+    return records
+
+
+def generation_table(records: list[GenRecord]) -> str:
+    """Markdown: each backend's ms/token and time to first token, and its speedup per token over llama.cpp."""
+    base = {(r.device, r.context): r.ms_per_token for r in records if r.backend == "llama.cpp"}
+    lines = ["| device | context | backend | ms/token | time to first token ms | vs llama.cpp per token |",
+             "|---|---|---|---|---|---|"]
+    for r in records:
+        ref = base.get((r.device, r.context))
+        lines.append(f"| {r.device} | {r.context} | {r.backend} | {r.ms_per_token:.2f} | "
+                     f"{r.time_to_first_token_ms:.1f} | {f'{ref / r.ms_per_token:.2f}x' if ref else 'n/a'} |")
+    return "\n".join(lines)

@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 from canao import device_lab, registry, services
-from canao.bench import BACKENDS
+from canao.bench import BACKENDS, GEN_BACKENDS
 from canao.config import (
     PROFILES,
     ConfigError,
+    LMCompileConfig,
     SquadFeatureConfig,
     apply_overrides,
     from_dict,
@@ -177,6 +178,80 @@ def cmd_submit(args) -> None:
     print(json.dumps(submit(args.host, args.experiment, args.profile, args.device, args.budgets or [10.0, 25.0])))
 
 
+def cmd_lm_teacher(args) -> None:
+    from canao.models.llama_lm import save_teacher
+
+    cfg = load_config("lm-teacher", args.profile, args.config, args.overrides)
+    manifest = save_teacher(cfg, args.out)
+    print(json.dumps({"model": str(Path(args.out).resolve()), **manifest["metrics"]}))
+
+
+def cmd_lm_data(args) -> None:
+    from canao.data.text import build_corpus
+
+    cfg = load_config("lm-data", args.profile, args.config, args.overrides)
+    manifest = build_corpus(cfg, args.out)
+    print(json.dumps({"out": str(Path(args.out).resolve()), **manifest["metrics"]}))
+
+
+def cmd_eval_lm(args) -> None:
+    from canao.data.text import perplexity, read_text_file
+    from canao.models.llama_lm import load_causal_lm, load_tokenizer
+
+    text = read_text_file(args.data)
+    _set_threads(args.threads)
+    result = perplexity(load_causal_lm(args.model), load_tokenizer(args.model), text, args.max_tokens)
+    print(json.dumps({"perplexity": round(result["perplexity"], 4), "tokens": result["tokens"]}))
+
+
+def cmd_compile_lm(args) -> None:
+    from canao.compile import compile_lm
+
+    overrides = [*args.overrides] + ([f"trials={args.trials}"] if args.trials is not None else [])
+    cfg = load_config("compile-lm", args.profile, args.config, overrides)
+    manifest = compile_lm(args.model, args.device, cfg, args.out)
+    print(json.dumps({"out": str(Path(args.out).resolve()), "backends": manifest["backends"], **manifest["metrics"]}))
+
+
+def cmd_generate(args) -> None:
+    from canao.apps import generate
+
+    sampling = generate.Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    _set_threads(args.threads)
+    decoder = generate.open_decoder(args.model, args.max_context)
+    ids = generate.encode_prompt(decoder.tokenizer, args.prompt, chat=not args.no_chat)
+    ids, dropped = generate.fit_prompt(ids, args.max_new_tokens, decoder)
+    if dropped:
+        print(f"canao generate: prompt truncated from the left: kept its last {len(ids)} tokens, dropped {dropped} "
+              f"(context window {decoder.max_context} tokens, {args.max_new_tokens} reserved for new ones)",
+              file=sys.stderr)
+    tokens, times, shown = [], [], ""
+    for token, ms in generate.stream(decoder, ids, args.max_new_tokens, sampling):
+        tokens.append(token)
+        times.append(ms)
+        # Decode the whole answer each time: a character may span tokens, so a suffix alone could be garbled.
+        text = decoder.tokenizer.decode(tokens, skip_special_tokens=True)
+        if text.startswith(shown):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print()
+    stats = generate.timings(times)
+    print(json.dumps({"backend": decoder.backend, "prompt_tokens": len(ids), **{
+        k: round(v, 2) if isinstance(v, float) else v for k, v in stats.items()}}), file=sys.stderr)
+
+
+def cmd_bench_lm(args) -> None:
+    from canao import bench
+
+    backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    cfg = load_config("bench-lm", args.profile, args.config, args.overrides)
+    records = []
+    for device_key in [args.device] if args.device else cfg.devices:
+        records += bench.bench_generation(args.model, args.artifact, device_key, backends, cfg)
+    bench.write_records(records, args.out)
+    print(bench.generation_table(records))
+
+
 def _add_model_on_device_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--model", required=True, help="model directory (save_pretrained layout)")
@@ -273,6 +348,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the started server's config (repeatable)")
     p.add_argument("--out", required=True, help="JSON figures to write (and the table beside it as .md)")
     p.set_defaults(func=cmd_loadtest)
+
+
+    p = sub.add_parser("lm-teacher", help="the generation teacher (SmolLM2-135M-Instruct, or a random tiny decoder)")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.set_defaults(func=cmd_lm_teacher)
+
+    p = sub.add_parser("lm-data", help="the LM corpus: train.txt and the held-out heldout.txt")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="directory to write")
+    p.set_defaults(func=cmd_lm_data)
+
+    p = sub.add_parser("eval-lm", help="perplexity of a decoder on a text file (one protocol for all models)")
+    p.add_argument("--model", required=True, help="model directory (save_pretrained layout)")
+    p.add_argument("--data", required=True, help="UTF-8 text file, e.g. the heldout.txt of `canao lm-data`")
+    p.add_argument("--max-tokens", type=int, default=0, help="score the first N tokens only (0: all)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.set_defaults(func=cmd_eval_lm)
+
+    p = sub.add_parser("compile-lm", help="compile a decoder's prefill and decode steps with TVM for a device")
+    _add_config_args(p)
+    p.add_argument("--model", required=True, help="model directory (save_pretrained layout)")
+    p.add_argument("--device", required=True, help="device key from device_lab/devices.yaml")
+    p.add_argument("--trials", type=int, help="MetaSchedule trials for kernels not yet tuned (default: profile's)")
+    p.add_argument("--out", required=True, help="artifact directory to write")
+    p.set_defaults(func=cmd_compile_lm)
+
+    p = sub.add_parser("generate", help="generate text, streamed, then ms/token and time to first token")
+    p.add_argument("--model", required=True, help="a `canao compile-lm` artifact (TVM) or a model directory (PyTorch)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="stop after N tokens (or at EOS)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens of mass p")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--no-chat", action="store_true", help="continue the prompt as raw text, no chat template")
+    p.add_argument("--max-context", type=int, default=LMCompileConfig.max_context,
+                   help="context window of a model directory (a compiled artifact has its own)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench-lm", help="time generation: TVM, PyTorch and llama.cpp on the teacher GGUF")
+    _add_config_args(p)
+    p.add_argument("--model", help="model directory (the torch backend)")
+    p.add_argument("--artifact", help="a `canao compile-lm` output (the tvm backend)")
+    p.add_argument("--device", help="one device key (default: the profile's devices)")
+    p.add_argument("--backends", default=",".join(GEN_BACKENDS), help="comma-separated")
+    p.add_argument("--out", required=True, help="JSON records to write")
+    p.set_defaults(func=cmd_bench_lm)
 
     p = sub.add_parser("squad-score", help="the official SQuAD v1.1 metric")
     p.add_argument("data", help="SQuAD v1.1 JSON file with gold answers")

@@ -9,6 +9,9 @@ each kernel shape once); `tvm.compile` builds the module. The result must match 
 within `numerics_tol` or no artifact is written. The same model is exported for the peer
 runtimes (ONNX Runtime, LiteRT) into the same artifact directory, so the benchmark compares
 like with like.
+
+Decoder LMs (`compile_lm`) go the same way, through the same `build_checked`: a prefill and
+a decode step over a static KV cache, each a library of its own.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 
 from canao import device_lab, tvm_cpu_intrinsics
-from canao.config import CompileConfig, resolve_path, to_dict
+from canao.config import CompileConfig, LMCompileConfig, resolve_path, to_dict
 from canao.manifest import write_manifest
 from canao.models.bert_qa import example_inputs, load_for_export, load_tokenizer
 
@@ -130,40 +133,51 @@ def max_abs_diff(outputs, reference) -> float:
     return max(float(np.max(np.abs(np.asarray(o) - np.asarray(r)))) for o, r in zip(outputs, reference, strict=True))
 
 
+def build_checked(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], reference: list[np.ndarray], device,
+                  cfg, library: Path, what: str) -> tuple[float, dict]:
+    """`model` at the static shapes of `inputs` -> Relax (fast math if `cfg.fast_math`) -> tuned
+    build for `device` -> `library`. Returns the max abs difference of the library's outputs on
+    `inputs` from `reference` (PyTorch's), and what tuning did; over `cfg.numerics_tol` it
+    raises NumericsError. `cfg` gives trials, max_trials_per_task, fast_math, numerics_tol, tuning_dir."""
+    mod = import_relax(model, inputs)
+    if cfg.fast_math:
+        mod = fast_math(mod)
+    executable, tuning = tune_and_build(mod, device_lab.tvm_target(device), cfg,
+                                        resolve_path(cfg.tuning_dir) / device.key)
+    library.parent.mkdir(parents=True, exist_ok=True)
+    executable.export_library(str(library))
+    diff = max_abs_diff(_run_tvm(library, [t.numpy() for t in inputs], device), reference)
+    if diff > cfg.numerics_tol:
+        raise NumericsError(f"{what}: TVM output differs from PyTorch by {diff:.2e} "
+                            f"(tolerance {cfg.numerics_tol:.0e}); no artifact written")
+    return diff, tuning
+
+
+def _new_out_dir(out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir}: already exists; choose another --out")
+    return out_dir
+
+
 def compile_model(model_dir: str | Path, device_key: str, cfg: CompileConfig, out_dir: str | Path) -> dict:
     """Compile `model_dir` for `device_key` into `out_dir` (TVM library, peer exports,
     tokenizer, config, manifest). Nothing is written unless every numerics check passes."""
     from canao import peers
 
     device = device_lab.get_device(device_key)
-    out_dir, model_dir = Path(out_dir), Path(model_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir}: already exists; choose another --out")
-    target = device_lab.tvm_target(device)
+    out_dir, model_dir = _new_out_dir(out_dir), Path(model_dir)
     model = load_for_export(model_dir)
     inputs = example_inputs(cfg.seq_len)
     with torch.no_grad():
         reference = [t.numpy() for t in model(*inputs)]
 
-    mod = import_relax(model, inputs)
-    if cfg.fast_math:
-        mod = fast_math(mod)
-    executable, tuning = tune_and_build(mod, target, cfg, resolve_path(cfg.tuning_dir) / device.key)
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        library = staging / TVM_LIBRARY
-        library.parent.mkdir()
-        executable.export_library(str(library))
-        numpy_inputs = [t.numpy() for t in inputs]
-        numerics = {"tvm": max_abs_diff(_run_tvm(library, numpy_inputs, device), reference)}
-        if numerics["tvm"] > cfg.numerics_tol:
-            raise NumericsError(
-                f"{model_dir}: TVM output differs from PyTorch by {numerics['tvm']:.2e} "
-                f"(tolerance {cfg.numerics_tol:.0e}); no artifact written"
-            )
+    with _staged(out_dir) as staging:
+        numerics = {}
+        numerics["tvm"], tuning = build_checked(model, inputs, reference, device, cfg, staging / TVM_LIBRARY,
+                                                str(model_dir))
         backends = {"tvm": TVM_LIBRARY}
+        numpy_inputs = [t.numpy() for t in inputs]
         for name in cfg.peers:
             path = peers.export(name, model_dir, model, cfg.seq_len, staging)
             backends[name] = path.relative_to(staging).as_posix()
@@ -172,16 +186,65 @@ def compile_model(model_dir: str | Path, device_key: str, cfg: CompileConfig, ou
         shutil.copy(model_dir / "config.json", staging / "config.json")
         manifest = write_manifest(
             staging, "compile",
-            config={"device": device.key, "target": json.loads(str(target)), **to_dict(cfg)},
+            config={"device": device.key, "target": json.loads(str(device_lab.tvm_target(device))), **to_dict(cfg)},
             metrics={"numerics_max_abs_diff": numerics, "tuning": tuning},
             inputs={"model": str(model_dir.resolve())},
             backends=backends,
         )
+    return manifest
+
+
+# The decoder's two compiled steps, by phase, and where each lives inside an artifact directory.
+LM_LIBRARIES = {"prefill": "tvm/prefill.so", "decode": "tvm/decode.so"}
+
+
+def compile_lm(model_dir: str | Path, device_key: str, cfg: LMCompileConfig, out_dir: str | Path) -> dict:
+    """Compile a Llama-architecture causal LM of `model_dir` for `device_key` into `out_dir`: a
+    prefill step (`cfg.prefill_len` tokens) and a decode step (one token) over a static KV cache
+    of `cfg.max_context` positions (canao.models.llama_lm.KVCacheStep), each checked against
+    PyTorch on a cache of random contents; plus tokenizer, config and manifest."""
+    from canao.models import llama_lm
+
+    device = device_lab.get_device(device_key)
+    out_dir, model_dir = _new_out_dir(out_dir), Path(model_dir)
+    model = llama_lm.load_causal_lm(model_dir)
+    tokenizer = llama_lm.load_tokenizer(model_dir)
+    step = llama_lm.KVCacheStep(model, cfg.max_context).eval()
+    chunks = {"prefill": cfg.prefill_len, "decode": 1}
+    with _staged(out_dir) as staging:
+        numerics, tuning = {}, {}
+        for phase, library in LM_LIBRARIES.items():
+            # A chunk part-way into the cache, so the check covers the cache write and the causal mask.
+            inputs = llama_lm.step_inputs(step, chunks[phase], start=(cfg.max_context - chunks[phase]) // 2)
+            with torch.no_grad():
+                reference = [t.numpy() for t in step(*inputs)]
+            numerics[phase], tuning[phase] = build_checked(step, inputs, reference, device, cfg, staging / library,
+                                                           f"{model_dir} ({phase})")
+        tokenizer.save_pretrained(staging)
+        model.config.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
+        manifest = write_manifest(
+            staging, "compile-lm",
+            config={"device": device.key, "target": json.loads(str(device_lab.tvm_target(device))), **to_dict(cfg)},
+            metrics={"numerics_max_abs_diff": numerics, "tuning": tuning},
+            inputs={"model": str(model_dir.resolve())},
+            backends=dict(LM_LIBRARIES),
+            eos_token_ids=list(llama_lm.eos_token_ids(model, tokenizer)),
+        )
+    return manifest
+
+
+@contextlib.contextmanager
+def _staged(out_dir: Path):
+    """A staging directory beside `out_dir` that becomes `out_dir` only if the block succeeds."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield staging
         os.replace(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return manifest
 
 
 def _run_tvm(library: Path, inputs: list[np.ndarray], device) -> list[np.ndarray]:

@@ -168,9 +168,67 @@ class DeployConfig:
     int8_numerics_tol: float = 0.5
 
 
+@dataclass(frozen=True)
+class DecoderShape:
+    num_layers: int = 2  # decoder blocks
+    hidden_size: int = 64  # width of the residual stream
+    num_heads: int = 4  # query heads per layer (hidden_size % num_heads == 0)
+    num_kv_heads: int = 2  # key/value heads per layer, each shared by num_heads / num_kv_heads query heads
+    ffn_size: int = 128  # intermediate width of each gated (SwiGLU) feed-forward block
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"random_shape: hidden_size ({self.hidden_size}) must be a multiple of num_heads "
+                              f"({self.num_heads}), and num_heads of num_kv_heads ({self.num_kv_heads})")
+
+
+@dataclass(frozen=True)
+class LMTeacherConfig:
+    seed: int = 42
+    init: str = "smollm2"  # "smollm2": SmolLM2-135M-Instruct from its GGUF package; "random": a random Llama
+    random_shape: DecoderShape = field(default_factory=DecoderShape)  # shape of the "random" decoder
+
+    def __post_init__(self):
+        if self.init not in ("smollm2", "random"):
+            raise ConfigError(f"init: must be 'smollm2' or 'random', got {self.init!r}")
+
+
+@dataclass(frozen=True)
+class LMDataConfig:
+    wikitext_file: str = "../shared/data/text/wikitext-2-raw-test-a.txt"  # WikiText-2 raw articles
+    squad_file: str = "../shared/data/squad/train-subset-v1.1.json"  # its paragraphs join the training text
+    heldout_articles: int = 10  # the file's last N WikiText articles: held out for perplexity, never trained on
+    max_train_chars: int = 0  # cut the training text to its first N characters; 0 = all
+
+
+@dataclass(frozen=True)
+class LMCompileConfig:
+    max_context: int = 640  # tokens the static KV cache holds (prompt + generated); attention always spans it
+    prefill_len: int = 64  # tokens per compiled prefill call; longer prompts take several calls
+    trials: int = 0  # MetaSchedule trials for kernels not yet in the device's tuning database; 0 = reuse only
+    max_trials_per_task: int = 64  # cap per kernel, so every new kernel gets a share of `trials`
+    fast_math: bool = True  # TVM's polynomial exp (softmax, SiLU); held to `numerics_tol`
+    numerics_tol: float = 1e-3  # max abs difference of next-token logits vs PyTorch fp32
+    tuning_dir: str = "outputs/tuning"  # per-device tuning databases live in <tuning_dir>/<device key>/
+
+    def __post_init__(self):
+        # A padded last prefill chunk must stay inside the cache (its positions index the RoPE tables).
+        if not 1 <= self.prefill_len <= self.max_context or self.max_context % self.prefill_len:
+            raise ConfigError(f"prefill_len: must divide max_context ({self.max_context}), got {self.prefill_len}")
+
+
+@dataclass(frozen=True)
+class GenBenchConfig:
+    contexts: tuple[int, ...] = (128, 512)  # prompt lengths in tokens: time to first token, then ms/token after it
+    new_tokens: int = 32  # tokens generated (greedy, EOS ignored) per measurement
+    repeats: int = 3  # measurements per backend and context; the table reports medians over them
+    devices: tuple[str, ...] = ("x86-1t",)  # device keys (local ones: every backend runs pinned to its cores)
+
+
 STAGES: dict[str, type] = {
     "teacher": TeacherConfig, "compile": CompileConfig, "bench": BenchConfig, "deploy": DeployConfig,
     "serve": ServeConfig, "loadtest": LoadtestConfig,
+    "lm-teacher": LMTeacherConfig, "lm-data": LMDataConfig, "compile-lm": LMCompileConfig, "bench-lm": GenBenchConfig,
 }
 
 

@@ -58,3 +58,14 @@ def memorized_qa(tmp_path_factory) -> tuple[Path, SquadExample]:
     assert main(["teacher", "--profile", "tiny", *(f"--set={s}" for s in sets), "--out", str(out)]) == 0
     assert read_manifest(out)["metrics"]["exact_match"] == 100.0, "the tiny model did not learn its one question"
     return out, load_squad(data)[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """The tiny profile's random decoder (SmolLM2's tokenizer and special tokens), saved once."""
+    from canao.config import load_config
+    from canao.models.llama_lm import save_teacher
+
+    path = tmp_path_factory.mktemp("lm") / "tiny-lm"
+    save_teacher(load_config("lm-teacher", "tiny"), path)
+    return path

@@ -1,0 +1,188 @@
+"""Text generation with a KV cache: greedy, top-k and top-p sampling, streamed token by token.
+
+One loop drives two kinds of decoder: a `canao compile-lm` artifact (the TVM prefill and
+decode steps) and a plain model directory (PyTorch eager, the same KVCacheStep), so the
+compiled model is checked against PyTorch token for token and both are timed alike.
+
+The prompt is fed in chunks of the decoder's prefill length (the last one padded for the
+static compiled step), then one token per step. Time to first token counts from the first
+prefill call to the first sampled token; ms/token is the mean time of each later token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig
+
+from canao.config import LMCompileConfig
+from canao.manifest import read_manifest, verify_manifest
+from canao.models import llama_lm
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0: greedy (argmax); otherwise logits are divided by it before sampling
+    top_k: int = 0  # sample among the k most likely tokens only; 0: no limit
+    top_p: float = 1.0  # sample among the most likely tokens whose probabilities add up to top_p; 1: no limit
+    seed: int = 0  # the sampler's random seed
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k: must be >= 0 (0 = no limit), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    """The next token from next-token `logits` [V]."""
+    if sampling.temperature == 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / sampling.temperature
+    order = np.argsort(-z, kind="stable")  # most likely first
+    keep = len(z) if sampling.top_k == 0 else min(sampling.top_k, len(z))
+    probs = np.exp(z[order[:keep]] - z[order[0]])
+    probs /= probs.sum()
+    # The smallest prefix whose mass reaches top_p (at least one token).
+    keep = min(len(probs), int(np.searchsorted(np.cumsum(probs), sampling.top_p)) + 1)
+    probs = probs[:keep] / probs[:keep].sum()
+    return int(order[rng.choice(keep, p=probs)])
+
+
+class TorchDecoder:
+    """A model directory in PyTorch eager through KVCacheStep: any prompt length in one chunk."""
+
+    backend = "torch"
+
+    def __init__(self, model_dir: str | Path, max_context: int = LMCompileConfig.max_context):
+        self.model = llama_lm.load_causal_lm(model_dir)
+        self.tokenizer = llama_lm.load_tokenizer(model_dir)
+        self.eos_token_ids = llama_lm.eos_token_ids(self.model, self.tokenizer)
+        self.step = llama_lm.KVCacheStep(self.model, max_context).eval()
+        self.max_context = self.prefill_len = max_context
+        self.pads_chunks = False
+
+    def empty_cache(self):
+        return self.step.empty_cache()
+
+    @torch.inference_mode()
+    def __call__(self, tokens: np.ndarray, start: int, last: int, keys, values):
+        logits, keys, values = self.step(torch.from_numpy(tokens), torch.tensor([start]), torch.tensor([last]),
+                                         keys, values)
+        return logits[0].numpy(), keys, values
+
+
+class TVMDecoder:
+    """A `canao compile-lm` artifact on this machine's CPU: its prefill and decode libraries. The
+    cache stays in TVM tensors between steps; only the logits come back to numpy."""
+
+    backend = "tvm"
+
+    def __init__(self, artifact_dir: str | Path):
+        import tvm
+        from tvm import relax
+
+        artifact_dir = Path(artifact_dir)
+        manifest = verify_manifest(artifact_dir)
+        if manifest["stage"] != "compile-lm":
+            raise ValueError(f"{artifact_dir}: a {manifest['stage']!r} artifact, not a compiled decoder (compile-lm)")
+        self._tensor, self._device = tvm.runtime.tensor, tvm.cpu()
+        self.vms = {phase: relax.VirtualMachine(tvm.runtime.load_module(str(artifact_dir / path)), self._device)
+                    for phase, path in manifest["backends"].items()}
+        self.tokenizer = llama_lm.load_tokenizer(artifact_dir)
+        self.eos_token_ids = tuple(manifest["eos_token_ids"])
+        self.max_context = manifest["config"]["max_context"]
+        self.prefill_len = manifest["config"]["prefill_len"]
+        self.pads_chunks = True
+        config = AutoConfig.from_pretrained(artifact_dir)
+        head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self._cache_shape = (config.num_hidden_layers, config.num_key_value_heads, self.max_context, head_size)
+
+    def empty_cache(self):
+        return tuple(self._tensor(np.zeros(self._cache_shape, np.float32), self._device) for _ in range(2))
+
+    def __call__(self, tokens: np.ndarray, start: int, last: int, keys, values):
+        vm = self.vms["decode" if tokens.shape[1] == 1 else "prefill"]
+        logits, keys, values = vm["main"](self._tensor(tokens), self._tensor(np.array([start], np.int64)),
+                                          self._tensor(np.array([last], np.int64)), keys, values)
+        return logits.numpy()[0], keys, values
+
+
+def open_decoder(path: str | Path, max_context: int = LMCompileConfig.max_context):
+    """A compiled artifact (manifest of stage compile-lm) as a TVMDecoder, any other model directory as a
+    TorchDecoder with a cache of `max_context` positions."""
+    manifest = read_manifest(path)
+    if manifest is not None and manifest.get("stage") == "compile-lm":
+        return TVMDecoder(path)
+    return TorchDecoder(path, max_context)
+
+
+def max_new_tokens_cap(decoder) -> int:
+    return decoder.max_context - 1
+
+
+def fit_prompt(prompt_ids: list[int], max_new_tokens: int, decoder) -> tuple[list[int], int]:
+    """The prompt cut to fit the cache beside `max_new_tokens`, from the left (the end of a
+    prompt matters most for what comes next); returns it and how many tokens were dropped."""
+    if not prompt_ids:
+        raise ValueError("prompt: empty; give at least one token of text")
+    cap = max_new_tokens_cap(decoder)
+    if not 1 <= max_new_tokens <= cap:
+        raise ValueError(f"max_new_tokens: must be in [1, {cap}] (the context window holds {decoder.max_context} "
+                         f"tokens, prompt included), got {max_new_tokens}")
+    room = decoder.max_context - max_new_tokens
+    return prompt_ids[-room:], max(0, len(prompt_ids) - room)
+
+
+def stream(decoder, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
+           stop_at_eos: bool = True) -> Iterator[tuple[int, float]]:
+    """Generate after `prompt_ids` (which must fit: see fit_prompt): yields (token id, ms since the
+    first prefill call) for each new token, ending after an EOS token (if `stop_at_eos`) or
+    `max_new_tokens` tokens."""
+    if not prompt_ids:
+        raise ValueError("prompt: empty; give at least one token of text")
+    if len(prompt_ids) + max_new_tokens > decoder.max_context:
+        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceed the "
+                         f"context window ({decoder.max_context}); cut the prompt with fit_prompt")
+    rng = np.random.default_rng(sampling.seed)
+    keys, values = decoder.empty_cache()
+    started = time.perf_counter()
+    for begin in range(0, len(prompt_ids), decoder.prefill_len):
+        chunk = prompt_ids[begin : begin + decoder.prefill_len]
+        tokens = np.zeros((1, decoder.prefill_len if decoder.pads_chunks else len(chunk)), np.int64)
+        tokens[0, : len(chunk)] = chunk
+        logits, keys, values = decoder(tokens, begin, len(chunk) - 1, keys, values)
+    position = len(prompt_ids)
+    for produced in range(1, max_new_tokens + 1):
+        token = sample(logits, sampling, rng)
+        yield token, (time.perf_counter() - started) * 1000
+        if produced == max_new_tokens or (stop_at_eos and token in decoder.eos_token_ids):
+            return
+        logits, keys, values = decoder(np.array([[token]], np.int64), position, 0, keys, values)
+        position += 1
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """Token ids of `prompt`, wrapped as one user turn of the tokenizer's chat template if `chat`
+    (and the tokenizer has one)."""
+    if not prompt.strip():
+        raise ValueError("prompt: empty; give some text")
+    if chat and tokenizer.chat_template:
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
+    return tokenizer(prompt, add_special_tokens=False).input_ids
+
+
+def timings(times_ms: list[float]) -> dict:
+    """Time to first token and mean ms per token after it, from `stream`'s times."""
+    if not times_ms:
+        return {"time_to_first_token_ms": None, "ms_per_token": None, "new_tokens": 0}
+    per_token = (times_ms[-1] - times_ms[0]) / (len(times_ms) - 1) if len(times_ms) > 1 else None
+    return {"time_to_first_token_ms": times_ms[0], "ms_per_token": per_token, "new_tokens": len(times_ms)}

@@ -1,0 +1,166 @@
+"""Text generation on a tiny random decoder: the KV-cache step, TVM-compiled decoding against
+PyTorch, sampling, and bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from canao import cli
+from canao.apps import generate
+from canao.compile import compile_lm
+from canao.config import ConfigError, load_config
+from canao.models.llama_lm import KVCacheStep, load_causal_lm
+
+
+@pytest.fixture(scope="module")
+def compiled_lm(tiny_lm, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compiled-lm")
+    cfg = load_config("compile-lm", "tiny", overrides=[f"tuning_dir={tmp / 'tuning'}"])
+    manifest = compile_lm(tiny_lm, "x86-1t", cfg, tmp / "out")
+    return tmp / "out", manifest
+
+
+def _prompt(n, seed=0):
+    return torch.randint(3, 49152, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_kv_cache_decoding_equals_full_recomputation(tiny_lm):
+    model = load_causal_lm(tiny_lm)
+    step = KVCacheStep(model, max_context=32).eval()
+    ids = torch.tensor([_prompt(20)])
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[0]  # [20, V]: every position recomputed from scratch
+        keys, values = step.empty_cache()
+        logits, keys, values = step(ids[:, :7], torch.tensor([0]), torch.tensor([6]), keys, values)  # a prefill chunk
+        torch.testing.assert_close(logits[0], full[6], atol=1e-5, rtol=0)
+        for t in range(7, 20):
+            logits, keys, values = step(ids[:, t : t + 1], torch.tensor([t]), torch.tensor([0]), keys, values)
+            torch.testing.assert_close(logits[0], full[t], atol=1e-5, rtol=0)
+
+
+def test_compiled_steps_match_pytorch(compiled_lm):
+    out, manifest = compiled_lm
+    assert set(manifest["backends"]) == {"prefill", "decode"}
+    assert all(diff <= 1e-3 for diff in manifest["metrics"]["numerics_max_abs_diff"].values())
+    assert manifest["config"]["target"]["kind"] == "llvm"
+    assert manifest["eos_token_ids"] == [2]
+    for path in manifest["backends"].values():
+        assert (out / path).is_file()
+
+
+def test_compiled_greedy_output_equals_pytorch(tiny_lm, compiled_lm):
+    # 20 prompt tokens: a full prefill chunk (16) and a padded one, then decode steps.
+    prompt, new = _prompt(20, seed=1), 12
+    model = load_causal_lm(tiny_lm)
+    with torch.no_grad():
+        reference = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new, min_new_tokens=new,
+                                   pad_token_id=2)[0, len(prompt) :].tolist()
+    tvm = generate.TVMDecoder(compiled_lm[0])
+    tvm_tokens = [t for t, _ in generate.stream(tvm, prompt, new, stop_at_eos=False)]
+    torch_tokens = [t for t, _ in generate.stream(generate.TorchDecoder(tiny_lm, 48), prompt, new, stop_at_eos=False)]
+    assert tvm_tokens == reference
+    assert torch_tokens == reference
+
+
+def test_stream_stops_at_eos_or_max_tokens(compiled_lm):
+    decoder = generate.TVMDecoder(compiled_lm[0])
+    greedy = [t for t, _ in generate.stream(decoder, _prompt(5), 6, stop_at_eos=False)]
+    assert len(greedy) == 6
+    decoder.eos_token_ids = (greedy[2],)  # pretend the third token ends the text
+    assert [t for t, _ in generate.stream(decoder, _prompt(5), 6)] == greedy[: greedy.index(greedy[2]) + 1]
+
+
+def test_sampling():
+    logits = np.array([0.0, 3.0, 2.9, -1.0, 1.0], np.float32)
+    rng = np.random.default_rng(0)
+    assert generate.sample(logits, generate.Sampling(), rng) == 1
+    assert generate.sample(logits, generate.Sampling(temperature=1.0, top_k=1), rng) == 1
+    assert generate.sample(logits, generate.Sampling(temperature=1.0, top_p=0.01), rng) == 1
+    top2 = {generate.sample(logits, generate.Sampling(temperature=5.0, top_k=2), rng) for _ in range(200)}
+    assert top2 == {1, 2}
+    # probabilities 0.474, 0.429, 0.064, 0.024, 0.009: the first three reach 0.95, the rest are never drawn
+    nucleus = {generate.sample(logits, generate.Sampling(temperature=1.0, top_p=0.95), rng) for _ in range(300)}
+    assert nucleus == {1, 2, 4}
+    seeded = [generate.sample(logits, generate.Sampling(temperature=1.0), np.random.default_rng(7)) for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [({"temperature": -1}, "temperature"), ({"top_k": -2}, "top_k"),
+                                               ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p")])
+def test_invalid_sampling_parameters_name_the_parameter(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        generate.Sampling(**kwargs)
+
+
+def test_prompt_fitting(compiled_lm):
+    decoder = generate.TVMDecoder(compiled_lm[0])  # context window 48
+    with pytest.raises(ValueError, match="prompt: empty"):
+        generate.fit_prompt([], 4, decoder)
+    for bad in (0, 48):
+        with pytest.raises(ValueError, match=r"max_new_tokens: must be in \[1, 47\]"):
+            generate.fit_prompt([5, 6], bad, decoder)
+    ids = list(range(100, 160))
+    kept, dropped = generate.fit_prompt(ids, 8, decoder)
+    assert kept == ids[-40:] and dropped == 20  # truncated from the left
+    assert generate.fit_prompt(ids[:10], 8, decoder) == (ids[:10], 0)
+    with pytest.raises(ValueError, match="fit_prompt"):
+        list(generate.stream(decoder, ids, 8))
+
+
+def _cli(capsys, *argv):
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_generate_cli_streams_and_reports_timings(compiled_lm, capsys):
+    long_prompt = "word " * 100  # more tokens than the 48-token window
+    code, out, err = _cli(capsys, "generate", "--model", str(compiled_lm[0]), "--prompt", long_prompt,
+                          "--max-new-tokens", "5", "--no-chat")
+    assert code == 0
+    assert "prompt truncated from the left: kept its last 43 tokens" in err
+    stats = json.loads(err.strip().splitlines()[-1])
+    assert stats["backend"] == "tvm" and stats["new_tokens"] == 5 and stats["prompt_tokens"] == 43
+    assert stats["time_to_first_token_ms"] > 0 and stats["ms_per_token"] > 0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--prompt", "  "], "prompt: empty"),
+    (["--prompt", "hi", "--max-new-tokens", "1000"], "max_new_tokens: must be in"),
+    (["--prompt", "hi", "--top-p", "2"], "top_p"),
+])
+def test_generate_cli_bad_input(compiled_lm, capsys, args, message):
+    code, _, err = _cli(capsys, "generate", "--model", str(compiled_lm[0]), *args)
+    assert code == 2
+    assert err.startswith("canao generate: error:") and message in err
+
+
+def test_compile_lm_config_is_checked():
+    for bad in (100, 20):  # longer than the cache; not dividing it
+        with pytest.raises(ConfigError, match="prefill_len: must divide max_context"):
+            load_config("compile-lm", "tiny", overrides=[f"prefill_len={bad}"])
+
+
+def test_generation_benchmark_runs_every_backend(tiny_lm, compiled_lm):
+    from canao import bench
+
+    cfg = load_config("bench-lm", "tiny")
+    records = bench.bench_generation(tiny_lm, compiled_lm[0], "x86-1t", bench.GEN_BACKENDS, cfg)
+    assert [(r.backend, r.context) for r in records] == [(b, 16) for b in bench.GEN_BACKENDS]
+    assert all(r.ms_per_token > 0 and r.time_to_first_token_ms > 0 and r.new_tokens == 4 for r in records)
+    assert records[-1].model.endswith(".gguf")  # llama.cpp runs the teacher's own file
+    assert "| x86-1t | 16 | tvm |" in bench.generation_table(records)
+
+
+def test_generation_benchmark_bad_input(tiny_lm, compiled_lm):
+    from canao import bench
+
+    too_long = load_config("bench-lm", "tiny", overrides=["contexts=[100]"])
+    with pytest.raises(ValueError, match="KV cache holds 48 tokens"):
+        bench.bench_generation(tiny_lm, compiled_lm[0], "x86-1t", ("tvm",), too_long)
+    with pytest.raises(ValueError, match="--backends: unknown onnx"):
+        bench.bench_generation(tiny_lm, compiled_lm[0], "x86-1t", ("onnx",), load_config("bench-lm", "tiny"))
+    with pytest.raises(ValueError, match="--artifact"):
+        bench.bench_generation(tiny_lm, None, "x86-1t", ("tvm",), load_config("bench-lm", "tiny"))
