@@ -16,7 +16,7 @@ import re
 
 import torch
 from torch import nn
-from transformers import BertForQuestionAnswering
+from transformers import BertConfig, BertForQuestionAnswering
 
 from canao.data.squad import Features
 from canao.models.modeling_canao_bert import CanaoBertConfig, CanaoBertForQuestionAnswering
@@ -28,6 +28,16 @@ _NOT_SHAPE = ("model_type", "architectures", "transformers_version", "auto_map",
               "dtype", "torch_dtype")
 
 
+def subnet_config(teacher: BertConfig, subnet: SubnetConfig) -> CanaoBertConfig:
+    """The transformers config of `subnet` of `teacher` (vocabulary, positions, activations kept)."""
+    base = {k: v for k, v in teacher.to_dict().items() if k not in _NOT_SHAPE}
+    base.update(num_hidden_layers=subnet.num_layers, hidden_size=subnet.hidden_size,
+                num_attention_heads=subnet.hidden_size // TeacherShape.of(teacher).head_size,
+                intermediate_size=max(subnet.ffn_sizes), layer_heads=list(subnet.heads),
+                layer_ffn_sizes=list(subnet.ffn_sizes))
+    return CanaoBertConfig(**base)
+
+
 class Supernet(nn.Module):
     def __init__(self, model: BertForQuestionAnswering):
         super().__init__()
@@ -35,12 +45,7 @@ class Supernet(nn.Module):
         self.shape = TeacherShape.of(model.config)
 
     def subnet_config(self, subnet: SubnetConfig) -> CanaoBertConfig:
-        base = {k: v for k, v in self.model.config.to_dict().items() if k not in _NOT_SHAPE}
-        base.update(num_hidden_layers=subnet.num_layers, hidden_size=subnet.hidden_size,
-                    num_attention_heads=subnet.hidden_size // self.shape.head_size,
-                    intermediate_size=max(subnet.ffn_sizes), layer_heads=list(subnet.heads),
-                    layer_ffn_sizes=list(subnet.ffn_sizes))
-        return CanaoBertConfig(**base)
+        return subnet_config(self.model.config, subnet)
 
     def weights(self, subnet: SubnetConfig, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The subnet's tensors (parameters and buffers) named as in `like` (a state dict of the
