@@ -116,10 +116,9 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
         trial.set_user_attr("subnet", subnet.to_dict())
         trial.set_user_attr("backend", backend)
         trial.set_user_attr("params", n_params)
-        trial.set_user_attr("constraints", [
-            predicted_ms - cfg.latency_budget_ms if cfg.latency_budget_ms else -1.0,
-            float(n_params - cfg.params_budget) if cfg.params_budget else -1.0,
-        ])
+        # Feasible when <= 0; NSGA-II ranks feasible trials first, then by total violation.
+        trial.set_constraint("ms_over_budget", predicted_ms - cfg.latency_budget_ms if cfg.latency_budget_ms else -1)
+        trial.set_constraint("params_over_budget", n_params - cfg.params_budget if cfg.params_budget else -1)
         print(f"trial {trial.number}: {subnet.label()}: F1 {metrics['f1']:.2f}, {predicted_ms:.2f} ms ({backend}), "
               f"{n_params / 1e6:.1f} M params", flush=True)
         if on_trial is not None:
@@ -127,8 +126,7 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
         return metrics["f1"], predicted_ms
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.NSGAIISampler(population_size=cfg.population_size, seed=cfg.seed,
-                                            constraints_func=lambda t: t.user_attrs["constraints"])
+    sampler = optuna.samplers.NSGAIISampler(population_size=cfg.population_size, seed=cfg.seed)
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
     started = time.perf_counter()
     # The teacher's shape first: the reference point, and a seed for the population.
@@ -178,7 +176,7 @@ def _trial_params(subnet: SubnetConfig, deepest: int) -> dict:
 
 
 def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
-    return all(v <= 0 for v in trial.user_attrs["constraints"])
+    return all(v <= 0 for v in trial.constraints.values())
 
 
 def _front(study: optuna.Study) -> list[dict]:
