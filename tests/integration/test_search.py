@@ -10,6 +10,7 @@ from canao import device_lab
 from canao.apps.qa import QAPredictor
 from canao.cli import main
 from canao.config import load_config
+from canao.data.squad import SquadExample
 from canao.distill import train_supernet, train_teacher
 from canao.latency import LatencyModel, fit_latency_model
 from canao.manifest import verify_manifest
@@ -85,8 +86,7 @@ def test_finalize_writes_a_student_that_predicts_compiles_and_is_benchmarked(sta
     assert verify_manifest(stages["student"] / "compiled")["config"]["device"] == "x86-1t"
     predictor = QAPredictor.from_dir(stages["student"])
     assert predictor.features_cfg.max_seq_len == 128
-    answer = predictor.predict([__import__("canao.data.squad", fromlist=["SquadExample"]).SquadExample(
-        "q", "Who wrote it?", "It was written by Ada in 1843.", ())])["q"]
+    answer = predictor.predict([SquadExample("q", "Who wrote it?", "It was written by Ada in 1843.", ())])["q"]
     assert answer.text in "It was written by Ada in 1843."
 
 
