@@ -39,9 +39,19 @@ $(LITERT_STAMP): Makefile
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-# The main job. Until the pipeline lands: the quick teacher, trained and scored on dev-a.
-run: setup
+# The main job. Until the pipeline lands: the quick teacher, trained and scored on dev-a, then
+# CANAO on x86-1t: supernet, latency model (device lab up for it), search, the student.
+DEVICE ?= x86-1t
+run: setup litert-env
 	$(BIN)/canao teacher --profile $(PROFILE) --out $(OUT)/teacher
+	$(BIN)/canao distill --profile $(PROFILE) --teacher $(OUT)/teacher --out $(OUT)/supernet
+	$(BIN)/canao device-lab up
+	$(BIN)/canao latency --profile $(PROFILE) --device $(DEVICE) --teacher $(OUT)/teacher --out $(OUT)/latency-$(DEVICE) \
+	  && $(BIN)/canao search --profile $(PROFILE) --supernet $(OUT)/supernet --latency $(OUT)/latency-$(DEVICE) \
+	     --out $(OUT)/search-$(DEVICE) \
+	  && $(BIN)/canao finalize --profile $(PROFILE) --teacher $(OUT)/teacher --supernet $(OUT)/supernet \
+	     --search $(OUT)/search-$(DEVICE) --out $(OUT)/student-$(DEVICE); \
+	  status=$$?; $(BIN)/canao device-lab down; exit $$status
 
 bench: setup litert-env
 	$(BIN)/canao device-lab up

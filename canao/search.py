@@ -16,6 +16,7 @@ for the device and benchmarked against the teacher's shape on the peers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -116,6 +117,7 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
         trial.set_user_attr("subnet", subnet.to_dict())
         trial.set_user_attr("backend", backend)
         trial.set_user_attr("params", n_params)
+        trial.set_user_attr("flops", metrics["flops"])
         # Feasible when <= 0; NSGA-II ranks feasible trials first, then by total violation.
         trial.set_constraint("ms_over_budget", predicted_ms - cfg.latency_budget_ms if cfg.latency_budget_ms else -1)
         trial.set_constraint("params_over_budget", n_params - cfg.params_budget if cfg.params_budget else -1)
@@ -190,8 +192,8 @@ def _front(study: optuna.Study) -> list[dict]:
         points.setdefault(key, {
             "trial": t.number, "subnet": t.user_attrs["subnet"], "label": subnet.label(), "f1": t.values[0],
             "predicted_ms": t.values[1], "predicted_backend": t.user_attrs["backend"],
-            "params": t.user_attrs["params"], "flops": None, "measured_ms": None, "measured_backend": None,
-            "measured_ms_by_backend": None,
+            "params": t.user_attrs["params"], "flops": t.user_attrs["flops"],
+            "measured_ms": None, "measured_backend": None, "measured_ms_by_backend": None,
         })
     return list(points.values())
 
@@ -319,8 +321,7 @@ def _benchmark(cfg: FinalizeConfig, out_dir: Path, search_dir: Path, result: dic
     latency_manifest = verify_manifest(search_manifest["inputs"]["latency"])
     compile_cfg = from_dict(CompileConfig, latency_manifest["config"]["compile"], "compile.")
     bench_cfg = from_dict(BenchConfig, latency_manifest["config"]["bench"], "bench.")
-    compile_cfg = CompileConfig(**{**to_dict(compile_cfg),
-                                   "peers": tuple(b for b in cfg.bench_backends if b != "tvm")})
+    compile_cfg = dataclasses.replace(compile_cfg, peers=tuple(b for b in cfg.bench_backends if b != "tvm"))
     compiled = out_dir / "compiled"
     compile_model(out_dir, result["device"], compile_cfg, compiled)
     records = bench.bench(compiled, out_dir, result["device"], cfg.bench_backends, bench_cfg)

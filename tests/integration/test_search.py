@@ -69,7 +69,7 @@ def test_search_returns_a_non_dominated_front_with_measurements(stages):
         for p in front:
             assert not (t["f1"] > p["f1"] and t["predicted_ms"] < p["predicted_ms"])
     for p in front:
-        assert set(p) >= {"subnet", "f1", "predicted_ms", "measured_ms", "params", "flops"}
+        assert set(p) >= {"subnet", "f1", "predicted_ms", "measured_ms", "params", "flops"} and p["flops"] > 0
     measured = [p for p in front if p["measured_ms"] is not None]
     assert len(measured) == 1 and measured[0]["f1"] == max(p["f1"] for p in front)
     assert set(result["teacher"]["measured_ms_by_backend"]) == {"tvm", "onnxruntime"}
