@@ -34,7 +34,8 @@ def minilm_dir() -> Path:
 
 def load_tokenizer(model_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
     """The WordPiece tokenizer of `model_dir`, or MiniLM's (which random models share)."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir or minilm_dir())
+    # trust_remote_code: a student's config.json names its modeling file (see load_qa_model).
+    tokenizer = AutoTokenizer.from_pretrained(model_dir or minilm_dir(), trust_remote_code=True)
     if not tokenizer.is_fast:
         raise TypeError(f"{model_dir}: a fast tokenizer is needed for character offsets")
     return tokenizer
