@@ -229,7 +229,8 @@ def plot_front(result: dict, path: Path) -> None:
     ax.axhline(teacher["f1"], ls=":", c="gray", label=f"teacher F1 {teacher['f1']:.1f} (supernet, largest)")
     if result["latency_budget_ms"]:
         ax.axvspan(result["latency_budget_ms"], ax.get_xlim()[1], color="gray", alpha=0.1, label="over budget")
-    ax.set_xlabel(f"latency on {result['device']}, seq {result['seq_len']} (ms)")
+    ax.set_xscale("log")  # backends and subnets span orders of magnitude (untuned TVM vs LiteRT)
+    ax.set_xlabel(f"latency on {result['device']}, seq {result['seq_len']} (ms, log scale)")
     ax.set_ylabel("F1 on the held-out training slice (supernet weights)")
     ax.set_title("CANAO: accuracy vs compiled latency")
     ax.legend(fontsize=7, loc="lower right")
