@@ -301,7 +301,7 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
                    f1_drop=teacher_metrics["f1"] - metrics["f1"], subnet=point["subnet"],
                    params=point["params"], search_f1=point["f1"])
     if cfg.benchmark:
-        metrics.update(_benchmark(cfg, out_dir, search_dir, result))
+        metrics.update(_benchmark(cfg, out_dir, teacher_dir, search_dir, result))
     inputs = {"teacher": str(teacher_dir.resolve()), "supernet": str(supernet_dir.resolve()),
               "search": str(search_dir.resolve()),
               "train_file": {"path": str(train_file), "sha256": sha256_file(train_file)},
@@ -311,10 +311,11 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
     return write_manifest(out_dir, "finalize", config, metrics, inputs, config_hash=fingerprint)
 
 
-def _benchmark(cfg: FinalizeConfig, out_dir: Path, search_dir: Path, result: dict) -> dict:
-    """Compile the student for the search's device (into out_dir/compiled) and time it; the
-    teacher's times are the latency stage's measurements of its shape (same device, length,
-    compiler settings and protocol)."""
+def _benchmark(cfg: FinalizeConfig, out_dir: Path, teacher_dir: Path, search_dir: Path, result: dict) -> dict:
+    """Compile the student for the search's device (into out_dir/compiled) and the teacher (a
+    scratch directory, removed afterwards) with the latency stage's compiler settings, and
+    time both back to back: two timings taken at different times on a shared machine are not
+    comparable, so the speed-up never mixes them."""
     from canao import bench
     from canao.compile import compile_model
 
@@ -323,14 +324,20 @@ def _benchmark(cfg: FinalizeConfig, out_dir: Path, search_dir: Path, result: dic
     compile_cfg = from_dict(CompileConfig, latency_manifest["config"]["compile"], "compile.")
     bench_cfg = from_dict(BenchConfig, latency_manifest["config"]["bench"], "bench.")
     compile_cfg = dataclasses.replace(compile_cfg, peers=tuple(b for b in cfg.bench_backends if b != "tvm"))
-    compiled = out_dir / "compiled"
-    compile_model(out_dir, result["device"], compile_cfg, compiled)
-    records = bench.bench(compiled, out_dir, result["device"], cfg.bench_backends, bench_cfg)
-    student_ms = {r.backend: r.p50_ms for r in records}
-    teacher_ms = result["teacher"]["measured_ms_by_backend"]
+    device = result["device"]
+    compile_model(out_dir, device, compile_cfg, out_dir / "compiled")
+    scratch = out_dir / "teacher-compiled"
+    try:
+        compile_model(teacher_dir, device, compile_cfg, scratch)
+        teacher_ms = {r.backend: r.p50_ms for r in bench.bench(scratch, teacher_dir, device, cfg.bench_backends,
+                                                                bench_cfg)}
+        student_ms = {r.backend: r.p50_ms for r in bench.bench(out_dir / "compiled", out_dir, device,
+                                                                cfg.bench_backends, bench_cfg)}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     best_ms, best_backend = min((v, b) for b, v in student_ms.items())
-    out = {"device": result["device"], "seq_len": result["seq_len"], "student_ms": student_ms,
-           "teacher_ms": teacher_ms, "student_best_backend": best_backend}
+    out = {"device": device, "seq_len": compile_cfg.seq_len, "student_ms": student_ms, "teacher_ms": teacher_ms,
+           "student_best_backend": best_backend}
     if "litert" in teacher_ms:
         out["speedup_vs_teacher_litert"] = teacher_ms["litert"] / best_ms
     return out

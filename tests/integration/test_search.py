@@ -82,7 +82,8 @@ def test_finalize_writes_a_student_that_predicts_compiles_and_is_benchmarked(sta
     manifest = verify_manifest(stages["student"])
     m = manifest["metrics"]
     assert m["questions"] == 8 and 0 <= m["f1"] <= 100 and "teacher_f1" in m
-    assert set(m["student_ms"]) == {"tvm", "onnxruntime"}
+    assert set(m["student_ms"]) == set(m["teacher_ms"]) == {"tvm", "onnxruntime"}
+    assert not (stages["student"] / "teacher-compiled").exists()
     assert verify_manifest(stages["student"] / "compiled")["config"]["device"] == "x86-1t"
     predictor = QAPredictor.from_dir(stages["student"])
     assert predictor.features_cfg.max_seq_len == 128
