@@ -45,6 +45,46 @@ def cmd_teacher(args) -> None:
                       "questions": m["questions"], "model": str(Path(args.out).resolve())}))
 
 
+def cmd_distill(args) -> None:
+    from canao.distill import train_supernet
+
+    cfg = load_config("distill", args.profile, args.config, args.overrides)
+    manifest = train_supernet(cfg, _teacher(args), args.out)
+    print(json.dumps({"supernet": str(Path(args.out).resolve()), **manifest["metrics"]}))
+
+
+def cmd_latency(args) -> None:
+    from canao.latency import fit_latency_model
+
+    cfg = load_config("latency", args.profile, args.config, args.overrides)
+    manifest = fit_latency_model(cfg, args.device, args.out, _teacher(args))
+    print(json.dumps({"latency_model": str(Path(args.out).resolve()), **manifest["metrics"]}))
+
+
+def cmd_search(args) -> None:
+    from canao.search import FRONT_JSON, FRONT_PNG, search
+
+    cfg = load_config("search", args.profile, args.config, args.overrides)
+    manifest = search(cfg, args.supernet, args.latency, args.out)
+    out = Path(args.out).resolve()
+    print(json.dumps({"front": str(out / FRONT_JSON), "plot": str(out / FRONT_PNG), **manifest["metrics"]}))
+
+
+def cmd_finalize(args) -> None:
+    from canao.search import finalize
+
+    cfg = load_config("finalize", args.profile, args.config, args.overrides)
+    manifest = finalize(cfg, _teacher(args), args.supernet, args.search, args.out)
+    m = manifest["metrics"]
+    keys = ("exact_match", "f1", "teacher_f1", "f1_drop", "questions", "student_ms", "teacher_ms",
+            "speedup_vs_teacher_litert")
+    print(json.dumps({"model": str(Path(args.out).resolve()), **{k: m[k] for k in keys if k in m}}))
+
+
+def _teacher(args) -> str:
+    return args.teacher or f"outputs/{args.profile}/teacher"
+
+
 def _predictor(args):
     from canao.apps.qa import QAPredictor
 
@@ -275,6 +315,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", required=True, help="model directory to write")
     p.set_defaults(func=cmd_teacher)
+
+    teacher_help = "the QA teacher's directory (default: outputs/<profile>/teacher)"
+    p = sub.add_parser("distill", help="pretraining-distill: the elastic supernet, distilled from the teacher")
+    _add_config_args(p)
+    p.add_argument("--teacher", help=teacher_help)
+    p.add_argument("--out", required=True, help="supernet directory to write")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("latency", help="fit a device's latency model on compiled, measured subnets (lab up)")
+    _add_config_args(p)
+    p.add_argument("--teacher", help=teacher_help + "; only its shape is used")
+    p.add_argument("--device", required=True, help="device key from device_lab/devices.yaml")
+    p.add_argument("--out", required=True, help="latency model directory to write")
+    p.set_defaults(func=cmd_latency)
+
+    p = sub.add_parser("search", help="NSGA-II search: the F1 / latency Pareto front (front.json, front.png)")
+    _add_config_args(p)
+    p.add_argument("--supernet", required=True, help="a `canao distill` output")
+    p.add_argument("--latency", required=True, help="a `canao latency` output (its device is the search's)")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("finalize", help="extract, distill, evaluate, compile and benchmark the chosen subnet")
+    _add_config_args(p)
+    p.add_argument("--teacher", help=teacher_help)
+    p.add_argument("--supernet", required=True, help="a `canao distill` output")
+    p.add_argument("--search", required=True, help="a `canao search` output")
+    p.add_argument("--out", required=True, help="student model directory to write")
+    p.set_defaults(func=cmd_finalize)
 
     p = sub.add_parser("eval-qa", help="EM/F1 of a QA model on a SQuAD v1.1 file")
     _add_predictor_args(p)

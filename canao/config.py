@@ -225,8 +225,102 @@ class GenBenchConfig:
     devices: tuple[str, ...] = ("x86-1t",)  # device keys (local ones: every backend runs pinned to its cores)
 
 
+@dataclass(frozen=True)
+class SpaceConfig:
+    """Allowed subnet values (canao/space.py says why these: shapes the compiler handles well)."""
+
+    layer_counts: tuple[int, ...] = (2, 3, 4, 5, 6)  # kept teacher blocks, evenly spaced
+    hidden_sizes: tuple[int, ...] = (128, 192, 256, 320, 384)  # residual widths
+    head_counts: tuple[int, ...] = (2, 4, 6, 8, 10, 12)  # attention heads per layer (head size stays the teacher's)
+    ffn_sizes: tuple[int, ...] = (256, 512, 768, 1024, 1280, 1536)  # FFN widths per layer
+    align: int = 64  # every hidden and FFN width must be a multiple of this (vector and tile sizes)
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    temperature: float = 2.0  # softens start/end distributions; the soft loss is scaled by T^2
+    hidden_weight: float = 1.0  # weight of the hidden-state MSE (each kept layer vs its teacher layer)
+    hard_weight: float = 0.0  # weight of the gold-span cross-entropy beside the teacher's soft targets
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ConfigError(f"kd.temperature: must be > 0, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """pretraining-distill: the elastic supernet trained from the teacher."""
+
+    seed: int = 42
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    random_subnets: int = 2  # random subnets per step, besides the largest and the smallest (sandwich rule)
+    importance_batches: int = 16  # training batches that rank heads and neurons before distilling
+    data: SquadDataConfig = field(default_factory=SquadDataConfig)  # train_questions: first N train questions
+    features: SquadFeatureConfig = field(default_factory=SquadFeatureConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.random_subnets < 0:
+            raise ConfigError(f"random_subnets: must be >= 0, got {self.random_subnets}")
+        _check_features(self.features)
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """The per-device latency model: subnets compiled and measured on a device of the lab."""
+
+    seed: int = 0
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    samples: int = 24  # subnets compiled and measured (the largest and the smallest among them)
+    holdout: int = 6  # of those, measured but not fitted on: the model's reported error is on these
+    backends: tuple[str, ...] = ("tvm", "litert")  # one latency model each; the search uses the fastest
+    compile: CompileConfig = field(default_factory=CompileConfig)  # seq_len is the latency's sequence length
+    bench: BenchConfig = field(default_factory=BenchConfig)  # warmup and runs of every measurement
+
+    def __post_init__(self):
+        if self.samples < 4 or not 1 <= self.holdout <= self.samples - 3:
+            raise ConfigError(f"samples/holdout: need samples >= 4 and 1 <= holdout <= samples - 3 "
+                              f"(got {self.samples}, {self.holdout})")
+        bad = sorted(set(self.backends) - {"tvm", *self.compile.peers})
+        if bad or not self.backends:
+            raise ConfigError(f"backends: {bad or 'none'}: every backend must be tvm or one of compile.peers "
+                              f"({', '.join(self.compile.peers)})")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Multi-objective search (NSGA-II): F1 with supernet weights vs predicted latency."""
+
+    seed: int = 0
+    trials: int = 200  # subnets evaluated
+    population_size: int = 24  # NSGA-II generation size
+    latency_budget_ms: float = 0.0  # predicted latency must not exceed this; 0 = no budget
+    params_budget: int = 0  # parameters must not exceed this; 0 = no budget
+    val_questions: int = 500  # the LAST N training questions: held out of distillation, scored each trial
+    eval_batch_size: int = 64  # windows per forward pass
+    remeasure: int = 8  # front points compiled and measured on the device (highest F1 first)
+
+    def __post_init__(self):
+        if self.trials < 1 or self.population_size < 2 or self.val_questions < 1:
+            raise ConfigError("trials, val_questions: must be >= 1; population_size: >= 2")
+
+
+@dataclass(frozen=True)
+class FinalizeConfig:
+    """The chosen front point: extracted, fine-tuned by distillation, scored, compiled, benchmarked."""
+
+    seed: int = 42
+    kd: KDConfig = field(default_factory=KDConfig)
+    data: SquadDataConfig = field(default_factory=SquadDataConfig)  # fine-tune and evaluation questions
+    train: TrainConfig = field(default_factory=TrainConfig)
+    benchmark: bool = True  # compile the student for the search's device and time it against the peers
+    bench_backends: tuple[str, ...] = ("tvm", "litert")  # backends timed for the student and the teacher
+
+
 STAGES: dict[str, type] = {
-    "teacher": TeacherConfig, "compile": CompileConfig, "bench": BenchConfig, "deploy": DeployConfig,
+    "teacher": TeacherConfig, "distill": DistillConfig, "latency": LatencyConfig, "search": SearchConfig,
+    "finalize": FinalizeConfig, "compile": CompileConfig, "bench": BenchConfig, "deploy": DeployConfig,
     "serve": ServeConfig, "loadtest": LoadtestConfig,
     "lm-teacher": LMTeacherConfig, "lm-data": LMDataConfig, "compile-lm": LMCompileConfig, "bench-lm": GenBenchConfig,
 }

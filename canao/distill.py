@@ -1,4 +1,5 @@
-"""Training: the resumable loop shared by every stage that trains, and the QA teacher.
+"""Training: the resumable loop shared by every stage that trains, the QA teacher, and the
+elastic supernet distilled from it (the pipeline's pretraining-distill stage).
 
 The loop checkpoints model, optimizer, schedule, step and RNG state every
 `checkpoint_every` steps; a run killed half-way restarts from its last checkpoint and
@@ -7,22 +8,27 @@ sees the same batches in the same order as an uninterrupted run would.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import random
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from canao.apps.qa import QAPredictor, evaluate
-from canao.config import TeacherConfig, TrainConfig, config_hash, resolve_path, to_dict
+from canao.config import DistillConfig, KDConfig, TeacherConfig, TrainConfig, config_hash, resolve_path, to_dict
 from canao.data.squad import Features, build_features, load_squad
-from canao.manifest import read_manifest, sha256_file, write_manifest
-from canao.models.bert_qa import MINILM_NAME, init_qa_model, load_tokenizer, minilm_dir
+from canao.manifest import read_manifest, sha256_file, verify_manifest, write_manifest
+from canao.models.bert_qa import MINILM_NAME, init_qa_model, load_qa_model, load_tokenizer, minilm_dir
+from canao.models.supernet import Supernet, importance, sort_by_importance
+from canao.space import SearchSpace, TeacherShape
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -145,3 +151,114 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path) -> dict:
         "eval_file": {"path": str(eval_file), "sha256": sha256_file(eval_file)},
     }
     return write_manifest(out_dir, "teacher", to_dict(cfg), metrics, inputs, config_hash=fingerprint)
+
+
+def kd_loss(student_out, teacher_out, layer_map: list[int], cfg: KDConfig, gold: tuple | None = None) -> torch.Tensor:
+    """Knowledge distillation of a (sub)network from the teacher.
+
+    Soft targets: KL divergence of the start and end distributions at temperature T, scaled
+    by T^2 (Hinton et al.). Hidden states: MSE of the student's embeddings and each of its
+    layers against the teacher's embeddings and the teacher layer it stands for
+    (`layer_map[j]`), on the student's width (its channels are the teacher's first ones).
+    Optionally the gold span's cross-entropy (`gold`: start and end positions).
+    """
+    t = cfg.temperature
+    loss = 0.0
+    for s_logits, t_logits in ((student_out.start_logits, teacher_out.start_logits),
+                               (student_out.end_logits, teacher_out.end_logits)):
+        loss = loss + torch.nn.functional.kl_div(
+            torch.log_softmax(s_logits.float() / t, dim=-1), torch.log_softmax(t_logits.float() / t, dim=-1),
+            log_target=True, reduction="batchmean") * t * t / 2
+    if cfg.hidden_weight:
+        width = student_out.hidden_states[0].shape[-1]
+        pairs = zip(student_out.hidden_states, [0] + [i + 1 for i in layer_map], strict=True)
+        hidden = sum(torch.nn.functional.mse_loss(s.float(), teacher_out.hidden_states[i][..., :width].float())
+                     for s, i in pairs)
+        loss = loss + cfg.hidden_weight * hidden / (len(layer_map) + 1)
+    if cfg.hard_weight and gold is not None:
+        ce = torch.nn.functional.cross_entropy
+        hard = (ce(student_out.start_logits.float(), gold[0]) + ce(student_out.end_logits.float(), gold[1])) / 2
+        loss = loss + cfg.hard_weight * hard
+    return loss
+
+
+IMPORTANCE_FILE = "importance.safetensors"  # the scores that sorted the supernet: re-sorts the teacher alike
+SUPERNET_DIR = "supernet"
+
+
+def sorted_teacher(teacher_dir: str | Path, scores: dict) -> torch.nn.Module:
+    """The teacher with its units in the supernet's order: the same function, aligned channels
+    (so hidden states compare channel by channel). Frozen, in eval mode."""
+    teacher = load_qa_model(teacher_dir)
+    sort_by_importance(teacher, scores)
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def load_supernet(supernet_dir: str | Path) -> tuple[Supernet, dict]:
+    """The supernet of a `train_supernet` directory and that directory's manifest."""
+    manifest = verify_manifest(supernet_dir)
+    if manifest["stage"] != "distill":
+        raise ValueError(f"{supernet_dir}: a {manifest['stage']!r} artifact, not a supernet (distill)")
+    return Supernet(load_qa_model(Path(supernet_dir) / SUPERNET_DIR)), manifest
+
+
+def train_supernet(cfg: DistillConfig, teacher_dir: str | Path, out_dir: str | Path) -> dict:
+    """pretraining-distill: the teacher's weights, sorted by importance, trained as an elastic
+    supernet by distillation from the teacher. Each step trains the largest subnet, the
+    smallest and `random_subnets` random ones on the same batch (the sandwich rule), so the
+    shared weights serve every subnet of the space. Resumable like every `fit`."""
+    out_dir, teacher_dir = Path(out_dir), Path(teacher_dir)
+    teacher_manifest = verify_manifest(teacher_dir)
+    fingerprint = config_hash(cfg) + teacher_manifest["files"]["model.safetensors"][:16]
+    existing = read_manifest(out_dir)
+    if existing is not None:
+        if existing.get("config_hash") == fingerprint:
+            print(f"{out_dir}: supernet with this config and teacher already trained; reusing it", flush=True)
+            return existing
+        raise FileExistsError(f"{out_dir}: holds a supernet made with another config or teacher; choose another --out")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.seed)
+    train_file = resolve_path(cfg.data.train_file)
+    tokenizer = load_tokenizer(teacher_dir)
+    features = build_features(load_squad(train_file, cfg.data.train_questions), tokenizer, cfg.features)
+    model = load_qa_model(teacher_dir)
+    space = SearchSpace(cfg.space, TeacherShape.of(model.config))
+    largest, smallest = space.largest(), space.smallest()
+
+    work_dir = out_dir / "checkpoints"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    scores_path = work_dir / IMPORTANCE_FILE
+    if not scores_path.is_file():  # resumed runs keep the first run's order
+        scores = importance(model, features, cfg.importance_batches, cfg.train.batch_size)
+        save_file({k: v.contiguous() for k, v in scores.items()}, scores_path)
+    scores = load_file(scores_path)
+    sort_by_importance(model, scores)
+    teacher = sorted_teacher(teacher_dir, scores)
+    supernet = Supernet(model)
+
+    def loss_fn(net: Supernet, feats: Features, index: torch.Tensor) -> torch.Tensor:
+        inputs = feats.model_inputs(index)
+        gold = (feats.start_positions[index], feats.end_positions[index])
+        with torch.no_grad():
+            target = teacher(**inputs, output_hidden_states=True)
+        # Drawn from torch's generator, which `fit` checkpoints: a resumed run samples alike.
+        rng = random.Random(int(torch.randint(2**31, ())))
+        subnets = [largest, smallest] + [space.sample(rng) for _ in range(cfg.random_subnets)]
+        return sum(kd_loss(net(s, output_hidden_states=True, **inputs), target,
+                           s.layer_indices(space.teacher.num_layers), cfg.kd, gold) for s in subnets) / len(subnets)
+
+    print(f"distill: {len(features)} training windows; subnets per step: largest, smallest, "
+          f"{cfg.random_subnets} random", flush=True)
+    stats = fit(supernet, features, loss_fn, cfg.train, cfg.seed, work_dir, fingerprint, desc="supernet")
+    model.save_pretrained(out_dir / SUPERNET_DIR)
+    tokenizer.save_pretrained(out_dir / SUPERNET_DIR)
+    shutil.move(scores_path, out_dir / IMPORTANCE_FILE)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    stats.update(train_windows=len(features))
+    inputs = {"teacher": {"path": str(teacher_dir.resolve()), "config_hash": teacher_manifest.get("config_hash"),
+                          "model_sha256": teacher_manifest["files"]["model.safetensors"]},
+              "train_file": {"path": str(train_file), "sha256": sha256_file(train_file)}}
+    return write_manifest(out_dir, "distill", to_dict(cfg), stats, inputs, config_hash=fingerprint,
+                          teacher_shape=dataclasses.asdict(space.teacher))

@@ -14,7 +14,7 @@ from pathlib import Path
 import litert_torch
 import torch
 from ai_edge_quantizer import quantizer, recipe
-from transformers import BertForQuestionAnswering
+from transformers import AutoModelForQuestionAnswering, BertForQuestionAnswering
 
 # These mirror canao.models.bert_qa (SpanLogits, INPUT_NAMES, OUTPUT_NAMES), which cannot be
 # imported here. The converter names the model's signature after the sample kwargs and the
@@ -35,7 +35,9 @@ class NamedSpanLogits(torch.nn.Module):
 
 def convert(model_dir: Path, seq_len: int, out: Path, int8: bool) -> None:
     # Eager attention: the exporters trace it best (as canao.models.bert_qa.load_for_export).
-    model = BertForQuestionAnswering.from_pretrained(model_dir, attn_implementation="eager").eval()
+    # trust_remote_code: a searched student carries its own modeling file (per-layer widths).
+    model = AutoModelForQuestionAnswering.from_pretrained(model_dir, trust_remote_code=True,
+                                                          attn_implementation="eager").eval()
     # int32 token ids: the converter narrows int64 inputs to int32 anyway (the same graph either
     # way), and tracing with int32 avoids its downcast warning.
     sample_kwargs = {name: torch.zeros(1, seq_len, dtype=torch.int32) for name in INPUT_NAMES}

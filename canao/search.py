@@ -1,0 +1,343 @@
+"""CANAO search and finalize: the accuracy-latency Pareto front of the supernet's subnets on a
+device, and the chosen student.
+
+search: Optuna's NSGA-II sampler proposes subnets; each is scored by its F1 with the
+supernet's shared weights on a held-out slice of the training file (the last
+`val_questions` questions, which distillation never saw; dev-a stays for the final
+evaluation only) and by the latency model's prediction for the device (the fastest
+backend, i.e. what would be deployed), under a latency budget and an optional parameter
+budget (NSGA-II's constraint handling). The front's best points are compiled and measured
+on the device again. Output: front.json, front.png, manifest.json.
+
+finalize: the front point with the highest F1 within the budget is extracted into a
+standalone model, fine-tuned by distillation from the teacher, scored on dev-a, compiled
+for the device and benchmarked against the teacher's shape on the peers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import torch
+from safetensors.torch import load_file
+
+from canao.apps.qa import QAPredictor, evaluate
+from canao.config import (
+    BenchConfig,
+    CompileConfig,
+    FinalizeConfig,
+    SearchConfig,
+    SpaceConfig,
+    SquadFeatureConfig,
+    config_hash,
+    from_dict,
+    resolve_path,
+    to_dict,
+)
+from canao.data import squad_metric
+from canao.data.squad import build_features, load_squad, postprocess
+from canao.distill import IMPORTANCE_FILE, SUPERNET_DIR, fit, kd_loss, load_supernet, sorted_teacher
+from canao.latency import LatencyModel, measure
+from canao.manifest import read_manifest, sha256_file, verify_manifest, write_manifest
+from canao.models.bert_qa import load_tokenizer
+from canao.models.supernet import extract
+from canao.space import SearchSpace, SubnetConfig, flops, params
+
+FRONT_JSON = "front.json"
+FRONT_PNG = "front.png"
+
+# on_trial(number, params, metrics): the pipeline's hook to log every candidate (e.g. to MLflow).
+TrialHook = Callable[[int, dict, dict], None]
+
+
+def _inputs(supernet_dir: Path, latency_dir: Path) -> tuple:
+    supernet, supernet_manifest = load_supernet(supernet_dir)
+    latency_manifest = verify_manifest(latency_dir)
+    if latency_manifest["stage"] != "latency":
+        raise ValueError(f"{latency_dir}: a {latency_manifest['stage']!r} artifact, not a latency model")
+    latency = LatencyModel.load(latency_dir)
+    if latency.teacher != supernet.shape:
+        raise ValueError(f"{latency_dir}: latency model of a {latency.teacher} teacher, but the supernet in "
+                         f"{supernet_dir} is {supernet.shape}")
+    return supernet, supernet_manifest, latency, latency_manifest
+
+
+def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path, out_dir: str | Path,
+           on_trial: TrialHook | None = None) -> dict:
+    """The Pareto front (max F1, min predicted latency) of the supernet's subnets; see the module doc."""
+    supernet_dir, latency_dir, out_dir = Path(supernet_dir), Path(latency_dir), Path(out_dir)
+    if read_manifest(out_dir) is not None:
+        raise FileExistsError(f"{out_dir}: already holds a search; choose another --out")
+    supernet, supernet_manifest, latency, latency_manifest = _inputs(supernet_dir, latency_dir)
+    distill_cfg = supernet_manifest["config"]
+    space = SearchSpace(from_dict(SpaceConfig, distill_cfg["space"], "space."), supernet.shape)
+    features_cfg = from_dict(SquadFeatureConfig, distill_cfg["features"], "features.")
+    train_file = resolve_path(distill_cfg["data"]["train_file"])
+    examples = load_squad(train_file)
+    distilled_on = distill_cfg["data"]["train_questions"] or len(examples)
+    if distilled_on + cfg.val_questions > len(examples):
+        raise ValueError(f"val_questions: {cfg.val_questions} from the end of {train_file} overlap the first "
+                         f"{distilled_on} the supernet was distilled on ({len(examples)} in all)")
+    val_examples = examples[-cfg.val_questions:]
+    tokenizer = load_tokenizer(supernet_dir / SUPERNET_DIR)
+    val_features = build_features(val_examples, tokenizer, features_cfg)
+    vocab, positions = supernet.model.config.vocab_size, supernet.model.config.max_position_embeddings
+    f1_cache: dict[SubnetConfig, float] = {}
+
+    def f1_of(subnet: SubnetConfig) -> float:
+        if subnet not in f1_cache:
+            predictor = QAPredictor(extract(supernet, subnet), tokenizer, features_cfg, cfg.eval_batch_size)
+            start, end = predictor.logits(val_features)
+            predictions = postprocess(val_examples, val_features, start, end, features_cfg)
+            f1_cache[subnet] = squad_metric.score(val_examples, {q: p.text for q, p in predictions.items()})["f1"]
+        return f1_cache[subnet]
+
+    c = space.cfg
+    deepest = max(c.layer_counts)
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        # Every trial names every layer's choices (a fixed set of variables, which NSGA-II's
+        # crossover needs); layers past num_layers are ignored.
+        subnet = space.make(
+            trial.suggest_categorical("num_layers", c.layer_counts),
+            trial.suggest_categorical("hidden_size", c.hidden_sizes),
+            [trial.suggest_categorical(f"heads_{i}", c.head_counts) for i in range(deepest)],
+            [trial.suggest_categorical(f"ffn_{i}", c.ffn_sizes) for i in range(deepest)],
+        )
+        predicted_ms, backend = latency.fastest(subnet)
+        n_params = params(subnet, space.teacher, vocab, positions)
+        metrics = {"f1": f1_of(subnet), "predicted_ms": predicted_ms, "params": n_params,
+                   "flops": flops(subnet, space.teacher, latency.seq_len)}
+        trial.set_user_attr("subnet", subnet.to_dict())
+        trial.set_user_attr("backend", backend)
+        trial.set_user_attr("params", n_params)
+        trial.set_user_attr("flops", metrics["flops"])
+        # Feasible when <= 0; NSGA-II ranks feasible trials first, then by total violation.
+        trial.set_constraint("ms_over_budget", predicted_ms - cfg.latency_budget_ms if cfg.latency_budget_ms else -1)
+        trial.set_constraint("params_over_budget", n_params - cfg.params_budget if cfg.params_budget else -1)
+        print(f"trial {trial.number}: {subnet.label()}: F1 {metrics['f1']:.2f}, {predicted_ms:.2f} ms ({backend}), "
+              f"{n_params / 1e6:.1f} M params", flush=True)
+        if on_trial is not None:
+            on_trial(trial.number, {**subnet.to_dict(), "backend": backend}, metrics)
+        return metrics["f1"], predicted_ms
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.NSGAIISampler(population_size=cfg.population_size, seed=cfg.seed)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    started = time.perf_counter()
+    # The teacher's shape first: the reference point, and a seed for the population.
+    study.enqueue_trial(_trial_params(space.largest(), deepest))
+    study.optimize(objective, n_trials=cfg.trials)
+    search_seconds = time.perf_counter() - started
+
+    front = _front(study)
+    teacher_ms = next(m["ms"] for m in latency.measurements if m["subnet"] == space.largest().to_dict())
+    compile_cfg = from_dict(CompileConfig, latency_manifest["config"]["compile"], "compile.")
+    bench_cfg = from_dict(BenchConfig, latency_manifest["config"]["bench"], "bench.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started_measure = time.perf_counter()
+    for point in sorted(front, key=lambda p: -p["f1"])[: cfg.remeasure]:
+        ms = measure(SubnetConfig.from_dict(point["subnet"]), supernet_dir / SUPERNET_DIR, latency.device,
+                     tuple(latency.coefficients), compile_cfg, bench_cfg, out_dir / "work")
+        point["measured_ms_by_backend"] = ms
+        point["measured_ms"], point["measured_backend"] = min((v, b) for b, v in ms.items())
+    result = {
+        "device": latency.device, "seq_len": latency.seq_len,
+        "latency_budget_ms": cfg.latency_budget_ms, "params_budget": cfg.params_budget,
+        "teacher": {"subnet": space.largest().to_dict(), "f1": f1_of(space.largest()), "measured_ms_by_backend":
+                    teacher_ms, "params": params(space.largest(), space.teacher, vocab, positions)},
+        "front": sorted(front, key=lambda p: p["predicted_ms"]),
+        "trials": [{"f1": t.values[0], "predicted_ms": t.values[1], "feasible": _feasible(t)}
+                   for t in study.trials if t.values],
+    }
+    (out_dir / FRONT_JSON).write_text(json.dumps(result, indent=1) + "\n")
+    plot_front(result, out_dir / FRONT_PNG)
+    metrics = {"search_seconds": round(search_seconds, 1),
+               "remeasure_seconds": round(time.perf_counter() - started_measure, 1),
+               "trials": len(study.trials), "distinct_subnets": len(f1_cache), "front_size": len(front),
+               "teacher_val_f1": result["teacher"]["f1"], "val_questions": len(val_examples)}
+    inputs = {"supernet": str(supernet_dir.resolve()), "latency": str(latency_dir.resolve()),
+              "train_file": {"path": str(train_file), "sha256": sha256_file(train_file)}}
+    return write_manifest(out_dir, "search", {"device": latency.device, **to_dict(cfg)}, metrics, inputs,
+                          config_hash=config_hash(cfg))
+
+
+def _trial_params(subnet: SubnetConfig, deepest: int) -> dict:
+    pad = deepest - subnet.num_layers
+    p = {"num_layers": subnet.num_layers, "hidden_size": subnet.hidden_size}
+    for i, (h, f) in enumerate(zip(list(subnet.heads) + [subnet.heads[-1]] * pad,
+                                   list(subnet.ffn_sizes) + [subnet.ffn_sizes[-1]] * pad, strict=True)):
+        p[f"heads_{i}"], p[f"ffn_{i}"] = h, f
+    return p
+
+
+def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    return all(v <= 0 for v in trial.constraints.values())
+
+
+def _front(study: optuna.Study) -> list[dict]:
+    """Non-dominated feasible trials, one per distinct subnet."""
+    points: dict[str, dict] = {}
+    for t in study.best_trials:
+        if not _feasible(t):
+            continue
+        key = json.dumps(t.user_attrs["subnet"], sort_keys=True)
+        subnet = SubnetConfig.from_dict(t.user_attrs["subnet"])
+        points.setdefault(key, {
+            "trial": t.number, "subnet": t.user_attrs["subnet"], "label": subnet.label(), "f1": t.values[0],
+            "predicted_ms": t.values[1], "predicted_backend": t.user_attrs["backend"],
+            "params": t.user_attrs["params"], "flops": t.user_attrs["flops"],
+            "measured_ms": None, "measured_backend": None, "measured_ms_by_backend": None,
+        })
+    return list(points.values())
+
+
+def dominated(points: list[dict]) -> list[dict]:
+    """The points of `points` that another point beats or ties on both F1 and latency, and
+    beats on one."""
+    return [p for p in points if any(q["f1"] >= p["f1"] and q["predicted_ms"] <= p["predicted_ms"]
+                                     and (q["f1"], q["predicted_ms"]) != (p["f1"], p["predicted_ms"])
+                                     for q in points)]
+
+
+def plot_front(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    trials = result["trials"]
+    ax.scatter([t["predicted_ms"] for t in trials], [t["f1"] for t in trials], s=10, c="lightgray",
+               label="trials (predicted latency)")
+    front = result["front"]
+    ax.plot([p["predicted_ms"] for p in front], [p["f1"] for p in front], "o-", c="tab:blue",
+            label="Pareto front (predicted)")
+    measured = [p for p in front if p["measured_ms"] is not None]
+    ax.scatter([p["measured_ms"] for p in measured], [p["f1"] for p in measured], marker="x", s=60, c="tab:orange",
+               label="front, measured on the device", zorder=3)
+    teacher = result["teacher"]
+    colors = iter(["tab:red", "tab:green", "tab:purple", "tab:brown"])
+    for backend, ms in sorted(teacher["measured_ms_by_backend"].items()):
+        ax.axvline(ms, ls="--", c=next(colors), label=f"teacher on {backend}: {ms:.1f} ms")
+    ax.axhline(teacher["f1"], ls=":", c="gray", label=f"teacher F1 {teacher['f1']:.1f} (supernet, largest)")
+    if result["latency_budget_ms"]:
+        ax.axvspan(result["latency_budget_ms"], ax.get_xlim()[1], color="gray", alpha=0.1, label="over budget")
+    ax.set_xscale("log")  # backends and subnets span orders of magnitude (untuned TVM vs LiteRT)
+    ax.set_xlabel(f"latency on {result['device']}, seq {result['seq_len']} (ms, log scale)")
+    ax.set_ylabel("F1 on the held-out training slice (supernet weights)")
+    ax.set_title("CANAO: accuracy vs compiled latency")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def choose(result: dict) -> dict:
+    """The front point to ship: the highest F1 whose latency (measured, else predicted) is
+    within the budget."""
+    budget = result["latency_budget_ms"]
+    fitting = [p for p in result["front"]
+               if not budget or (p["measured_ms"] if p["measured_ms"] is not None else p["predicted_ms"]) <= budget]
+    if not fitting:
+        raise ValueError(f"no front point within the latency budget of {budget} ms")
+    return max(fitting, key=lambda p: p["f1"])
+
+
+def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | Path, search_dir: str | Path,
+             out_dir: str | Path) -> dict:
+    """The student model directory (save_pretrained layout + manifest with dev EM/F1)."""
+    teacher_dir, supernet_dir, search_dir, out_dir = map(Path, (teacher_dir, supernet_dir, search_dir, out_dir))
+    search_manifest = verify_manifest(search_dir)
+    if search_manifest["stage"] != "search":
+        raise ValueError(f"{search_dir}: a {search_manifest['stage']!r} artifact, not a search")
+    result = json.loads((search_dir / FRONT_JSON).read_text())
+    point = choose(result)
+    subnet = SubnetConfig.from_dict(point["subnet"])
+    fingerprint = config_hash(cfg) + "-" + search_manifest["files"][FRONT_JSON][:16]
+    existing = read_manifest(out_dir)
+    if existing is not None:
+        if existing.get("config_hash") == fingerprint:
+            print(f"{out_dir}: student with this config and search already finalized; reusing it", flush=True)
+            return existing
+        raise FileExistsError(f"{out_dir}: holds a model made with another config; choose another --out")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    supernet, supernet_manifest = load_supernet(supernet_dir)
+    features_cfg = from_dict(SquadFeatureConfig, supernet_manifest["config"]["features"], "features.")
+    teacher = sorted_teacher(teacher_dir, load_file(supernet_dir / IMPORTANCE_FILE))
+    student = extract(supernet, subnet)
+    tokenizer = load_tokenizer(teacher_dir)
+    train_file, eval_file = resolve_path(cfg.data.train_file), resolve_path(cfg.data.eval_file)
+    features = build_features(load_squad(train_file, cfg.data.train_questions), tokenizer, features_cfg)
+    layer_map = subnet.layer_indices(supernet.shape.num_layers)
+
+    def loss_fn(model, feats, index):
+        inputs = feats.model_inputs(index)
+        with torch.no_grad():
+            target = teacher(**inputs, output_hidden_states=True)
+        gold = (feats.start_positions[index], feats.end_positions[index])
+        return kd_loss(model(**inputs, output_hidden_states=True), target, layer_map, cfg.kd, gold)
+
+    print(f"finalize: {point['label']} (search F1 {point['f1']:.2f}); fine-tuning on {len(features)} windows",
+          flush=True)
+    work_dir = out_dir / "checkpoints"
+    stats = fit(student, features, loss_fn, cfg.train, cfg.seed, work_dir, fingerprint, desc="student")
+    shutil.rmtree(work_dir, ignore_errors=True)
+    student.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+    eval_examples = load_squad(eval_file, cfg.data.eval_questions)
+    metrics, _ = evaluate(QAPredictor(student, tokenizer, features_cfg, cfg.train.eval_batch_size), eval_examples)
+    teacher_metrics, _ = evaluate(QAPredictor(teacher, tokenizer, features_cfg, cfg.train.eval_batch_size),
+                                  eval_examples)
+    metrics.update(stats, teacher_exact_match=teacher_metrics["exact_match"], teacher_f1=teacher_metrics["f1"],
+                   f1_drop=teacher_metrics["f1"] - metrics["f1"], subnet=point["subnet"],
+                   params=point["params"], search_f1=point["f1"])
+    if cfg.benchmark:
+        metrics.update(_benchmark(cfg, out_dir, teacher_dir, search_dir, result))
+    inputs = {"teacher": str(teacher_dir.resolve()), "supernet": str(supernet_dir.resolve()),
+              "search": str(search_dir.resolve()),
+              "train_file": {"path": str(train_file), "sha256": sha256_file(train_file)},
+              "eval_file": {"path": str(eval_file), "sha256": sha256_file(eval_file)}}
+    # `features` in the config: QAPredictor.from_dir windows inputs the way the student was trained.
+    config = {**to_dict(cfg), "features": to_dict(features_cfg), "subnet": point["subnet"]}
+    return write_manifest(out_dir, "finalize", config, metrics, inputs, config_hash=fingerprint)
+
+
+def _benchmark(cfg: FinalizeConfig, out_dir: Path, teacher_dir: Path, search_dir: Path, result: dict) -> dict:
+    """Compile the student for the search's device (into out_dir/compiled) and the teacher (a
+    scratch directory, removed afterwards) with the latency stage's compiler settings, and
+    time both back to back: two timings taken at different times on a shared machine are not
+    comparable, so the speed-up never mixes them."""
+    from canao import bench
+    from canao.compile import compile_model
+
+    search_manifest = verify_manifest(search_dir)
+    latency_manifest = verify_manifest(search_manifest["inputs"]["latency"])
+    compile_cfg = from_dict(CompileConfig, latency_manifest["config"]["compile"], "compile.")
+    bench_cfg = from_dict(BenchConfig, latency_manifest["config"]["bench"], "bench.")
+    compile_cfg = dataclasses.replace(compile_cfg, peers=tuple(b for b in cfg.bench_backends if b != "tvm"))
+    device = result["device"]
+    compile_model(out_dir, device, compile_cfg, out_dir / "compiled")
+    scratch = out_dir / "teacher-compiled"
+    try:
+        compile_model(teacher_dir, device, compile_cfg, scratch)
+        teacher_ms = {r.backend: r.p50_ms for r in bench.bench(scratch, teacher_dir, device, cfg.bench_backends,
+                                                                bench_cfg)}
+        student_ms = {r.backend: r.p50_ms for r in bench.bench(out_dir / "compiled", out_dir, device,
+                                                                cfg.bench_backends, bench_cfg)}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    best_ms, best_backend = min((v, b) for b, v in student_ms.items())
+    out = {"device": device, "seq_len": compile_cfg.seq_len, "student_ms": student_ms, "teacher_ms": teacher_ms,
+           "student_best_backend": best_backend}
+    if "litert" in teacher_ms:
+        out["speedup_vs_teacher_litert"] = teacher_ms["litert"] / best_ms
+    return out

@@ -1,0 +1,103 @@
+"""The CANAO stages end to end on the tiny profile: supernet, latency model on a real device
+lab, NSGA-II search, finalize."""
+
+import json
+
+import pytest
+import yaml
+
+from canao import device_lab
+from canao.apps.qa import QAPredictor
+from canao.cli import main
+from canao.config import load_config
+from canao.data.squad import SquadExample
+from canao.distill import train_supernet, train_teacher
+from canao.latency import LatencyModel, fit_latency_model
+from canao.manifest import verify_manifest
+from canao.search import FRONT_JSON, FRONT_PNG, dominated, finalize, search
+from canao.space import SubnetConfig
+from tests.integration.conftest import running_lab
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    project = yaml.safe_load(device_lab.devices_file(device_lab.DEVICES_FILE).read_text())
+    with running_lab(tmp_path_factory.mktemp("lab"), {"x86-1t": project["x86-1t"]}) as state:
+        yield state
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory, lab):
+    root = tmp_path_factory.mktemp("canao")
+    teacher = root / "teacher"
+    train_teacher(load_config("teacher", "tiny"), teacher)
+    supernet = root / "supernet"
+    train_supernet(load_config("distill", "tiny"), teacher, supernet)
+    latency = root / "latency"
+    fit_latency_model(load_config("latency", "tiny", overrides=[f"compile.tuning_dir={root / 'tuning'}"]),
+                      "x86-1t", latency, teacher)
+    trials = []
+    found = root / "search"
+    search(load_config("search", "tiny"), supernet, latency, found,
+           on_trial=lambda number, params, metrics: trials.append((number, params, metrics)))
+    student = root / "student"
+    finalize(load_config("finalize", "tiny"), teacher, supernet, found, student)
+    return {"root": root, "teacher": teacher, "supernet": supernet, "latency": latency, "search": found,
+            "student": student, "trials": trials}
+
+
+def test_latency_model_round_trips_through_its_artifact(stages):
+    manifest = verify_manifest(stages["latency"])
+    model = LatencyModel.load(stages["latency"])
+    assert model.device == "x86-1t" and model.seq_len == 32 and len(model.measurements) == 4
+    assert sum(m["heldout"] for m in model.measurements) == 1
+    for m in model.measurements:
+        assert set(m["ms"]) == {"tvm", "onnxruntime"} and all(v > 0 for v in m["ms"].values())
+    refit = LatencyModel.fit(model.device, model.seq_len, model.teacher, model.measurements)
+    assert refit.coefficients == model.coefficients and refit.error == model.error
+    subnet = SubnetConfig.from_dict(model.measurements[0]["subnet"])
+    assert model.fastest(subnet) == min((model.predict(subnet, b), b) for b in ("tvm", "onnxruntime"))
+    assert set(manifest["metrics"]["error"]["tvm"]) == {"model", "flops_proxy", "fitted_on", "heldout"}
+
+
+def test_search_returns_a_non_dominated_front_with_measurements(stages):
+    result = json.loads((stages["search"] / FRONT_JSON).read_text())
+    front = result["front"]
+    assert front and dominated(front) == []
+    # No evaluated subnet beats a front point on both objectives.
+    for t in result["trials"]:
+        for p in front:
+            assert not (t["f1"] > p["f1"] and t["predicted_ms"] < p["predicted_ms"])
+    for p in front:
+        assert set(p) >= {"subnet", "f1", "predicted_ms", "measured_ms", "params", "flops"} and p["flops"] > 0
+    measured = [p for p in front if p["measured_ms"] is not None]
+    assert len(measured) == 1 and measured[0]["f1"] == max(p["f1"] for p in front)
+    assert set(result["teacher"]["measured_ms_by_backend"]) == {"tvm", "onnxruntime"}
+    assert (stages["search"] / FRONT_PNG).read_bytes()[:4] == b"\x89PNG"
+    assert [n for n, _, _ in stages["trials"]] == list(range(6))
+    assert all({"f1", "predicted_ms", "params"} <= set(m) for _, _, m in stages["trials"])
+
+
+def test_finalize_writes_a_student_that_predicts_compiles_and_is_benchmarked(stages):
+    manifest = verify_manifest(stages["student"])
+    m = manifest["metrics"]
+    assert m["questions"] == 8 and 0 <= m["f1"] <= 100 and "teacher_f1" in m
+    assert set(m["student_ms"]) == set(m["teacher_ms"]) == {"tvm", "onnxruntime"}
+    assert not (stages["student"] / "teacher-compiled").exists()
+    assert verify_manifest(stages["student"] / "compiled")["config"]["device"] == "x86-1t"
+    predictor = QAPredictor.from_dir(stages["student"])
+    assert predictor.features_cfg.max_seq_len == 128
+    answer = predictor.predict([SquadExample("q", "Who wrote it?", "It was written by Ada in 1843.", ())])["q"]
+    assert answer.text in "It was written by Ada in 1843."
+
+
+def test_cli_names_a_wrong_input(stages, tmp_path, capsys):
+    code = main(["search", "--profile", "tiny", "--supernet", str(stages["supernet"]),
+                 "--latency", str(stages["search"]), "--out", str(tmp_path / "s")])
+    assert code == 2
+    assert "a 'search' artifact, not a latency model" in capsys.readouterr().err
+    code = main(["finalize", "--profile", "tiny", "--teacher", str(stages["teacher"]), "--supernet",
+                 str(stages["supernet"]), "--search", str(stages["search"]), "--out", str(stages["student"]),
+                 "--set", "train.epochs=2"])
+    assert code == 2
+    assert "holds a model made with another config" in capsys.readouterr().err

@@ -1,0 +1,69 @@
+"""Configs of the CANAO stages, the latency model's fit and artifact, front selection."""
+
+import pytest
+
+from canao.config import PROFILES, ConfigError, SpaceConfig, load_config
+from canao.latency import LatencyModel, features, sample_subnets
+from canao.search import choose, dominated
+from canao.space import SearchSpace, SubnetConfig, TeacherShape
+
+MINILM = TeacherShape(6, 384, 12, 1536)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("stage", ["distill", "latency", "search", "finalize"])
+def test_every_profile_has_a_valid_config(stage, profile):
+    cfg = load_config(stage, profile)
+    if stage in ("distill", "latency") and profile != "tiny":
+        SearchSpace(cfg.space, MINILM)  # the quick and full spaces fit the MiniLM teacher
+
+
+def test_configs_name_bad_values():
+    with pytest.raises(ConfigError, match=r"backends: \['tflite'\]: every backend must be tvm or one of"):
+        load_config("latency", "tiny", overrides=["backends=[tvm, tflite]"])
+    with pytest.raises(ConfigError, match="samples/holdout"):
+        load_config("latency", "tiny", overrides=["holdout=3"])
+    with pytest.raises(ConfigError, match="kd.temperature: must be > 0"):
+        load_config("distill", "tiny", overrides=["kd.temperature=0"])
+    with pytest.raises(ConfigError, match="space.widths: unknown key"):
+        load_config("distill", "tiny", overrides=["space.widths=[1]"])
+
+
+def synthetic_measurements(n: int, heldout: int) -> list[dict]:
+    """Latencies that follow a known op-class cost (ms per dense GFLOP, attention GFLOP, M elements)."""
+    space = SearchSpace(SpaceConfig(), MINILM)
+    rows = []
+    for i, subnet in enumerate(sample_subnets(space, n, seed=0)):
+        x = features(subnet, MINILM, 384)
+        tvm = 0.3 + x[1] * 2e-9 + x[2] * 6e-9 + x[3] * 5e-7
+        litert = 0.1 + x[1] * 2.5e-9 + x[2] * 3e-9 + x[3] * 2e-7
+        rows.append({"subnet": subnet.to_dict(), "ms": {"tvm": tvm, "litert": litert}, "heldout": i >= n - heldout})
+    return rows
+
+
+def test_latency_model_fits_round_trips_and_beats_the_flops_proxy(tmp_path):
+    model = LatencyModel.fit("x86-1t", 384, MINILM, synthetic_measurements(16, 5))
+    model.save(tmp_path)
+    loaded = LatencyModel.load(tmp_path)
+    assert loaded == model
+    for m in model.measurements:
+        subnet = SubnetConfig.from_dict(m["subnet"])
+        for backend, ms in m["ms"].items():
+            assert loaded.predict(subnet, backend) == pytest.approx(ms, rel=1e-3)
+    for backend in ("tvm", "litert"):
+        error = model.error[backend]
+        assert error["model"]["mape_pct"] < 0.5 and error["model"]["spearman"] == 1.0
+        assert error["flops_proxy"]["mape_pct"] > error["model"]["mape_pct"]
+    with pytest.raises(FileNotFoundError, match="no latency model"):
+        LatencyModel.load(tmp_path / "missing")
+
+
+def test_front_helpers():
+    points = [{"f1": 50.0, "predicted_ms": 2.0, "measured_ms": 2.5}, {"f1": 60.0, "predicted_ms": 4.0,
+                                                                      "measured_ms": None},
+              {"f1": 55.0, "predicted_ms": 5.0, "measured_ms": None}]
+    assert dominated(points) == [points[2]]
+    assert choose({"latency_budget_ms": 3.0, "front": points}) == points[0]
+    assert choose({"latency_budget_ms": 0.0, "front": points}) == points[1]
+    with pytest.raises(ValueError, match="no front point within the latency budget of 1.0 ms"):
+        choose({"latency_budget_ms": 1.0, "front": points})

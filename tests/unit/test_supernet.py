@@ -1,0 +1,105 @@
+"""The search space and the elastic supernet: slicing, importance sorting, extraction."""
+
+import random
+
+import pytest
+import torch
+
+from canao.config import BertShape, ConfigError, SpaceConfig
+from canao.models.bert_qa import init_qa_model, load_qa_model
+from canao.models.supernet import Supernet, extract, sort_by_importance
+from canao.space import SearchSpace, SubnetConfig, TeacherShape, params
+
+SHAPE = BertShape(num_layers=3, hidden_size=48, num_heads=3, ffn_size=96)  # head size 16
+SPACE = SpaceConfig(layer_counts=(1, 2, 3), hidden_sizes=(16, 32, 48), head_counts=(1, 2, 3),
+                    ffn_sizes=(32, 64, 96), align=16)
+
+
+@pytest.fixture(scope="module")
+def supernet():
+    model = init_qa_model("random", SHAPE, seed=0).eval()
+    return Supernet(model).eval()
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 5000, (2, 24), generator=g)
+    types = torch.zeros_like(ids)
+    types[:, 8:] = 1
+    mask = torch.ones_like(ids)
+    mask[1, 20:] = 0
+    return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
+
+
+def subnets():
+    space = SearchSpace(SPACE, TeacherShape.of(init_qa_model("random", SHAPE, 0).config))
+    rng = random.Random(0)
+    return [space.largest(), space.smallest(), SubnetConfig(2, 32, (2, 1), (96, 32))] + [space.sample(rng)
+                                                                                         for _ in range(5)]
+
+
+@pytest.mark.parametrize("subnet", subnets(), ids=lambda s: s.label())
+def test_supernet_slice_equals_the_extracted_model_exactly(supernet, subnet, tmp_path):
+    x = inputs()
+    with torch.no_grad():
+        sliced = supernet(subnet, **x)
+        student = extract(supernet, subnet)
+        extracted = student(**x)
+    assert torch.equal(sliced.start_logits, extracted.start_logits)
+    assert torch.equal(sliced.end_logits, extracted.end_logits)
+    # Physically smaller: exactly the subnet's parameters, and it loads back with from_pretrained.
+    assert sum(p.numel() for p in student.parameters()) == params(subnet, supernet.shape, 30522, 512)
+    student.save_pretrained(tmp_path)
+    reloaded = load_qa_model(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**x).start_logits, extracted.start_logits)
+
+
+def test_the_largest_subnet_is_the_teacher(supernet):
+    x = inputs(1)
+    space = SearchSpace(SPACE, supernet.shape)
+    with torch.no_grad():
+        assert torch.equal(supernet(space.largest(), **x).start_logits, supernet.model(**x).start_logits)
+
+
+def test_importance_sorting_keeps_the_function_and_puts_the_best_units_first():
+    model = init_qa_model("random", SHAPE, seed=1).eval()
+    x = inputs(2)
+    with torch.no_grad():
+        before = model(**x).start_logits
+    scores = {"heads": torch.rand(3, 3), "neurons": torch.rand(3, 96), "channels": torch.rand(48)}
+    ffn_in = model.bert.encoder.layer[0].intermediate.dense.weight.detach().clone()
+    sort_by_importance(model, scores)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**x).start_logits, before, rtol=0, atol=1e-5)
+    best_neuron, best_channel = scores["neurons"][0].argmax(), scores["channels"].argmax()
+    assert torch.equal(model.bert.encoder.layer[0].intermediate.dense.weight[0, 0], ffn_in[best_neuron, best_channel])
+
+
+def test_subnet_gradients_reach_only_the_shared_slice(supernet):
+    subnet = SubnetConfig(1, 16, (1,), (32,))
+    supernet.zero_grad()
+    supernet(subnet, **inputs()).start_logits.sum().backward()
+    layer = supernet.model.bert.encoder.layer[2]  # one kept layer: the last
+    grad = layer.intermediate.dense.weight.grad
+    assert grad[:32, :16].abs().sum() > 0 and grad[32:].abs().sum() == 0 and grad[:, 16:].abs().sum() == 0
+    assert supernet.model.bert.encoder.layer[0].intermediate.dense.weight.grad is None
+    supernet.zero_grad()
+
+
+def test_space_rejects_bad_configs_and_subnets():
+    teacher = TeacherShape(3, 48, 3, 96)
+    with pytest.raises(ConfigError, match="space.ffn_sizes: values must be in"):
+        SearchSpace(SpaceConfig((1, 3), (16, 48), (1, 3), (32, 128), 16), teacher)
+    with pytest.raises(ConfigError, match="space.hidden_sizes: must include the teacher's 48"):
+        SearchSpace(SpaceConfig((1, 3), (16, 32), (1, 3), (32, 96), 16), teacher)
+    with pytest.raises(ConfigError, match=r"space.ffn_sizes: \[40\] not multiples of space.align"):
+        SearchSpace(SpaceConfig((1, 3), (16, 48), (1, 3), (40, 96), 16), teacher)
+    space = SearchSpace(SPACE, teacher)
+    with pytest.raises(ValueError, match=r"subnet.heads\[0\]: 3 not in \[1\]"):
+        space.validate(SubnetConfig(1, 16, (3,), (32,)))
+    with pytest.raises(ValueError, match="subnet.ffn_sizes: 1 values for 2 layers"):
+        space.validate(SubnetConfig(2, 32, (1, 2), (32,)))
+    with pytest.raises(ValueError, match="subnet.num_layers: 4 not in"):
+        space.validate(SubnetConfig(4, 32, (1,) * 4, (32,) * 4))
+    assert SubnetConfig(3, 16, (1,) * 3, (32,) * 3).layer_indices(6) == [1, 3, 5]
