@@ -206,6 +206,8 @@ def cmd_deploy(args) -> None:
     device = verify_manifest(args.compiled)["config"]["device"]
     inputs = {"teacher": args.teacher or args.model, "model": args.model, "compiled": args.compiled,
               "benchmark": args.benchmark, "teacher_benchmark": args.teacher_benchmark or args.benchmark}
+    if args.search:
+        inputs["search"] = args.search
     manifest, _ = execute("deploy", args.profile, args.overrides, inputs, args.out,
                           Context(device=device, parent_run_id=args.mlflow_run or ""))
     print(json.dumps({"registry_uri": manifest["registry_uri"], "backend": manifest["backend"],
@@ -380,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", required=True, help="a directory with its benchmark records.json and manifest")
     p.add_argument("--teacher", help="the teacher model directory, for lineage (default: --model)")
     p.add_argument("--teacher-benchmark", help="the teacher's benchmark directory (default: --benchmark)")
+    p.add_argument("--search", help="the `canao search` directory the student came from (its front is kept)")
     p.add_argument("--mlflow-run", help="MLflow run id to register the model version under (default: none)")
     p.add_argument("--out", required=True, help="directory to write the deployment record to")
     p.set_defaults(func=cmd_deploy)

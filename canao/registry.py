@@ -30,6 +30,7 @@ import botocore.exceptions
 from canao.manifest import MANIFEST, sha256_file
 
 PREFIX = "models"
+MODEL_DIR, COMPILED_DIR = "model", "compiled"  # in a version: the model, and compiled/<device key>/ per device
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # names and versions: one S3 path segment each
 CREDENTIAL_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken"}
 

@@ -14,6 +14,7 @@ naming it in RUNNERS.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -101,6 +102,37 @@ def run_teacher(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -
     return train_teacher(cfg, out_dir)
 
 
+def run_distill(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
+    from canao.distill import train_supernet
+
+    return train_supernet(cfg, inputs["teacher"], out_dir)
+
+
+def run_latency(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
+    from canao.latency import fit_latency_model
+
+    return fit_latency_model(cfg, context.device, out_dir, inputs["teacher"])
+
+
+def run_search(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
+    """The search, each trial logged as a child run of the pipeline run when it is tracked."""
+    from canao.search import search
+
+    on_trial = None
+    if context.parent_run_id:
+        from canao import tracking
+
+        on_trial = functools.partial(tracking.log_candidate, context.parent_run_id)
+    shutil.rmtree(out_dir, ignore_errors=True)  # search refuses an existing directory; a finished one is cached
+    return search(cfg, inputs["supernet"], inputs["latency"], out_dir, on_trial=on_trial)
+
+
+def run_finalize(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
+    from canao.search import finalize
+
+    return finalize(cfg, inputs["teacher"], inputs["supernet"], inputs["search"], out_dir)
+
+
 def run_compile(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
     from canao.compile import compile_model
 
@@ -149,31 +181,41 @@ def _qa_block(directory: Path) -> dict:
 
 
 def _architecture(model_dir: Path) -> dict:
+    """The model's shape as a subnet (`SubnetConfig.to_dict()`): a plain BERT has one head
+    count and FFN width for every layer, a searched student (CanaoBertConfig) one per layer."""
     config = json.loads((model_dir / "config.json").read_text())
-    return {"num_layers": config["num_hidden_layers"], "hidden_size": config["hidden_size"],
-            "num_heads": config["num_attention_heads"], "ffn_size": config["intermediate_size"]}
+    layers = config["num_hidden_layers"]
+    return {"num_layers": layers, "hidden_size": config["hidden_size"],
+            "heads": config.get("layer_heads") or [config["num_attention_heads"]] * layers,
+            "ffn_sizes": config.get("layer_ffn_sizes") or [config["intermediate_size"]] * layers}
 
 
 def model_stats(model_dir: Path, seq_len: int) -> dict:
     """Parameters, weight bytes, and the FLOPs of one forward pass over `seq_len` tokens
-    (matmuls only: the Q/K/V/output projections, the FFN, attention scores and mixing, the span head)."""
+    (matmuls only, `canao.space.flops`)."""
     from safetensors import safe_open
+
+    from canao.space import SubnetConfig, TeacherShape, flops
 
     weights = model_dir / "model.safetensors"
     with safe_open(weights, framework="np") as f:
         params = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
-    a = _architecture(model_dir)
-    h, n = a["hidden_size"], seq_len
-    per_layer = 2 * n * (4 * h * h + 2 * h * a["ffn_size"]) + 2 * 2 * n * n * h
-    return {"params": params, "size_bytes": weights.stat().st_size,
-            "flops": a["num_layers"] * per_layer + 2 * n * h * 2, "seq_len": seq_len}
+    config = json.loads((model_dir / "config.json").read_text())
+    # Every head is hidden_size / num_attention_heads wide (TeacherShape.head_size), in a student as in the teacher.
+    shape = TeacherShape(config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
+                         config["intermediate_size"])
+    subnet = SubnetConfig.from_dict(_architecture(model_dir))
+    return {"params": params, "size_bytes": weights.stat().st_size, "flops": flops(subnet, shape, seq_len),
+            "seq_len": seq_len}
 
 
 def run_deploy(cfg: DeployConfig, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
     """Choose the serving backend from the measurements, push the student and its compiled
-    artifact to the S3 registry, register that version in MLflow under `cfg.alias`."""
+    artifact to the S3 registry, register that version in MLflow under `cfg.alias`. With a
+    `search` input its Pareto front (front.json, front.png) is kept beside deployment.json."""
     from canao import bench
-    from canao.registry import Registry, content_version, directory_files
+    from canao.registry import COMPILED_DIR, MODEL_DIR, Registry, content_version, directory_files
+    from canao.search import FRONT_JSON, FRONT_PNG
 
     compiled = verify_manifest(inputs["compiled"])
     device = compiled["config"]["device"]
@@ -187,7 +229,8 @@ def run_deploy(cfg: DeployConfig, inputs: dict[str, Path], out_dir: Path, contex
     speedup = baseline[0] / choice["p50_ms"] if baseline else None
     teacher, student = _qa_block(inputs["teacher"]), _qa_block(inputs["model"])
     stats = model_stats(inputs["model"], compiled["config"]["seq_len"])
-    files = {**directory_files(inputs["model"], "model"), **directory_files(inputs["compiled"], f"compiled/{device}")}
+    files = {**directory_files(inputs["model"], MODEL_DIR),
+             **directory_files(inputs["compiled"], f"{COMPILED_DIR}/{device}")}
     version = content_version(files)
     registry = Registry(cfg.bucket)
     if registry.has_version(cfg.model_name, version):
@@ -210,10 +253,11 @@ def run_deploy(cfg: DeployConfig, inputs: dict[str, Path], out_dir: Path, contex
                                                  "backend": choice["backend"]})
     deployment = {
         "teacher": teacher,
-        # Until the search stages land the student is the teacher itself.
+        # `canao deploy` without --teacher ships the teacher itself.
         "student": {**student, "config": _architecture(inputs["model"]), **stats,
                     "is_teacher": content_id(inputs["model"]) == content_id(inputs["teacher"])},
-        "front": None,
+        # Relative to the deployment directory: a cached deployment is linked into each run's own.
+        "front": FRONT_JSON if "search" in inputs else None,
         "device": device,
         "backend": choice,
         "speedup_vs_litert_fp32_teacher": speedup,
@@ -224,6 +268,9 @@ def run_deploy(cfg: DeployConfig, inputs: dict[str, Path], out_dir: Path, contex
 
     def fill(staging: Path) -> dict:
         (staging / DEPLOYMENT).write_text(json.dumps(deployment, indent=1))
+        if "search" in inputs:
+            for name in (FRONT_JSON, FRONT_PNG):
+                shutil.copy2(inputs["search"] / name, staging / name)
         return write_manifest(staging, "deploy", to_dict(cfg),
                               {"p50_ms": choice["p50_ms"], "p90_ms": choice["p90_ms"],
                                "speedup_vs_litert_fp32_teacher": speedup, "student": stats},
@@ -238,6 +285,10 @@ Runner = Callable[[object, dict[str, Path], Path, Context], dict]
 # stage -> (config name in configs/<profile>/, runner)
 RUNNERS: dict[str, tuple[str, Runner]] = {
     "teacher": ("teacher", run_teacher),
+    "distill": ("distill", run_distill),
+    "latency": ("latency", run_latency),
+    "search": ("search", run_search),
+    "finalize": ("finalize", run_finalize),
     "compile": ("compile", run_compile),
     "benchmark": ("bench", run_benchmark),
     "deploy": ("deploy", run_deploy),

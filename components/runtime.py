@@ -22,6 +22,15 @@ def run_stage(stage: str, profile: str, overrides: dict, inputs: dict, out, metr
     return manifest
 
 
+def with_latency_budget(overrides: dict, latency_budgets_ms: list) -> dict:
+    """`overrides` with the search's `latency_budget_ms` set to the tightest budget: the
+    pipeline ships one student, and one that meets the tightest budget meets them all."""
+    if not latency_budgets_ms or any(not isinstance(b, int | float) or b <= 0 for b in latency_budgets_ms):
+        raise ValueError(f"latency_budgets_ms: expected a non-empty list of positive numbers, "
+                         f"got {latency_budgets_ms!r}")
+    return {**overrides, "search": [*overrides.get("search", []), f"latency_budget_ms={min(latency_budgets_ms)}"]}
+
+
 def open_run(run_name: str, profile: str, device: str, latency_budgets_ms: list) -> str:
     return tracking.start_pipeline_run(run_name, {"device": device, "profile": profile, "pipeline_run": run_name},
                                        {"device": device, "profile": profile, "latency_budgets_ms": latency_budgets_ms})
@@ -30,6 +39,11 @@ def open_run(run_name: str, profile: str, device: str, latency_budgets_ms: list)
 def close_run(parent_run_id: str, deployment) -> None:
     """Log the deployment's outcome on the pipeline run and mark it finished."""
     summary = json.loads((Path(deployment.path) / DEPLOYMENT).read_text())
+    if summary["front"]:
+        # Here rather than in deploy: a deployment reused from the cache still gets its front
+        # logged on this run.
+        front_json = Path(deployment.path) / summary["front"]
+        tracking.log_front(parent_run_id, front_json, front_json.with_suffix(".png"))
     tracking.log(parent_run_id, metrics={"teacher": summary["teacher"], "student": summary["student"],
                                          "speedup_vs_litert_fp32_teacher": summary["speedup_vs_litert_fp32_teacher"]},
                  tags={"registry_uri": summary["registry_uri"], "backend": summary["backend"]["backend"]})

@@ -30,6 +30,40 @@ def teacher(profile: str, overrides: dict, device: str, parent_run_id: str, mode
 
 
 @component
+def distill(profile: str, overrides: dict, device: str, parent_run_id: str, teacher: Input[Model],
+            supernet: Output[Model], metrics: Output[Metrics]):
+    from components.runtime import run_stage
+
+    run_stage("distill", profile, overrides, {"teacher": teacher}, supernet, metrics, device, parent_run_id)
+
+
+@component
+def latency(profile: str, overrides: dict, device: str, parent_run_id: str, teacher: Input[Model],
+            latency_model: Output[Artifact], metrics: Output[Metrics]):
+    from components.runtime import run_stage
+
+    run_stage("latency", profile, overrides, {"teacher": teacher}, latency_model, metrics, device, parent_run_id)
+
+
+@component
+def search(profile: str, overrides: dict, device: str, parent_run_id: str, latency_budgets_ms: list,
+           supernet: Input[Model], latency_model: Input[Artifact], front: Output[Artifact], metrics: Output[Metrics]):
+    from components.runtime import run_stage, with_latency_budget
+
+    run_stage("search", profile, with_latency_budget(overrides, latency_budgets_ms),
+              {"supernet": supernet, "latency": latency_model}, front, metrics, device, parent_run_id)
+
+
+@component
+def finalize(profile: str, overrides: dict, device: str, parent_run_id: str, teacher: Input[Model],
+             supernet: Input[Model], front: Input[Artifact], model: Output[Model], metrics: Output[Metrics]):
+    from components.runtime import run_stage
+
+    run_stage("finalize", profile, overrides, {"teacher": teacher, "supernet": supernet, "search": front}, model,
+              metrics, device, parent_run_id)
+
+
+@component
 def compile_model(profile: str, overrides: dict, device: str, parent_run_id: str, model: Input[Model],
                   compiled: Output[Artifact], metrics: Output[Metrics]):
     from components.runtime import run_stage
@@ -49,11 +83,12 @@ def benchmark(profile: str, overrides: dict, device: str, parent_run_id: str, mo
 @component
 def deploy(profile: str, overrides: dict, device: str, parent_run_id: str, run_name: str, teacher: Input[Model],
            model: Input[Model], compiled: Input[Artifact], benchmark: Input[Artifact],
-           teacher_benchmark: Input[Artifact], deployment: Output[Artifact], metrics: Output[Metrics]):
+           teacher_benchmark: Input[Artifact], front: Input[Artifact], deployment: Output[Artifact],
+           metrics: Output[Metrics]):
     from components.runtime import run_stage
 
     inputs = {"teacher": teacher, "model": model, "compiled": compiled, "benchmark": benchmark,
-              "teacher_benchmark": teacher_benchmark}
+              "teacher_benchmark": teacher_benchmark, "search": front}
     run_stage("deploy", profile, overrides, inputs, deployment, metrics, device, parent_run_id, run_name)
 
 

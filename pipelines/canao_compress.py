@@ -1,7 +1,10 @@
-"""`canao-compress`: teacher -> compile -> benchmark -> deploy, tracked as one MLflow run.
+"""`canao-compress`: teacher -> distill -> latency -> search -> finalize -> compile ->
+benchmark -> deploy, tracked as one MLflow run.
 
-Until the search stages land (distill, latency, search, finalize go between teacher and
-compile, each one task fed by the one before) the student is the teacher itself.
+The supernet (distill) and the latency model (latency) both need only the teacher; the
+search finds the Pareto front of F1 vs latency under the tightest of `latency_budgets_ms`,
+finalize trains the student it chooses. The student is compiled, benchmarked and deployed;
+the teacher is compiled and benchmarked too, for the speed-up over LiteRT fp32 on the teacher.
 
 On a cluster every task gets the S3 keys from the Secret `canao-s3`, the S3 endpoint and the
 MLflow URI from the Secret `canao-pipeline` (k8s/README.md), the device-lab tracker from the
@@ -33,6 +36,13 @@ def on_cluster(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
+def compile_and_benchmark(model, parent, common: dict) -> tuple:
+    """The tasks that compile `model` for the device and time it there: (compiled, records)."""
+    compiled = on_cluster(stages.compile_model(parent_run_id=parent, model=model, **common)).outputs["compiled"]
+    measured = on_cluster(stages.benchmark(parent_run_id=parent, model=model, compiled=compiled, **common))
+    return compiled, measured.outputs["records"]
+
+
 @dsl.pipeline(name="canao-compress",
               description="Compress a QA transformer for a device's latency budget, compile, benchmark and deploy it.")
 def canao_compress(device: str = "x86-1t", profile: str = "quick", latency_budgets_ms: list = [10.0, 25.0],  # noqa: B006
@@ -42,14 +52,18 @@ def canao_compress(device: str = "x86-1t", profile: str = "quick", latency_budge
     run = on_cluster(stages.open_run(run_name=run_name, profile=profile, device=device,
                                      latency_budgets_ms=latency_budgets_ms))
     parent = run.output
-    teacher = on_cluster(stages.teacher(parent_run_id=parent, **common))
-    student = teacher.outputs["model"]
-    compiled = on_cluster(stages.compile_model(parent_run_id=parent, model=student, **common))
-    measured = on_cluster(stages.benchmark(parent_run_id=parent, model=student, compiled=compiled.outputs["compiled"],
-                                           **common))
+    teacher = on_cluster(stages.teacher(parent_run_id=parent, **common)).outputs["model"]
+    supernet = on_cluster(stages.distill(parent_run_id=parent, teacher=teacher, **common)).outputs["supernet"]
+    latency = on_cluster(stages.latency(parent_run_id=parent, teacher=teacher, **common)).outputs["latency_model"]
+    front = on_cluster(stages.search(parent_run_id=parent, latency_budgets_ms=latency_budgets_ms, supernet=supernet,
+                                     latency_model=latency, **common)).outputs["front"]
+    finalize = on_cluster(stages.finalize(parent_run_id=parent, teacher=teacher, supernet=supernet, front=front,
+                                          **common))
+    student = finalize.outputs["model"]
+    compiled, records = compile_and_benchmark(student, parent, common)
+    _, teacher_records = compile_and_benchmark(teacher, parent, common)
     deployed = on_cluster(stages.deploy(
-        parent_run_id=parent, run_name=run_name, teacher=teacher.outputs["model"], model=student,
-        compiled=compiled.outputs["compiled"], benchmark=measured.outputs["records"],
-        teacher_benchmark=measured.outputs["records"], **common))
+        parent_run_id=parent, run_name=run_name, teacher=teacher, model=student, compiled=compiled,
+        benchmark=records, teacher_benchmark=teacher_records, front=front, **common))
     on_cluster(stages.close_run(parent_run_id=parent, deployment=deployed.outputs["deployment"]))
     return deployed.outputs["deployment"]

@@ -68,7 +68,7 @@ def run(profile: str, device: str, latency_budgets_ms: list[float], overrides: d
     # The deployment may come from the cache (an earlier run); the MLflow run is this run's.
     run_id = tracking.find_pipeline_run(run_name)
     summary.update(pipeline_run=run_name, profile=profile, deployment=deployment.path, mlflow_run_id=run_id,
-                   mlflow_url=tracking.run_url(run_id))
+                   mlflow_url=tracking.run_url(run_id), front=str(Path(deployment.path) / summary["front"]))
     if summary_path is not None:
         summary_path.parent.mkdir(parents=True, exist_ok=True)
         summary_path.write_text(json.dumps(summary, indent=1) + "\n")
@@ -89,9 +89,8 @@ def describe(summary: dict) -> str:
     return "\n".join([
         f"teacher      EM {teacher['exact_match']:.2f}  F1 {teacher['f1']:.2f}  ({teacher['dir']})",
         f"student      EM {student['exact_match']:.2f}  F1 {student['f1']:.2f}  {student['config']}, "
-        f"{student['params'] / 1e6:.1f}M params, {student['flops'] / 1e9:.2f} GFLOPs at {student['seq_len']} tokens"
-        + ("  (the teacher itself until the search stages land)" if student["is_teacher"] else ""),
-        f"front        {summary['front'] or 'none yet (no search stage)'}",
+        f"{student['params'] / 1e6:.1f}M params, {student['flops'] / 1e9:.2f} GFLOPs at {student['seq_len']} tokens",
+        f"front        {summary['front']}",
         f"device       {summary['device']}: {backend['backend']} p50 {backend['p50_ms']:.2f} ms, "
         f"{f'{speedup:.2f}x' if speedup else 'n/a'} vs LiteRT fp32 teacher",
         f"registry     {summary['registry_uri']}",
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=PROFILES, default="quick")
     parser.add_argument("--device", default="x86-1t", help="device key from device_lab/devices.yaml")
     parser.add_argument("--budget-ms", type=float, action="append", dest="budgets",
-                        help="latency budget in ms (repeatable; default 10 and 25)")
+                        help="latency budget in ms (repeatable; default 10 and 25); the search meets the tightest")
     parser.add_argument("--mlflow-port", type=int, default=services.MLFLOW_PORT, help="if not running yet")
     parser.add_argument("--s3-port", type=int, default=services.S3_PORT, help="if not running yet")
     parser.add_argument("--lab-port", type=int, default=device_lab.DEFAULT_PORT, help="tracker, if not running")

@@ -1,10 +1,13 @@
 """canao-compress (tiny profile) with kfp's local runner against the real MLflow server,
-SeaweedFS S3 store and device lab on 127.0.0.1: a failed run resumes from its finished
-stages, and MLflow's REST API and the S3 bucket hold what the summary says."""
+SeaweedFS S3 store and device lab on 127.0.0.1: teacher -> distill -> latency -> search ->
+finalize -> compile and benchmark (student and teacher) -> deploy; a failed run resumes from
+its finished stages, and MLflow's REST API and the S3 bucket hold what the summary says."""
 
 import json
 import urllib.parse
 import urllib.request
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import yaml
@@ -32,7 +35,8 @@ def rest(endpoint: str, **query) -> dict:
         return json.loads(response.read())
 
 
-def child_runs(parent_id: str, experiment_id: str) -> dict[str, dict]:
+def child_runs(parent_id: str, experiment_id: str) -> list[tuple[str, dict]]:
+    """(run name, tags) of each child run of `parent_id`; the names repeat (two compiles)."""
     request = urllib.request.Request(
         f"{tracking.tracking_uri()}/api/2.0/mlflow/runs/search", method="POST",
         headers={"Content-Type": "application/json"},
@@ -40,17 +44,21 @@ def child_runs(parent_id: str, experiment_id: str) -> dict[str, dict]:
                          "filter": f"tags.mlflow.parentRunId = '{parent_id}'"}).encode())
     with urllib.request.urlopen(request, timeout=10) as response:
         runs = json.loads(response.read())["runs"]
-    return {r["info"]["run_name"]: {t["key"]: t["value"] for t in r["data"]["tags"]} for r in runs}
+    return [(r["info"]["run_name"], {t["key"]: t["value"] for t in r["data"]["tags"]}) for r in runs]
 
 
 def test_pipeline_resumes_after_a_failed_stage_and_records_what_its_summary_says(workspace, monkeypatch):
     root, _ = workspace
-    overrides = {"compile": [f"tuning_dir={root / 'tuning'}"]}
-    # No device lab: teacher and compile finish, the benchmark cannot reach a device and fails.
+    tuning = root / "tuning"
+    overrides = {"compile": [f"tuning_dir={tuning}"], "latency": [f"compile.tuning_dir={tuning}"]}
+    budgets = [25.0, 10.0]
+    # No device lab: the stages that need none (teacher, distill, compile) may finish, the
+    # first that measures on the device (latency, benchmark) fails.
     monkeypatch.setenv("CANAO_LAB_DIR", str(root / "no-lab"))
-    with pytest.raises(RuntimeError, match="benchmark"):
-        local.run("tiny", "x86-1t", [10.0], overrides, root / "runs", None)
-    assert {p.parent.parent.name for p in (root / "cache").glob("*/*/manifest.json")} == {"teacher", "compile"}
+    with pytest.raises(RuntimeError, match="latency|benchmark"):
+        local.run("tiny", "x86-1t", budgets, overrides, root / "runs", None)
+    finished = Counter(p.parent.parent.name for p in (root / "cache").glob("*/*/manifest.json"))
+    assert finished["teacher"] == 1 and set(finished) <= {"teacher", "distill", "compile"}
     mlflow = tracking.client()
     runs = mlflow.search_runs([mlflow.get_experiment_by_name(tracking.EXPERIMENT).experiment_id],
                               filter_string="tags.`canao.kind` = 'pipeline'")
@@ -58,25 +66,38 @@ def test_pipeline_resumes_after_a_failed_stage_and_records_what_its_summary_says
 
     (root / "lab").mkdir()
     with running_lab(root / "lab", {"x86-1t": yaml.safe_load((root / "devices.yaml").read_text())["x86-1t"]}):
-        summary = local.run("tiny", "x86-1t", [10.0], overrides, root / "runs", root / "summary.json")
+        summary = local.run("tiny", "x86-1t", budgets, overrides, root / "runs", root / "summary.json")
     assert json.loads((root / "summary.json").read_text()) == summary
     assert summary["registry_uri"] in local.describe(summary)
     for block in ("teacher", "student"):
         assert {"dir", "exact_match", "f1"} <= set(summary[block])
-    assert summary["student"]["is_teacher"] and summary["student"]["config"]["num_layers"] == 2
-    assert summary["student"]["params"] > 0 and summary["student"]["flops"] > 0 and summary["student"]["seq_len"] == 32
-    assert summary["device"] == "x86-1t" and "front" in summary
-    assert "speedup_vs_litert_fp32_teacher" in summary  # None: the tiny profile exports no LiteRT model
+    student = summary["student"]
+    assert not student["is_teacher"] and student["dir"] != summary["teacher"]["dir"]
+    front = json.loads(Path(summary["front"]).read_text())
+    assert front["latency_budget_ms"] == 10.0  # the tightest budget
+    assert student["config"] in [point["subnet"] for point in front["front"]]
+    assert student["params"] > 0 and student["flops"] > 0 and student["seq_len"] == 32
+    assert summary["device"] == "x86-1t"
+    assert summary["speedup_vs_litert_fp32_teacher"] is None  # the tiny profile exports no LiteRT model
 
-    # MLflow: the parent run, finished, with a child run per stage; the two finished before came from the cache.
+    # MLflow: the parent run, finished, with a child run per task (those finished before from the
+    # cache), one per search candidate, and the front.
     run = rest("runs/get", run_id=summary["mlflow_run_id"])["run"]
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     assert run["info"]["status"] == "FINISHED"
     assert tags["device"] == "x86-1t" and tags["profile"] == "tiny" and len(tags["git_commit"]) == 40
     assert tags["registry_uri"] == summary["registry_uri"]
     children = child_runs(summary["mlflow_run_id"], run["info"]["experiment_id"])
-    assert {name: t["cached"] for name, t in children.items()} == {
-        "teacher": "true", "compile": "true", "benchmark": "false", "deploy": "false"}
+    tasks = Counter(teacher=1, distill=1, latency=1, search=1, finalize=1, compile=2, benchmark=2, deploy=1)
+    assert Counter((name, t["cached"]) for name, t in children if "cached" in t) == Counter(
+        {**{(stage, "true"): n for stage, n in finished.items()},
+         **{(stage, "false"): n - finished[stage] for stage, n in tasks.items() if n > finished[stage]}})
+    candidates = [name for name, t in children if t.get("candidate")]
+    assert len(candidates) == len(front["trials"]) and all(name.startswith("candidate-") for name in candidates)
+    history = rest("metrics/get-history", run_id=summary["mlflow_run_id"], metric_key="front.f1")["metrics"]
+    assert sorted(m["value"] for m in history) == sorted(point["f1"] for point in front["front"])
+    artifacts = rest("artifacts/list", run_id=summary["mlflow_run_id"], path="front")["files"]
+    assert sorted(a["path"] for a in artifacts) == ["front/front.json", "front/front.png"]
     assert summary["mlflow_url"].endswith(summary["mlflow_run_id"])
     version = rest("registered-models/alias", name="canao-qa", alias="production")["model_version"]
     assert version["source"] == summary["registry_uri"] and version["run_id"] == summary["mlflow_run_id"]
@@ -101,4 +122,4 @@ def test_front_and_candidates_are_logged_for_comparison(workspace, tmp_path):
     artifacts = rest("artifacts/list", run_id=parent, path="front")["files"]
     assert [a["path"] for a in artifacts] == ["front/front.json"]
     experiment = rest("runs/get", run_id=parent)["run"]["info"]["experiment_id"]
-    assert child_runs(parent, experiment)["candidate-0"]["stage"] == "search"
+    assert dict(child_runs(parent, experiment))["candidate-0"]["stage"] == "search"
