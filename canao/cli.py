@@ -406,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve a model over HTTP: the QA API, metrics and the web page")
     _add_config_args(p)
-    p.add_argument("--model", required=True, help="a QA model directory or a `canao compile` artifact directory")
+    p.add_argument("--model", required=True, help="a QA model directory, a `canao compile` artifact directory, or "
+                   "a registry model NAME@ALIAS (e.g. canao-qa@production; needs MLflow and S3, `canao services env`)")
     p.add_argument("--host", help="bind address (default: the profile's, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: the profile's)")
     p.set_defaults(func=cmd_serve)

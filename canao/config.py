@@ -120,6 +120,8 @@ class ServeConfig:
     port: int = 8000
     backend: str = "auto"  # a compiled artifact's backend by name, or "auto": the fastest of those that match
     #                        PyTorch within the artifact's numerics_tol (int8 ones do not), timed at start-up
+    device: str = ""  # device key (device_lab/devices.yaml) whose compiled artifact a registry model (--model
+    #                   NAME@ALIAS) serves; "" = the only one the version holds
     threads: int = 0  # inference threads; 0 = one per core this process may run on
     max_body_bytes: int = 65536  # larger request bodies get 413 before they are read whole
     max_context_chars: int = 20000  # longer contexts get 422; a context is split into windows, each a forward pass

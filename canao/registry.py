@@ -31,6 +31,7 @@ from canao.manifest import MANIFEST, sha256_file
 
 PREFIX = "models"
 MODEL_DIR, COMPILED_DIR = "model", "compiled"  # in a version: the model, and compiled/<device key>/ per device
+URI_PATTERN = re.compile(rf"s3://([^/]+)/{PREFIX}/([^/]+)/([^/]+)/")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # names and versions: one S3 path segment each
 CREDENTIAL_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken"}
 
@@ -217,6 +218,36 @@ class Registry:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return manifest
+
+
+def parse_uri(uri: str) -> tuple[str, str, str]:
+    """(bucket, name, version) of a version's URI, as `Registry.uri` writes it."""
+    match = URI_PATTERN.fullmatch(uri)
+    if match is None:
+        raise RegistryError(f"{uri}: not a registry version URI (s3://<bucket>/{PREFIX}/<name>/<version>/)")
+    return match.group(1), match.group(2), match.group(3)
+
+
+def _intact(local: Path) -> bool:
+    """Whether a pulled version still holds every file of its manifest, unchanged."""
+    manifest = json.loads((local / MANIFEST).read_text())
+    return all((local / rel).is_file() and sha256_file(local / rel) == entry["sha256"]
+               for rel, entry in manifest["files"].items())
+
+
+def pull_cached(uri: str, cache_dir: str | Path) -> Path:
+    """The version at `uri` as the local directory `<cache_dir>/<bucket>/<name>/<version>/`:
+    pulled (verified) the first time; its files are checked again on every later use, and a
+    copy that changed is pulled again. Versions are immutable, so a good copy never goes stale."""
+    bucket, name, version = parse_uri(uri)
+    local = Path(cache_dir) / bucket / name / version
+    if local.is_dir():
+        if _intact(local):
+            return local
+        print(f"{local}: differs from its manifest; pulling {uri} again", flush=True)
+        shutil.rmtree(local)
+    Registry(bucket).pull(name, version, local)
+    return local
 
 
 def directory_files(directory: Path, under: str) -> dict[str, Path]:

@@ -188,6 +188,17 @@ def register_model(name: str, source_uri: str, run_id: str, alias: str, tags: di
     return str(version.version)
 
 
+def model_source(name: str, alias: str) -> str:
+    """The source URI (the S3 registry version) of the version of registered model `name`
+    that `alias` points at."""
+    try:
+        version = client().get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        raise TrackingError(f"MLflow at {tracking_uri()}: no version of registered model {name!r} has alias "
+                            f"{alias!r} ({e.error_code})") from None
+    return version.source
+
+
 def run_url(run_id: str) -> str:
     run = _call("reading a run", client().get_run, run_id)
     return f"{tracking_uri().rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"

@@ -15,7 +15,7 @@ import os
 import statistics
 import time
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException
@@ -28,27 +28,61 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from canao.apps.qa import QAPredictor, SpanPredictor, StaticShapePredictor
-from canao.config import ServeConfig, SquadFeatureConfig, to_dict
+from canao.config import ServeConfig, SquadFeatureConfig, resolve_path, to_dict
 from canao.data.squad import SquadExample
 from canao.manifest import MANIFEST, sha256_file, verify_manifest
 
 PAGE = Path(__file__).with_name("web") / "index.html"
+# Pulled registry versions, relative to the project root; env CANAO_REGISTRY_CACHE overrides.
+REGISTRY_CACHE = "outputs/registry"
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 log = logging.getLogger("uvicorn.error")  # uvicorn formats and prints this logger
 
 
-def resolve_model(ref: str) -> Path:
-    """The local directory holding model `ref`: today a directory (a QA model or a compiled
-    artifact). Registry references (name and alias) resolve here, into a verified local cache."""
+def resolve_model(ref: str, device: str = "") -> Path:
+    """The local directory holding model `ref`: a directory (a QA model or a compiled
+    artifact), or a registry reference NAME@ALIAS (what k8s/serving passes). A reference is
+    resolved through the MLflow Model Registry to its S3 version, which is pulled (verified)
+    into REGISTRY_CACHE; `servable` then picks the directory to serve from it."""
     path = Path(ref).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"--model {ref}: not a directory")
-    return path.resolve()
+    if path.is_dir():
+        return path.resolve()
+    name, at, alias = ref.partition("@")
+    if not (at and name and alias):
+        raise FileNotFoundError(f"--model {ref}: neither a directory nor a registry reference NAME@ALIAS")
+    from canao import registry, tracking
+
+    try:
+        source = tracking.model_source(name, alias)
+    except tracking.TrackingError as e:
+        raise ValueError(f"--model {ref}: {e}") from None
+    cache = resolve_path(os.environ.get("CANAO_REGISTRY_CACHE") or REGISTRY_CACHE)
+    return servable(registry.pull_cached(source, cache), device)
+
+
+def servable(version_dir: Path, device: str) -> Path:
+    """In a pulled registry version: the compiled artifact for `device` (with `device` "",
+    the only one it holds), else the model directory, which runs in PyTorch."""
+    from canao.registry import COMPILED_DIR, MODEL_DIR
+
+    compiled = version_dir / COMPILED_DIR
+    devices = sorted(p.name for p in compiled.iterdir()) if compiled.is_dir() else []
+    if device in devices:
+        return compiled / device
+    if not device and len(devices) == 1:
+        return compiled / devices[0]
+    if not device and len(devices) > 1:
+        raise ValueError(f"device: {version_dir} holds artifacts compiled for {', '.join(devices)}; "
+                         "set device to the one this machine is")
+    if devices:
+        log.warning("%s: nothing compiled for device %r (only for %s); serving the model in PyTorch", version_dir,
+                    device, ", ".join(devices))
+    return version_dir / MODEL_DIR
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    name: str  # the model directory's name
+    name: str  # the model directory's name, or the registry reference (NAME@ALIAS) it was pulled by
     version: str  # sha256 of its manifest.json (which holds every file's sha256), first 12 hex digits
     stage: str  # the stage that made it: teacher, compile, ...
     backend: str  # what runs it: torch, or one of a compiled artifact's backends
@@ -153,7 +187,10 @@ class Service:
     """The model behind the API: loaded in the background, run on one worker thread behind a bounded queue."""
 
     def __init__(self, model_ref: str, cfg: ServeConfig):
-        self.model_dir = resolve_model(model_ref)  # a bad reference fails here, before the server binds
+        # A bad reference fails here, before the server binds.
+        self.model_dir = resolve_model(model_ref, cfg.device)
+        # A registry model goes by its reference (canao-qa@production), not the directory it was pulled into.
+        self.model_name = self.model_dir.name if Path(model_ref).expanduser().is_dir() else model_ref
         self.cfg = cfg
         self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="canao-inference")
         self.metrics = Metrics()
@@ -165,7 +202,8 @@ class Service:
     def load(self) -> None:
         """Load the model (on the worker thread: requests queue behind it)."""
         try:
-            self.predictor, self.info = load_model(self.model_dir, self.cfg)
+            self.predictor, info = load_model(self.model_dir, self.cfg)
+            self.info = replace(info, name=self.model_name)
         except Exception as e:  # reported by /readyz; the process stays up to say why
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("%s: cannot serve: %s", self.model_dir, self.load_error)

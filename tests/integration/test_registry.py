@@ -1,5 +1,6 @@
 """The S3 model registry against a real SeaweedFS on 127.0.0.1: immutable versions that appear
-whole, verified downloads, clear credential errors, and a push that survives the store dying."""
+whole, verified downloads, clear credential errors, a push that survives the store dying, and
+`canao serve --model NAME@ALIAS` resolving through the MLflow Model Registry to a pulled version."""
 
 import json
 import os
@@ -7,11 +8,12 @@ import signal
 import threading
 import time
 
+import httpx
 import pytest
 
 from canao import services
 from canao.cli import main
-from canao.registry import Registry, RegistryError, VersionExistsError, content_version
+from canao.registry import Registry, RegistryError, VersionExistsError, content_version, parse_uri, pull_cached
 from tests.integration.conftest import running_services
 
 
@@ -128,12 +130,19 @@ def deploy_inputs(root, records):
     (compiled / "tvm" / "model.so").write_bytes(b"\x7fELF library")
     write_manifest(compiled, "compile", {"device": "x86-1t", "seq_len": 32, "numerics_tol": 1e-3},
                    {"numerics_max_abs_diff": {"tvm": 1e-6}}, backends={"tvm": "tvm/model.so"})
+    benchmark_records(bench, records)
+    return ["--model", str(model), "--compiled", str(compiled), "--benchmark", str(bench)]
+
+
+def benchmark_records(bench, records) -> None:
+    """A benchmark directory as the benchmark stage writes it: (backend, p50 ms, numerics) on x86-1t."""
+    from canao.manifest import write_manifest
+
     bench.mkdir()
     (bench / "records.json").write_text(json.dumps({"records": [
         {"backend": b, "device": "x86-1t", "p50_ms": p50, "p90_ms": p50, "numerics_max_abs_diff": diff}
         for b, p50, diff in records]}))
     write_manifest(bench, "benchmark", {}, {})
-    return ["--model", str(model), "--compiled", str(compiled), "--benchmark", str(bench)]
 
 
 def test_deploy_pushes_the_fastest_passing_backend_once(store, tmp_path, monkeypatch, capsys):
@@ -166,3 +175,47 @@ def test_deploy_refuses_when_no_backend_passes(store, tmp_path, monkeypatch, cap
     assert main(args) == 2
     assert "no measured backend passes" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_serve_pulls_name_at_alias_through_mlflow_and_serves_the_compiled_artifact(store, memorized_qa, tmp_path,
+                                                                                    monkeypatch, capsys):
+    from canao import tracking
+    from canao.apps.loadtest import spawned_server
+    from canao.manifest import sha256_file
+
+    monkeypatch.setenv("CANAO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CANAO_REGISTRY_CACHE", str(tmp_path / "pulled"))
+    model, example = memorized_qa
+    compiled, bench = tmp_path / "compiled", tmp_path / "bench"
+    assert main(["compile", "--profile", "tiny", "--model", str(model), "--device", "x86-1t", "--seq-len", "128",
+                 "--set", f"tuning_dir={tmp_path / 'tuning'}", "--out", str(compiled)]) == 0
+    benchmark_records(bench, [("tvm", 2.0, 1e-6)])
+    run_id = tracking.start_pipeline_run("serve-by-alias", {"device": "x86-1t", "profile": "tiny"}, {})
+    capsys.readouterr()
+    assert main(["deploy", "--profile", "tiny", "--set", "bucket=canao-serve", "--model", str(model),
+                 "--compiled", str(compiled), "--benchmark", str(bench), "--mlflow-run", run_id,
+                 "--out", str(tmp_path / "deployment")]) == 0
+    uri = json.loads(capsys.readouterr().out.splitlines()[-1])["registry_uri"]
+    bucket, name, version = parse_uri(uri)
+    assert (bucket, name) == ("canao-serve", "canao-qa")
+
+    with spawned_server("canao-qa@production", "tiny", ["device=x86-1t"]) as url:
+        info = httpx.get(f"{url}/v1/info", timeout=10).json()
+        answer = httpx.post(f"{url}/v1/qa", json={"context": example.context, "question": example.question},
+                            timeout=30).json()
+    assert info["name"] == "canao-qa@production" and info["stage"] == "compile" and info["device"] == "x86-1t"
+    assert info["version"] == sha256_file(compiled / "manifest.json")[:12]  # the deployed artifact, pulled whole
+    assert answer["answer"] == example.answers[0].text
+
+    # The pulled copy is reused while intact; one that changed is pulled again.
+    pulled = tmp_path / "pulled" / bucket / name / version
+    weights = pulled / "model" / "model.safetensors"
+    assert pull_cached(uri, tmp_path / "pulled") == pulled
+    weights.write_bytes(b"not the weights")
+    assert pull_cached(uri, tmp_path / "pulled") == pulled
+    assert sha256_file(weights) == sha256_file(model / "model.safetensors")
+
+    # An alias nobody set is a clear error naming the reference, before the server binds.
+    capsys.readouterr()
+    assert main(["serve", "--profile", "tiny", "--model", "canao-qa@staging"]) == 2
+    assert "canao-qa@staging" in capsys.readouterr().err
