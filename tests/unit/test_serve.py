@@ -177,7 +177,7 @@ def test_a_model_whose_files_differ_from_its_manifest_is_never_served(memorized_
         assert "config.json: sha256 differs" in loaded(client).json()["detail"]
         assert client.post("/v1/qa", json=asked).status_code == 503
     assert main(["serve", "--model", str(tmp_path / "nope")]) == 2
-    assert "not a directory" in capsys.readouterr().err
+    assert "neither a directory nor a registry reference NAME@ALIAS" in capsys.readouterr().err
 
 
 def test_no_request_value_reaches_a_file_path(client):
