@@ -31,6 +31,13 @@ def with_latency_budget(overrides: dict, latency_budgets_ms: list) -> dict:
     return {**overrides, "search": [*overrides.get("search", []), f"latency_budget_ms={min(latency_budgets_ms)}"]}
 
 
+def without_finalize_timing(overrides: dict) -> dict:
+    """`overrides` with finalize's own compile-and-time step (its config's `benchmark`) off,
+    unless `overrides` turns it on: the pipeline's compile and benchmark tasks time the
+    student and the teacher, and the deployment's figures come from them."""
+    return {**overrides, "finalize": ["benchmark=false", *overrides.get("finalize", [])]}
+
+
 def open_run(run_name: str, profile: str, device: str, latency_budgets_ms: list) -> str:
     return tracking.start_pipeline_run(run_name, {"device": device, "profile": profile, "pipeline_run": run_name},
                                        {"device": device, "profile": profile, "latency_budgets_ms": latency_budgets_ms})

@@ -57,10 +57,10 @@ def search(profile: str, overrides: dict, device: str, parent_run_id: str, laten
 @component
 def finalize(profile: str, overrides: dict, device: str, parent_run_id: str, teacher: Input[Model],
              supernet: Input[Model], front: Input[Artifact], model: Output[Model], metrics: Output[Metrics]):
-    from components.runtime import run_stage
+    from components.runtime import run_stage, without_finalize_timing
 
-    run_stage("finalize", profile, overrides, {"teacher": teacher, "supernet": supernet, "search": front}, model,
-              metrics, device, parent_run_id)
+    run_stage("finalize", profile, without_finalize_timing(overrides),
+              {"teacher": teacher, "supernet": supernet, "search": front}, model, metrics, device, parent_run_id)
 
 
 @component
