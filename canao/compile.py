@@ -115,8 +115,11 @@ def tune_and_build(mod, target, cfg: CompileConfig, tuning_dir: Path) -> tuple[o
                 builder=ms.builder.LocalBuilder(initializer=tvm_cpu_intrinsics.install),
                 runner=ms.runner.LocalRunner(initializer=tvm_cpu_intrinsics.install),
             )
-            for task in new:
-                database.commit_workload(task.dispatched[0])
+            # With a budget that covers every new kernel's share, each was tried: record them all as
+            # seen. With less, kernels the budget never reached keep no record and are tuned later.
+            if cfg.trials >= len(new) * cfg.max_trials_per_task:
+                for task in new:
+                    database.commit_workload(task.dispatched[0])
         with target:
             mod = relax.transform.MetaScheduleApplyDatabase(str(tuning_dir))(mod)
     tuning = {

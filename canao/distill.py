@@ -25,7 +25,7 @@ from transformers import get_linear_schedule_with_warmup
 from canao.apps.qa import QAPredictor, evaluate
 from canao.config import DistillConfig, KDConfig, TeacherConfig, TrainConfig, config_hash, resolve_path, to_dict
 from canao.data.squad import Features, build_features, load_squad
-from canao.manifest import read_manifest, sha256_file, verify_manifest, write_manifest
+from canao.manifest import reusable, sha256_file, verify_manifest, write_manifest
 from canao.models.bert_qa import MINILM_NAME, init_qa_model, load_qa_model, load_tokenizer, minilm_dir
 from canao.models.supernet import Supernet, importance, sort_by_importance
 from canao.space import SearchSpace, TeacherShape
@@ -118,12 +118,9 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path) -> dict:
     """
     out_dir = Path(out_dir)
     fingerprint = config_hash(cfg)
-    existing = read_manifest(out_dir)
+    existing = reusable(out_dir, fingerprint, "teacher")
     if existing is not None:
-        if existing.get("config_hash") == fingerprint:
-            print(f"{out_dir}: teacher with this config already trained; reusing it", flush=True)
-            return existing
-        raise FileExistsError(f"{out_dir}: holds a model made with another config; choose another --out")
+        return existing
     train_file, eval_file = resolve_path(cfg.data.train_file), resolve_path(cfg.data.eval_file)
     train_examples = load_squad(train_file, cfg.data.train_questions)
     eval_examples = load_squad(eval_file, cfg.data.eval_questions)
@@ -211,12 +208,9 @@ def train_supernet(cfg: DistillConfig, teacher_dir: str | Path, out_dir: str | P
     out_dir, teacher_dir = Path(out_dir), Path(teacher_dir)
     teacher_manifest = verify_manifest(teacher_dir)
     fingerprint = config_hash(cfg) + teacher_manifest["files"]["model.safetensors"][:16]
-    existing = read_manifest(out_dir)
+    existing = reusable(out_dir, fingerprint, "supernet")
     if existing is not None:
-        if existing.get("config_hash") == fingerprint:
-            print(f"{out_dir}: supernet with this config and teacher already trained; reusing it", flush=True)
-            return existing
-        raise FileExistsError(f"{out_dir}: holds a supernet made with another config or teacher; choose another --out")
+        return existing
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)

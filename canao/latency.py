@@ -34,7 +34,7 @@ from scipy.stats import spearmanr
 from transformers import BertConfig
 
 from canao.config import BenchConfig, CompileConfig, LatencyConfig, config_hash, to_dict
-from canao.manifest import read_manifest, write_manifest
+from canao.manifest import reusable, write_manifest
 from canao.models.bert_qa import load_tokenizer
 from canao.models.modeling_canao_bert import CanaoBertForQuestionAnswering
 from canao.models.supernet import subnet_config
@@ -172,12 +172,9 @@ def fit_latency_model(cfg: LatencyConfig, device_key: str, out_dir: str | Path, 
     device = device_lab.get_device(device_key)
     teacher = TeacherShape.of(BertConfig.from_pretrained(teacher_dir))
     fingerprint = config_hash(cfg) + f"-{device.key}-" + config_hash(teacher)
-    existing = read_manifest(out_dir)
+    existing = reusable(out_dir, fingerprint, "latency model")
     if existing is not None:
-        if existing.get("config_hash") == fingerprint:
-            print(f"{out_dir}: latency model with this config already fitted; reusing it", flush=True)
-            return existing
-        raise FileExistsError(f"{out_dir}: holds a latency model made with another config; choose another --out")
+        return existing
     space = SearchSpace(cfg.space, teacher)
     subnets = sample_subnets(space, cfg.samples, cfg.seed)
     heldout = set(range(cfg.samples - cfg.holdout, cfg.samples))

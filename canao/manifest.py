@@ -66,6 +66,19 @@ def read_manifest(directory: str | Path) -> dict | None:
         raise ValueError(f"{path}: not valid JSON: {e}") from None
 
 
+def reusable(out_dir: str | Path, fingerprint: str, what: str) -> dict | None:
+    """The manifest of `out_dir` if it already holds the `what` made with `fingerprint` (a stage
+    re-run reuses its finished output); None if it holds nothing; an error if it holds something
+    else, which is never overwritten."""
+    existing = read_manifest(out_dir)
+    if existing is None:
+        return None
+    if existing.get("config_hash") != fingerprint:
+        raise FileExistsError(f"{out_dir}: holds a {what} made with another config or inputs; choose another --out")
+    print(f"{out_dir}: {what} with this config and inputs already made; reusing it", flush=True)
+    return existing
+
+
 def verify_manifest(directory: str | Path) -> dict:
     """The manifest of `directory` after checking every file's sha256 against it."""
     manifest = read_manifest(directory)

@@ -44,7 +44,7 @@ from canao.data import squad_metric
 from canao.data.squad import build_features, load_squad, postprocess
 from canao.distill import IMPORTANCE_FILE, SUPERNET_DIR, fit, kd_loss, load_supernet, sorted_teacher
 from canao.latency import LatencyModel, measure
-from canao.manifest import read_manifest, sha256_file, verify_manifest, write_manifest
+from canao.manifest import read_manifest, reusable, sha256_file, verify_manifest, write_manifest
 from canao.models.bert_qa import load_tokenizer
 from canao.models.supernet import extract
 from canao.space import SearchSpace, SubnetConfig, flops, params
@@ -261,12 +261,9 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
     point = choose(result)
     subnet = SubnetConfig.from_dict(point["subnet"])
     fingerprint = config_hash(cfg) + "-" + search_manifest["files"][FRONT_JSON][:16]
-    existing = read_manifest(out_dir)
+    existing = reusable(out_dir, fingerprint, "student")
     if existing is not None:
-        if existing.get("config_hash") == fingerprint:
-            print(f"{out_dir}: student with this config and search already finalized; reusing it", flush=True)
-            return existing
-        raise FileExistsError(f"{out_dir}: holds a model made with another config; choose another --out")
+        return existing
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     supernet, supernet_manifest = load_supernet(supernet_dir)

@@ -100,4 +100,4 @@ def test_cli_names_a_wrong_input(stages, tmp_path, capsys):
                  str(stages["supernet"]), "--search", str(stages["search"]), "--out", str(stages["student"]),
                  "--set", "train.epochs=2"])
     assert code == 2
-    assert "holds a model made with another config" in capsys.readouterr().err
+    assert "holds a student made with another config" in capsys.readouterr().err

@@ -65,7 +65,7 @@ def test_unknown_device_lists_the_known_keys(tiny_model, tmp_path):
 
 
 def test_kernels_are_tuned_once_per_device(tiny_model, tmp_path):
-    cfg = _cfg(tmp_path, trials=24, max_trials_per_task=1, peers=[])
+    cfg = _cfg(tmp_path, trials=32, max_trials_per_task=1, peers=[])  # covers every kernel of the tiny model
     first = compile_model(tiny_model, "x86-1t", cfg, tmp_path / "a")["metrics"]["tuning"]
     second = compile_model(tiny_model, "x86-1t", cfg, tmp_path / "b")["metrics"]["tuning"]
     assert first["tasks_tuned_now"] > 0

@@ -40,9 +40,9 @@ def test_teacher_writes_a_loadable_model_with_a_verified_manifest(teacher_dir, c
 def test_same_config_reuses_and_another_config_is_refused(teacher_dir, capsys):
     before = (teacher_dir / "manifest.json").read_text()
     assert main(["teacher", "--profile", "tiny", "--out", str(teacher_dir)]) == 0
-    assert "already trained; reusing it" in capsys.readouterr().out
+    assert "already made; reusing it" in capsys.readouterr().out
     assert main(["teacher", "--profile", "tiny", "--set", "seed=1", "--out", str(teacher_dir)]) == 2
-    assert "holds a model made with another config" in capsys.readouterr().err
+    assert "holds a teacher made with another config" in capsys.readouterr().err
     assert (teacher_dir / "manifest.json").read_text() == before
 
 
