@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from canao import peers
 from canao.compile import NumericsError, compile_model
 from canao.config import BertShape, load_config
 from canao.device_lab import DeviceLabError
@@ -25,14 +26,6 @@ def _cfg(tmp_path, **overrides):
     return load_config("compile", "tiny", overrides=sets)
 
 
-def _run_tvm(library, inputs):
-    import tvm
-    from tvm import relax
-
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
-    return [o.numpy() for o in vm["main"](*[tvm.runtime.tensor(x) for x in inputs])]
-
-
 def test_tiny_bert_compiles_for_llvm_within_tolerance(tiny_model, tmp_path):
     cfg = _cfg(tmp_path)
     manifest = compile_model(tiny_model, "x86-1t", cfg, tmp_path / "out")
@@ -49,7 +42,8 @@ def test_tiny_bert_compiles_for_llvm_within_tolerance(tiny_model, tmp_path):
 
     with torch.no_grad():
         reference = [t.numpy() for t in load_for_export(tiny_model)(*map(torch.from_numpy, inputs))]
-    for out, ref in zip(_run_tvm(tmp_path / "out" / manifest["backends"]["tvm"], inputs), reference, strict=True):
+    compiled = peers.runner("tvm", tmp_path / "out" / manifest["backends"]["tvm"], threads=1)
+    for out, ref in zip(compiled(*inputs), reference, strict=True):
         np.testing.assert_allclose(out, ref, atol=1e-3)
 
 
