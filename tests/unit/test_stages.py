@@ -1,10 +1,15 @@
 """The deploy stage's backend rule and the stage cache's keys."""
 
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 
 from canao.config import PROFILES, load_config
-from canao.manifest import write_manifest
-from canao.stages import RUNNERS, cache_key, choose_backend
+from canao.manifest import read_manifest, write_manifest
+from canao.stages import RUNNERS, Context, cache_key, choose_backend, execute
 
 
 def record(backend, p50, diff):
@@ -51,3 +56,34 @@ def test_cache_key_follows_config_device_and_input_content(tmp_path):
 def test_every_pipeline_stage_has_a_config_in_every_profile(profile):
     for config_name, _ in RUNNERS.values():
         load_config(config_name, profile)
+
+
+def test_a_stage_killed_mid_run_leaves_no_result_and_its_rerun_resumes(tmp_path, monkeypatch, capsys):
+    """SIGKILL a running stage (the teacher, in its own process, as a pipeline task runs): the
+    cache holds no result for it, and the same stage run again resumes from its checkpoint,
+    finishes, and is then reused."""
+    monkeypatch.setenv("CANAO_CACHE_DIR", str(tmp_path / "cache"))
+    overrides = ["train.epochs=4", "train.checkpoint_every=2"]  # 56 steps
+    out_dir = tmp_path / "teacher-out"
+    stage = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from canao.stages import Context, execute; "
+         "execute('teacher', 'tiny', sys.argv[2:], {}, sys.argv[1], Context('x86-1t'))", str(out_dir), *overrides],
+        env={**os.environ, "CANAO_CACHE_DIR": str(tmp_path / "cache")},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "cache").glob("teacher/*/checkpoints/checkpoint.pt")):
+            assert stage.poll() is None, "the stage ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.05)
+    finally:
+        stage.kill()
+        stage.wait()
+    (work_dir,) = (tmp_path / "cache" / "teacher").iterdir()
+    assert read_manifest(work_dir) is None and not out_dir.exists()
+
+    manifest, cached = execute("teacher", "tiny", overrides, {}, out_dir, Context("x86-1t"))
+    assert not cached and manifest["stage"] == "teacher" and read_manifest(out_dir) == manifest
+    assert "resuming from" in capsys.readouterr().out
+    _, cached = execute("teacher", "tiny", overrides, {}, tmp_path / "again", Context("x86-1t"))
+    assert cached
