@@ -46,7 +46,7 @@ from canao.distill import IMPORTANCE_FILE, SUPERNET_DIR, fit, kd_loss, load_supe
 from canao.latency import LatencyModel, measure
 from canao.manifest import read_manifest, reusable, sha256_file, verify_manifest, write_manifest
 from canao.models.bert_qa import load_tokenizer
-from canao.models.supernet import extract
+from canao.models.elastic import extract
 from canao.space import SearchSpace, SubnetConfig, flops, params
 
 FRONT_JSON = "front.json"
