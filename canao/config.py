@@ -239,6 +239,16 @@ class SpaceConfig:
 
 
 @dataclass(frozen=True)
+class DecoderSpaceConfig:
+    """Allowed decoder subnets (canao/space.py says why these: shapes the compiler handles well)."""
+
+    layer_counts: tuple[int, ...] = (6, 10, 14, 18, 22, 26, 30)  # kept teacher blocks, evenly spaced
+    kv_head_counts: tuple[int, ...] = (1, 2, 3)  # key/value heads per layer, each with its query heads
+    ffn_sizes: tuple[int, ...] = (256, 512, 768, 1024, 1280, 1536)  # FFN (gated) widths, one for every layer
+    align: int = 64  # FFN widths and key/value widths must be multiples of this (vector and tile sizes)
+
+
+@dataclass(frozen=True)
 class KDConfig:
     temperature: float = 2.0  # softens start/end distributions; the soft loss is scaled by T^2
     hidden_weight: float = 1.0  # weight of the hidden-state MSE (each kept layer vs its teacher layer)
