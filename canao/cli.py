@@ -236,6 +236,14 @@ def cmd_lm_data(args) -> None:
     print(json.dumps({"out": str(Path(args.out).resolve()), **manifest["metrics"]}))
 
 
+def cmd_distill_lm(args) -> None:
+    from canao.distill_lm import train_decoder_supernet
+
+    cfg = load_config("distill-lm", args.profile, args.config, args.overrides)
+    manifest = train_decoder_supernet(cfg, args.teacher, args.data, args.out)
+    print(json.dumps({"supernet": str(Path(args.out).resolve()), **manifest["metrics"]}))
+
+
 def cmd_eval_lm(args) -> None:
     from canao.data.text import perplexity, read_text_file
     from canao.models.llama_lm import load_causal_lm, load_tokenizer
@@ -432,6 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", required=True, help="directory to write")
     p.set_defaults(func=cmd_lm_data)
+
+    p = sub.add_parser("distill-lm", help="the elastic decoder supernet, distilled from the generation teacher")
+    _add_config_args(p)
+    p.add_argument("--teacher", required=True, help="a `canao lm-teacher` output")
+    p.add_argument("--data", required=True, help="a `canao lm-data` output (train.txt trains, heldout.txt scores)")
+    p.add_argument("--out", required=True, help="supernet directory to write")
+    p.set_defaults(func=cmd_distill_lm)
 
     p = sub.add_parser("eval-lm", help="perplexity of a decoder on a text file (one protocol for all models)")
     p.add_argument("--model", required=True, help="model directory (save_pretrained layout)")

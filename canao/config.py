@@ -250,9 +250,9 @@ class DecoderSpaceConfig:
 
 @dataclass(frozen=True)
 class KDConfig:
-    temperature: float = 2.0  # softens start/end distributions; the soft loss is scaled by T^2
+    temperature: float = 2.0  # softens the output distributions (QA start/end, LM next token); loss scaled by T^2
     hidden_weight: float = 1.0  # weight of the hidden-state MSE (each kept layer vs its teacher layer)
-    hard_weight: float = 0.0  # weight of the gold-span cross-entropy beside the teacher's soft targets
+    hard_weight: float = 0.0  # weight of the gold labels' cross-entropy (QA: the span; LM: the next token)
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -276,6 +276,29 @@ class DistillConfig:
         if self.random_subnets < 0:
             raise ConfigError(f"random_subnets: must be >= 0, got {self.random_subnets}")
         _check_features(self.features)
+
+
+@dataclass(frozen=True)
+class LMDistillConfig:
+    """The elastic decoder trained by distillation from the generation teacher on the lm-data corpus."""
+
+    seed: int = 42
+    space: DecoderSpaceConfig = field(default_factory=DecoderSpaceConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    random_subnets: int = 2  # random subnets per step, besides the largest and the smallest (sandwich rule)
+    importance_batches: int = 16  # training batches that rank KV-head groups and neurons before distilling
+    seq_len: int = 256  # tokens per training window: train.txt tokenized once, cut into consecutive windows
+    max_windows: int = 0  # train on the first N windows only; 0 = all
+    eval_tokens: int = 0  # held-out tokens scored for the manifest's perplexities; 0 = all of heldout.txt
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        for name in ("random_subnets", "max_windows", "eval_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len: must be >= 2 (a window predicts its tokens from earlier ones), "
+                              f"got {self.seq_len}")
 
 
 @dataclass(frozen=True)
@@ -334,7 +357,8 @@ STAGES: dict[str, type] = {
     "teacher": TeacherConfig, "distill": DistillConfig, "latency": LatencyConfig, "search": SearchConfig,
     "finalize": FinalizeConfig, "compile": CompileConfig, "bench": BenchConfig, "deploy": DeployConfig,
     "serve": ServeConfig, "loadtest": LoadtestConfig,
-    "lm-teacher": LMTeacherConfig, "lm-data": LMDataConfig, "compile-lm": LMCompileConfig, "bench-lm": GenBenchConfig,
+    "lm-teacher": LMTeacherConfig, "lm-data": LMDataConfig, "distill-lm": LMDistillConfig,
+    "compile-lm": LMCompileConfig, "bench-lm": GenBenchConfig,
 }
 
 

@@ -1,4 +1,4 @@
-"""Text for the decoder LM: the distillation corpus, its held-out slice, and perplexity.
+"""Text for the decoder LM: the distillation corpus, its held-out slice, training windows, and perplexity.
 
 The corpus is the SQuAD training-subset paragraphs (each once) and the WikiText-2 articles
 of `../shared/data/text/` except its last `heldout_articles` articles, which are held out:
@@ -94,6 +94,18 @@ def read_text_file(path: str | Path) -> str:
     if not text.strip():
         raise ValueError(f"{path}: empty; nothing to score")
     return text
+
+
+def token_windows(tokenizer, text: str, seq_len: int, max_windows: int = 0) -> torch.Tensor:
+    """`text` tokenized once (no special tokens) and cut into consecutive windows of `seq_len`
+    tokens, [N, seq_len] int64; the ragged tail is dropped. `max_windows` > 0 keeps the first N."""
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    count = len(ids) // seq_len
+    if max_windows:
+        count = min(count, max_windows)
+    if count == 0:
+        raise ValueError(f"seq_len: the text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    return ids[: count * seq_len].reshape(count, seq_len)
 
 
 @torch.inference_mode()
