@@ -244,6 +244,23 @@ def cmd_distill_lm(args) -> None:
     print(json.dumps({"supernet": str(Path(args.out).resolve()), **manifest["metrics"]}))
 
 
+def cmd_latency_lm(args) -> None:
+    from canao.latency import fit_decoder_latency_model
+
+    cfg = load_config("latency-lm", args.profile, args.config, args.overrides)
+    manifest = fit_decoder_latency_model(cfg, args.device, args.out, args.teacher)
+    print(json.dumps({"latency_model": str(Path(args.out).resolve()), **manifest["metrics"]}))
+
+
+def cmd_search_lm(args) -> None:
+    from canao.search import FRONT_JSON, FRONT_PNG, search_lm
+
+    cfg = load_config("search-lm", args.profile, args.config, args.overrides)
+    manifest = search_lm(cfg, args.supernet, args.latency, args.out)
+    out = Path(args.out).resolve()
+    print(json.dumps({"front": str(out / FRONT_JSON), "plot": str(out / FRONT_PNG), **manifest["metrics"]}))
+
+
 def cmd_eval_lm(args) -> None:
     from canao.data.text import perplexity, read_text_file
     from canao.models.llama_lm import load_causal_lm, load_tokenizer
@@ -447,6 +464,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="a `canao lm-data` output (train.txt trains, heldout.txt scores)")
     p.add_argument("--out", required=True, help="supernet directory to write")
     p.set_defaults(func=cmd_distill_lm)
+
+    p = sub.add_parser("latency-lm", help="fit a local device's per-token decode latency model on compiled subnets")
+    _add_config_args(p)
+    p.add_argument("--teacher", required=True, help="the generation teacher's directory; only its shape is used")
+    p.add_argument("--device", required=True, help="a local device key from device_lab/devices.yaml")
+    p.add_argument("--out", required=True, help="latency model directory to write")
+    p.set_defaults(func=cmd_latency_lm)
+
+    p = sub.add_parser("search-lm", help="NSGA-II search: the perplexity / ms-per-token front (front.json, .png)")
+    _add_config_args(p)
+    p.add_argument("--supernet", required=True, help="a `canao distill-lm` output")
+    p.add_argument("--latency", required=True, help="a `canao latency-lm` output (its device is the search's)")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.set_defaults(func=cmd_search_lm)
 
     p = sub.add_parser("eval-lm", help="perplexity of a decoder on a text file (one protocol for all models)")
     p.add_argument("--model", required=True, help="model directory (save_pretrained layout)")

@@ -301,6 +301,12 @@ class LMDistillConfig:
                               f"got {self.seq_len}")
 
 
+def _check_samples(samples: int, holdout: int) -> None:
+    if samples < 4 or not 1 <= holdout <= samples - 3:
+        raise ConfigError(f"samples/holdout: need samples >= 4 and 1 <= holdout <= samples - 3 "
+                          f"(got {samples}, {holdout})")
+
+
 @dataclass(frozen=True)
 class LatencyConfig:
     """The per-device latency model: subnets compiled and measured on a device of the lab."""
@@ -314,9 +320,7 @@ class LatencyConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)  # warmup and runs of every measurement
 
     def __post_init__(self):
-        if self.samples < 4 or not 1 <= self.holdout <= self.samples - 3:
-            raise ConfigError(f"samples/holdout: need samples >= 4 and 1 <= holdout <= samples - 3 "
-                              f"(got {self.samples}, {self.holdout})")
+        _check_samples(self.samples, self.holdout)
         bad = sorted(set(self.backends) - {"tvm", *self.compile.peers})
         if bad or not self.backends:
             raise ConfigError(f"backends: {bad or 'none'}: every backend must be tvm or one of compile.peers "
@@ -342,6 +346,51 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
+class LMLatencyConfig:
+    """The per-device decode latency model: decoder subnets compiled and timed generating on a local device."""
+
+    seed: int = 0
+    space: DecoderSpaceConfig = field(default_factory=DecoderSpaceConfig)
+    samples: int = 12  # subnets compiled and timed (the largest and the smallest among them)
+    holdout: int = 3  # of those, timed but not fitted on: the model's reported error is on these
+    backends: tuple[str, ...] = ("tvm",)  # "tvm" (compile-lm) and/or "torch" (eager); the search uses the fastest
+    compile: LMCompileConfig = field(default_factory=LMCompileConfig)  # max_context: the context the latency is for
+    new_tokens: int = 16  # tokens timed per measurement, after a prompt that fills the rest of the cache
+    repeats: int = 3  # measurements per subnet and backend; the median is kept
+
+    def __post_init__(self):
+        _check_samples(self.samples, self.holdout)
+        bad = sorted(set(self.backends) - {"tvm", "torch"})
+        if bad or not self.backends:
+            raise ConfigError(f"backends: {bad or 'none'}: every backend must be tvm or torch")
+        if not 2 <= self.new_tokens < self.compile.max_context:
+            raise ConfigError(f"new_tokens: must be in [2, compile.max_context ({self.compile.max_context})), "
+                              f"got {self.new_tokens}")
+        if self.repeats < 1:
+            raise ConfigError(f"repeats: must be >= 1, got {self.repeats}")
+
+
+@dataclass(frozen=True)
+class LMSearchConfig:
+    """Multi-objective search (NSGA-II) for generation: held-out perplexity with supernet weights vs
+    predicted ms per generated token."""
+
+    seed: int = 0
+    trials: int = 100  # subnets evaluated (the decoder space is small: 7 x 3 x 6 = 126 subnets by default)
+    population_size: int = 16  # NSGA-II generation size
+    latency_budget_ms: float = 0.0  # predicted ms per token must not exceed this; 0 = no budget
+    params_budget: int = 0  # parameters must not exceed this; 0 = no budget
+    eval_tokens: int = 4096  # held-out tokens scored per subnet (the supernet's heldout.txt); 0 = all
+    remeasure: int = 4  # front points compiled and timed on the device again (lowest perplexity first)
+
+    def __post_init__(self):
+        if self.trials < 1 or self.population_size < 2:
+            raise ConfigError("trials: must be >= 1; population_size: >= 2")
+        if self.eval_tokens < 0 or self.remeasure < 0:
+            raise ConfigError("eval_tokens, remeasure: must be >= 0")
+
+
+@dataclass(frozen=True)
 class FinalizeConfig:
     """The chosen front point: extracted, fine-tuned by distillation, scored, compiled, benchmarked."""
 
@@ -358,7 +407,8 @@ STAGES: dict[str, type] = {
     "finalize": FinalizeConfig, "compile": CompileConfig, "bench": BenchConfig, "deploy": DeployConfig,
     "serve": ServeConfig, "loadtest": LoadtestConfig,
     "lm-teacher": LMTeacherConfig, "lm-data": LMDataConfig, "distill-lm": LMDistillConfig,
-    "compile-lm": LMCompileConfig, "bench-lm": GenBenchConfig,
+    "latency-lm": LMLatencyConfig, "search-lm": LMSearchConfig, "compile-lm": LMCompileConfig,
+    "bench-lm": GenBenchConfig,
 }
 
 

@@ -254,3 +254,39 @@ class DecoderSpace:
     def sample(self, rng: random.Random) -> DecoderSubnet:
         c = self.cfg
         return DecoderSubnet(rng.choice(c.layer_counts), rng.choice(c.kv_head_counts), rng.choice(c.ffn_sizes))
+
+
+def decoder_widths(subnet: DecoderSubnet, teacher: DecoderShape) -> tuple[int, int, int]:
+    """(query width, key/value width, head size) of each block of the subnet."""
+    head_size = teacher.hidden_size // teacher.num_heads
+    kv = subnet.kv_heads * head_size
+    return kv * (teacher.num_heads // teacher.num_kv_heads), kv, head_size
+
+
+def decoder_work(subnet: DecoderSubnet, teacher: DecoderShape, context: int) -> dict[str, int]:
+    """Work of one decode step (one new token) of the subnet's compiled step over a KV cache of
+    `context` positions, by kind: multiply-adds x 2 of the projections and FFN ("dense") and of
+    attention over the cache ("attention"), and elements of the memory-bound rest
+    ("elementwise": the cache rewrite, softmax, SwiGLU, norms, residual adds). The step attends
+    over and rewrites the whole static cache however full it is. The output head is the same
+    for every subnet and is left out."""
+    e = teacher.hidden_size
+    q, kv, head_size = decoder_widths(subnet, teacher)
+    f, c, n = subnet.ffn_size, context, subnet.num_layers
+    return {"dense": n * 2 * (e * (q + 2 * kv) + q * e + 3 * e * f),
+            "attention": n * 4 * c * q,
+            "elementwise": n * (4 * c * kv + c * q // head_size + 3 * f + 4 * e)}
+
+
+def decoder_flops(subnet: DecoderSubnet, teacher: DecoderShape, context: int) -> int:
+    """Matmul FLOPs of one decode step: the proxy that a compiler-unaware search would use."""
+    work = decoder_work(subnet, teacher, context)
+    return work["dense"] + work["attention"]
+
+
+def decoder_params(subnet: DecoderSubnet, teacher: DecoderShape, vocab_size: int, tied_head: bool) -> int:
+    """Parameters of the extracted decoder (embeddings, and the output head unless tied)."""
+    e = teacher.hidden_size
+    q, kv, _ = decoder_widths(subnet, teacher)
+    per_layer = e * (q + 2 * kv) + q * e + 3 * e * subnet.ffn_size + 2 * e  # attention, gated FFN, two RMSNorms
+    return vocab_size * e * (1 if tied_head else 2) + subnet.num_layers * per_layer + e

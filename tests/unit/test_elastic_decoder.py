@@ -13,8 +13,9 @@ from canao.config import ConfigError, DecoderShape, DecoderSpaceConfig, load_con
 from canao.models.elastic import extract
 from canao.models.elastic_decoder import DecoderSupernet, importance, sort_by_importance
 from canao.models.llama_lm import KVCacheStep, load_causal_lm, load_tokenizer
-from canao.space import DecoderSpace, DecoderSubnet
+from canao.space import DecoderSpace, DecoderSubnet, decoder_params
 
+TEACHER = DecoderShape(2, 64, 4, 2, 128)
 SPACE = DecoderSpaceConfig(layer_counts=(1, 2), kv_head_counts=(1, 2), ffn_sizes=(32, 64, 96, 128), align=16)
 
 
@@ -35,16 +36,9 @@ def tokens(seed=0, length=12):
 
 
 def subnets():
-    space = DecoderSpace(SPACE, DecoderShape(2, 64, 4, 2, 128))
+    space = DecoderSpace(SPACE, TEACHER)
     rng = random.Random(0)
     return [space.largest(), space.smallest(), DecoderSubnet(2, 1, 96)] + [space.sample(rng) for _ in range(3)]
-
-
-def decoder_params(subnet: DecoderSubnet, vocab=49152, hidden=64, head_size=16, group=2) -> int:
-    q = subnet.kv_heads * group * head_size
-    kv = subnet.kv_heads * head_size
-    per_layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * subnet.ffn_size + 2 * hidden
-    return vocab * hidden + subnet.num_layers * per_layer + hidden  # tied output head
 
 
 @pytest.mark.parametrize("subnet", subnets(), ids=lambda s: s.label())
@@ -57,7 +51,7 @@ def test_supernet_slice_equals_the_extracted_decoder_exactly(supernet, subnet, t
     assert torch.equal(sliced, extracted)
     # A plain, physically smaller Llama that loads back with from_pretrained.
     assert type(student) is LlamaForCausalLM
-    assert sum(p.numel() for p in student.parameters()) == decoder_params(subnet)
+    assert sum(p.numel() for p in student.parameters()) == decoder_params(subnet, TEACHER, 49152, tied_head=True)
     student.save_pretrained(tmp_path)
     reloaded = load_causal_lm(tmp_path)
     assert reloaded.generation_config.eos_token_id == supernet.model.generation_config.eos_token_id
@@ -129,7 +123,7 @@ def test_extracted_decoder_runs_with_a_kv_cache_and_compiles(supernet, tiny_lm, 
 
 
 def test_space_rejects_bad_configs_and_subnets():
-    teacher = DecoderShape(2, 64, 4, 2, 128)
+    teacher = TEACHER
     with pytest.raises(ConfigError, match="space.kv_head_counts: values must be in"):
         DecoderSpace(DecoderSpaceConfig((1, 2), (1, 3), (32, 128), 16), teacher)
     with pytest.raises(ConfigError, match="space.layer_counts: must include the teacher's 2"):
