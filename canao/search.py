@@ -92,19 +92,21 @@ GENERATION = Objectives("perplexity", False, "held-out perplexity (supernet weig
 
 
 def pareto_search(cfg, objectives: Objectives, suggest: Callable[[optuna.Trial], object],
-                  score: Callable[[object], float], latency: LatencyModel, count_params: Callable[[object], int],
+                  score: Callable[[object], dict], latency: LatencyModel, count_params: Callable[[object], int],
                   count_flops: Callable[[object], int], first: dict, on_trial: TrialHook | None) -> optuna.Study:
-    """NSGA-II over the subnets `suggest(trial)` proposes: `score(subnet)` (the accuracy) against the
-    latency model's prediction for the fastest backend, under `cfg`'s latency and parameter
-    budgets. `first`: the parameters of the first trial (the reference subnet)."""
+    """NSGA-II over the subnets `suggest(trial)` proposes: the accuracy in `score(subnet)` (a dict
+    that may hold more figures; they are kept with the trial) against the latency model's
+    prediction for the fastest backend, under `cfg`'s latency and parameter budgets. `first`:
+    the parameters of the first trial (the reference subnet)."""
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         subnet = suggest(trial)
         predicted_ms, backend = latency.fastest(subnet)
         n_params = count_params(subnet)
-        metrics = {objectives.accuracy: score(subnet), "predicted_ms": predicted_ms, "params": n_params,
-                   "flops": count_flops(subnet)}
+        scores = score(subnet)
+        metrics = {**scores, "predicted_ms": predicted_ms, "params": n_params, "flops": count_flops(subnet)}
         trial.set_user_attr("subnet", subnet.to_dict())
+        trial.set_user_attr("scores", scores)
         trial.set_user_attr("backend", backend)
         trial.set_user_attr("params", n_params)
         trial.set_user_attr("flops", metrics["flops"])
@@ -183,12 +185,13 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
 
     started = time.perf_counter()
     # The teacher's shape first: the reference point, and a seed for the population.
-    study = pareto_search(cfg, QA, suggest, f1_of, latency, lambda s: params(s, space.teacher, vocab, positions),
+    study = pareto_search(cfg, QA, suggest, lambda s: {"f1": f1_of(s)}, latency,
+                          lambda s: params(s, space.teacher, vocab, positions),
                           lambda s: flops(s, space.teacher, latency.seq_len), _trial_params(space.largest(), deepest),
                           on_trial)
     search_seconds = time.perf_counter() - started
 
-    front = _front(study, QA, SubnetConfig)
+    front = _front(study, SubnetConfig)
     teacher_ms = next(m["ms"] for m in latency.measurements if m["subnet"] == space.largest().to_dict())
     compile_cfg = from_dict(CompileConfig, latency_manifest["config"]["compile"], "compile.")
     bench_cfg = from_dict(BenchConfig, latency_manifest["config"]["bench"], "bench.")
@@ -235,7 +238,7 @@ def _trials(study: optuna.Study, objectives: Objectives) -> list[dict]:
             for t in study.trials if t.values]
 
 
-def _front(study: optuna.Study, objectives: Objectives, subnet_type: type) -> list[dict]:
+def _front(study: optuna.Study, subnet_type: type) -> list[dict]:
     """Non-dominated feasible trials, one per distinct subnet."""
     points: dict[str, dict] = {}
     for t in study.best_trials:
@@ -244,7 +247,7 @@ def _front(study: optuna.Study, objectives: Objectives, subnet_type: type) -> li
         key = json.dumps(t.user_attrs["subnet"], sort_keys=True)
         points.setdefault(key, {
             "trial": t.number, "subnet": t.user_attrs["subnet"],
-            "label": subnet_type.from_dict(t.user_attrs["subnet"]).label(), objectives.accuracy: t.values[0],
+            "label": subnet_type.from_dict(t.user_attrs["subnet"]).label(), **t.user_attrs["scores"],
             "predicted_ms": t.values[1], "predicted_backend": t.user_attrs["backend"],
             "params": t.user_attrs["params"], "flops": t.user_attrs["flops"],
             "measured_ms": None, "measured_backend": None, "measured_ms_by_backend": None,
@@ -304,12 +307,15 @@ def search_lm(cfg: LMSearchConfig, supernet_dir: str | Path, latency_dir: str | 
     """`canao search-lm`: the Pareto front (min held-out perplexity, min predicted ms per generated
     token) of a decoder supernet's subnets (a `canao distill-lm` output) on the device of a
     `canao latency-lm` model. Perplexity is that of the subnet with the supernet's weights on
-    the supernet's held-out text (the first `eval_tokens` tokens; canao.data.text's protocol).
-    The front's most accurate points are compiled and timed again. Output as `search`'s."""
+    the supernet's held-out text (the first `eval_tokens` tokens; canao.data.text's protocol);
+    beside it, its greedy agreement with the teacher: the share of those positions where its
+    most likely next token is the teacher's. The front's most accurate points are compiled
+    and timed again. Output as `search`'s."""
     from canao.config import DecoderSpaceConfig, LMCompileConfig
     from canao.data.text import HELDOUT_FILE, perplexity, read_text_file
     from canao.distill_lm import load_decoder_supernet
     from canao.latency import measure_decoder
+    from canao.models.llama_lm import load_causal_lm
     from canao.models.llama_lm import load_tokenizer as load_lm_tokenizer
     from canao.space import DecoderSpace, DecoderSubnet, decoder_flops, decoder_params
 
@@ -326,13 +332,20 @@ def search_lm(cfg: LMSearchConfig, supernet_dir: str | Path, latency_dir: str | 
     heldout = read_text_file(heldout_file)
     tokenizer = load_lm_tokenizer(supernet_dir / SUPERNET_DIR)
     config = supernet.model.config
-    perplexities: dict[DecoderSubnet, float] = {}
+    distilled_from = supernet_manifest["inputs"]["teacher"]
+    teacher_dir = Path(distilled_from["path"])
+    if verify_manifest(teacher_dir)["files"]["model.safetensors"] != distilled_from["model_sha256"]:
+        raise ValueError(f"{teacher_dir}: not the teacher the supernet in {supernet_dir} was distilled from")
+    teacher = perplexity(load_causal_lm(teacher_dir), tokenizer, heldout, cfg.eval_tokens, progress=False, top1=True)
+    scores: dict[DecoderSubnet, dict] = {}
 
-    def perplexity_of(subnet: DecoderSubnet) -> float:
-        if subnet not in perplexities:
-            model = extract(supernet, subnet)
-            perplexities[subnet] = perplexity(model, tokenizer, heldout, cfg.eval_tokens, progress=False)["perplexity"]
-        return perplexities[subnet]
+    def score(subnet: DecoderSubnet) -> dict:
+        if subnet not in scores:
+            scored = perplexity(extract(supernet, subnet), tokenizer, heldout, cfg.eval_tokens, progress=False,
+                                top1=True)
+            scores[subnet] = {"perplexity": scored["perplexity"],
+                              "greedy_agreement": float((scored["top1"] == teacher["top1"]).double().mean())}
+        return scores[subnet]
 
     c = space.cfg
 
@@ -345,12 +358,12 @@ def search_lm(cfg: LMSearchConfig, supernet_dir: str | Path, latency_dir: str | 
         return decoder_params(subnet, space.teacher, config.vocab_size, config.tie_word_embeddings)
 
     started = time.perf_counter()
-    study = pareto_search(cfg, GENERATION, suggest, perplexity_of, latency, count_params,
+    study = pareto_search(cfg, GENERATION, suggest, score, latency, count_params,
                           lambda s: decoder_flops(s, space.teacher, latency.seq_len), space.largest().to_dict(),
                           on_trial)
     search_seconds = time.perf_counter() - started
 
-    front = _front(study, GENERATION, DecoderSubnet)
+    front = _front(study, DecoderSubnet)
     teacher_ms = next(m["ms"] for m in latency.measurements if m["subnet"] == space.largest().to_dict())
     timing = latency_manifest["config"]
     compile_cfg = from_dict(LMCompileConfig, timing["compile"], "compile.")
@@ -363,8 +376,10 @@ def search_lm(cfg: LMSearchConfig, supernet_dir: str | Path, latency_dir: str | 
     result = {
         "device": latency.device, "seq_len": latency.seq_len,
         "latency_budget_ms": cfg.latency_budget_ms, "params_budget": cfg.params_budget,
-        "teacher": {"subnet": largest.to_dict(), "perplexity": perplexity_of(largest),
-                    "measured_ms_by_backend": teacher_ms, "params": count_params(largest)},
+        # The largest subnet with the supernet's weights stands for the teacher, as in `search`; the
+        # teacher's own perplexity is beside it.
+        "teacher": {"subnet": largest.to_dict(), **score(largest), "measured_ms_by_backend": teacher_ms,
+                    "params": count_params(largest), "teacher_perplexity": teacher["perplexity"]},
         "front": sorted(front, key=lambda p: p["predicted_ms"]),
         "trials": _trials(study, GENERATION),
     }
@@ -372,8 +387,9 @@ def search_lm(cfg: LMSearchConfig, supernet_dir: str | Path, latency_dir: str | 
     plot_front(result, out_dir / FRONT_PNG, GENERATION)
     metrics = {"search_seconds": round(search_seconds, 1),
                "remeasure_seconds": round(time.perf_counter() - started_measure, 1),
-               "trials": len(study.trials), "distinct_subnets": len(perplexities), "front_size": len(front),
-               "teacher_perplexity": result["teacher"]["perplexity"]}
+               "trials": len(study.trials), "distinct_subnets": len(scores), "front_size": len(front),
+               "teacher_perplexity": teacher["perplexity"],
+               "largest_subnet_perplexity": result["teacher"]["perplexity"]}
     inputs = {"supernet": str(supernet_dir.resolve()), "latency": str(latency_dir.resolve()),
               "heldout_file": {"path": str(heldout_file), "sha256": data["heldout_sha256"]}}
     return write_manifest(out_dir, "search-lm", {"device": latency.device, **to_dict(cfg)}, metrics, inputs,

@@ -47,11 +47,14 @@ def test_generation_search_returns_a_non_dominated_front(stages):
         for p in front:
             assert not (t["perplexity"] < p["perplexity"] and t["predicted_ms"] < p["predicted_ms"])
     for p in front:
-        assert set(p) >= {"subnet", "perplexity", "predicted_ms", "measured_ms", "params", "flops"}
+        assert set(p) >= {"subnet", "perplexity", "greedy_agreement", "predicted_ms", "measured_ms", "params", "flops"}
         assert DecoderSubnet.from_dict(p["subnet"]) and p["perplexity"] > 1 and p["flops"] > 0
+        assert 0 <= p["greedy_agreement"] <= 1
     measured = [p for p in front if p["measured_ms"] is not None]
     assert len(measured) == 1 and measured[0]["perplexity"] == min(p["perplexity"] for p in front)
-    assert result["teacher"]["subnet"] == {"num_layers": 2, "kv_heads": 2, "ffn_size": 128}
+    teacher = result["teacher"]
+    assert teacher["subnet"] == {"num_layers": 2, "kv_heads": 2, "ffn_size": 128}
+    assert teacher["teacher_perplexity"] > 1 and 0 <= teacher["greedy_agreement"] <= 1
     assert set(result["teacher"]["measured_ms_by_backend"]) == {"tvm"}
     assert (stages / "search" / FRONT_PNG).read_bytes()[:4] == b"\x89PNG"
     assert verify_manifest(stages / "search")["stage"] == "search-lm"
