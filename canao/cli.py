@@ -175,8 +175,11 @@ def cmd_bench(args) -> None:
 def cmd_bench_suite(args) -> None:
     from canao import bench
 
+    student = f" --lm-student {args.lm_student}" if args.lm_student else ""
     bench.suite(resolve_path(args.teacher), args.profile, Path(args.out),
-                command=f"canao bench-suite --profile {args.profile} --out {args.out}")
+                command=f"canao bench-suite --profile {args.profile}{student} --out {args.out}",
+                lm_teacher_dir=resolve_path(args.lm_teacher), lm_data_dir=resolve_path(args.lm_data),
+                lm_student_dir=resolve_path(args.lm_student) if args.lm_student else None)
 
 
 def cmd_serve(args) -> None:
@@ -426,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench-suite", help="`make bench`: every suite model, length and device -> BENCHMARKS.md")
     p.add_argument("--profile", choices=PROFILES, default="full", help="compile/bench profile (default: full)")
     p.add_argument("--teacher", default="outputs/full/teacher", help="the trained QA teacher, if there is one")
+    p.add_argument("--lm-teacher", default="outputs/lm-teacher",
+                   help="the generation teacher (`canao lm-teacher`); made if absent")
+    p.add_argument("--lm-data", default="outputs/lm-data", help="the LM corpus (`canao lm-data`); made if absent")
+    p.add_argument("--lm-student", help="a student decoder directory for the generation table (default: none)")
     p.add_argument("--out", default="BENCHMARKS.md", help="Markdown report (records beside it as .json)")
     p.set_defaults(func=cmd_bench_suite)
 

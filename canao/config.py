@@ -225,6 +225,7 @@ class GenBenchConfig:
     new_tokens: int = 32  # tokens generated (greedy, EOS ignored) per measurement
     repeats: int = 3  # measurements per backend and context; the table reports medians over them
     devices: tuple[str, ...] = ("x86-1t",)  # device keys (local ones: every backend runs pinned to its cores)
+    perplexity_tokens: int = 4096  # `make bench`: held-out tokens behind each model's perplexity; 0 = all
 
 
 @dataclass(frozen=True)
