@@ -264,6 +264,17 @@ def cmd_search_lm(args) -> None:
     print(json.dumps({"front": str(out / FRONT_JSON), "plot": str(out / FRONT_PNG), **manifest["metrics"]}))
 
 
+def cmd_finalize_lm(args) -> None:
+    from canao.distill_lm import finalize_student
+
+    cfg = load_config("finalize-lm", args.profile, args.config, args.overrides)
+    manifest = finalize_student(cfg, args.supernet, args.search, args.out)
+    m = manifest["metrics"]
+    keys = ("subnet", "perplexity", "teacher_perplexity", "perplexity_vs_teacher", "greedy_agreement",
+            "predicted_ms_per_token", "measured_ms_per_token")
+    print(json.dumps({"model": str(Path(args.out).resolve()), **{k: m[k] for k in keys}}))
+
+
 def cmd_eval_lm(args) -> None:
     from canao.data.text import perplexity, read_text_file
     from canao.models.llama_lm import load_causal_lm, load_tokenizer
@@ -485,6 +496,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", required=True, help="a `canao latency-lm` output (its device is the search's)")
     p.add_argument("--out", required=True, help="directory to write")
     p.set_defaults(func=cmd_search_lm)
+
+    p = sub.add_parser("finalize-lm", help="extract the generation search's chosen subnet and fine-tune it by KD")
+    _add_config_args(p)
+    p.add_argument("--supernet", required=True, help="a `canao distill-lm` output")
+    p.add_argument("--search", required=True, help="a `canao search-lm` output")
+    p.add_argument("--out", required=True, help="student model directory to write")
+    p.set_defaults(func=cmd_finalize_lm)
 
     p = sub.add_parser("eval-lm", help="perplexity of a decoder on a text file (one protocol for all models)")
     p.add_argument("--model", required=True, help="model directory (save_pretrained layout)")

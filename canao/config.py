@@ -294,12 +294,32 @@ class LMDistillConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        for name in ("random_subnets", "max_windows", "eval_tokens"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if self.seq_len < 2:
-            raise ConfigError(f"seq_len: must be >= 2 (a window predicts its tokens from earlier ones), "
-                              f"got {self.seq_len}")
+        if self.random_subnets < 0:
+            raise ConfigError(f"random_subnets: must be >= 0, got {self.random_subnets}")
+        _check_lm_windows(self)
+
+
+def _check_lm_windows(cfg) -> None:
+    for name in ("max_windows", "eval_tokens"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name}: must be >= 0, got {getattr(cfg, name)}")
+    if cfg.seq_len < 2:
+        raise ConfigError(f"seq_len: must be >= 2 (a window predicts its tokens from earlier ones), got {cfg.seq_len}")
+
+
+@dataclass(frozen=True)
+class LMFinalizeConfig:
+    """The chosen generation front point: extracted, fine-tuned by distillation from the teacher, scored."""
+
+    seed: int = 42
+    kd: KDConfig = field(default_factory=KDConfig)
+    seq_len: int = 256  # tokens per training window: train.txt tokenized once, cut into consecutive windows
+    max_windows: int = 0  # train on the first N windows only; 0 = all
+    eval_tokens: int = 0  # held-out tokens scored for the student's and the teacher's perplexity; 0 = all
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        _check_lm_windows(self)
 
 
 def _check_samples(samples: int, holdout: int) -> None:
@@ -408,7 +428,8 @@ STAGES: dict[str, type] = {
     "finalize": FinalizeConfig, "compile": CompileConfig, "bench": BenchConfig, "deploy": DeployConfig,
     "serve": ServeConfig, "loadtest": LoadtestConfig,
     "lm-teacher": LMTeacherConfig, "lm-data": LMDataConfig, "distill-lm": LMDistillConfig,
-    "latency-lm": LMLatencyConfig, "search-lm": LMSearchConfig, "compile-lm": LMCompileConfig,
+    "latency-lm": LMLatencyConfig, "search-lm": LMSearchConfig, "finalize-lm": LMFinalizeConfig,
+    "compile-lm": LMCompileConfig,
     "bench-lm": GenBenchConfig,
 }
 

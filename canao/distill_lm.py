@@ -11,20 +11,25 @@ permuted, so the teacher's hidden states align with every subnet's as they are.
 
 The manifest reports, on the held-out text, the teacher's perplexity and the largest and
 smallest subnets', and the smallest subnet's soft KL to the teacher before and after.
+
+finalize-lm: the generation search's chosen point (the lowest perplexity within its latency
+budget) extracted into a standalone decoder and fine-tuned by the same distillation; its
+held-out perplexity and greedy agreement with the teacher in the manifest.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
 import torch
 
-from canao.config import KDConfig, LMDistillConfig, config_hash, to_dict
+from canao.config import KDConfig, LMDistillConfig, LMFinalizeConfig, config_hash, to_dict
 from canao.data.text import HELDOUT_FILE, TRAIN_FILE, perplexity, read_text_file, token_windows
 from canao.distill import IMPORTANCE_FILE, SUPERNET_DIR, fit, hidden_mse, importance_once, sandwich, soft_kl
-from canao.manifest import reusable, verify_manifest, write_manifest
+from canao.manifest import reusable, sha256_file, verify_manifest, write_manifest
 from canao.models.elastic import extract
 from canao.models.elastic_decoder import DecoderSupernet, importance, sort_by_importance
 from canao.models.llama_lm import load_causal_lm, load_tokenizer
@@ -132,3 +137,82 @@ def load_decoder_supernet(supernet_dir: str | Path) -> tuple[DecoderSupernet, di
     if manifest["stage"] != STAGE:
         raise ValueError(f"{supernet_dir}: a {manifest['stage']!r} artifact, not a decoder supernet ({STAGE})")
     return DecoderSupernet(load_causal_lm(Path(supernet_dir) / SUPERNET_DIR)), manifest
+
+
+def corpus_file(supernet_manifest: dict, name: str) -> Path:
+    """The corpus file `name` (TRAIN_FILE, HELDOUT_FILE) the supernet was distilled with, checked
+    against the hash its manifest recorded."""
+    data = supernet_manifest["inputs"]["data"]
+    path = Path(data["path"]) / name
+    recorded = data["train_sha256" if name == TRAIN_FILE else "heldout_sha256"]
+    if not path.is_file() or sha256_file(path) != recorded:
+        raise ValueError(f"{path}: not the {name} the supernet was distilled with (missing or sha256 differs)")
+    return path
+
+
+def distilled_teacher(supernet_manifest: dict) -> Path:
+    """The teacher directory the supernet was distilled from, checked against its recorded weights."""
+    teacher = supernet_manifest["inputs"]["teacher"]
+    path = Path(teacher["path"])
+    if verify_manifest(path)["files"]["model.safetensors"] != teacher["model_sha256"]:
+        raise ValueError(f"{path}: not the teacher the supernet was distilled from (its weights changed)")
+    return path
+
+
+def finalize_student(cfg: LMFinalizeConfig, supernet_dir: str | Path, search_dir: str | Path,
+                     out_dir: str | Path) -> dict:
+    """`canao finalize-lm`: the student decoder directory (save_pretrained layout + manifest) of the
+    search's chosen point, fine-tuned by distillation from the teacher on the supernet's corpus.
+    Resumable like every `fit`; a directory holding this run's result is reused, another's refused."""
+    from canao.search import FRONT_JSON, GENERATION, choose
+
+    supernet_dir, search_dir, out_dir = Path(supernet_dir), Path(search_dir), Path(out_dir)
+    search_manifest = verify_manifest(search_dir)
+    if search_manifest["stage"] != "search-lm":
+        raise ValueError(f"{search_dir}: a {search_manifest['stage']!r} artifact, not a generation search (search-lm)")
+    point = choose(json.loads((search_dir / FRONT_JSON).read_text()), GENERATION)
+    subnet = DecoderSubnet.from_dict(point["subnet"])
+    fingerprint = config_hash(cfg) + "-" + search_manifest["files"][FRONT_JSON][:16]
+    existing = reusable(out_dir, fingerprint, "student")
+    if existing is not None:
+        return existing
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.seed)
+    supernet, supernet_manifest = load_decoder_supernet(supernet_dir)
+    tokenizer = load_tokenizer(supernet_dir / SUPERNET_DIR)
+    train_file, heldout_file = (corpus_file(supernet_manifest, name) for name in (TRAIN_FILE, HELDOUT_FILE))
+    windows = token_windows(tokenizer, read_text_file(train_file), cfg.seq_len, cfg.max_windows)
+    teacher = load_causal_lm(distilled_teacher(supernet_manifest)).requires_grad_(False)
+    student = extract(supernet, subnet)
+    layer_map = subnet.layer_indices(supernet.shape.num_layers)
+    hidden = cfg.kd.hidden_weight > 0
+
+    def loss_fn(model, examples: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ids = examples[index]  # [B, T]
+        with torch.no_grad():
+            target = teacher(input_ids=ids, output_hidden_states=hidden)
+        return lm_kd_loss(model(input_ids=ids, output_hidden_states=hidden), target, layer_map, cfg.kd, ids)
+
+    print(f"finalize-lm: {subnet.label()} (search perplexity {point['perplexity']:.2f}); fine-tuning on "
+          f"{len(windows)} windows of {cfg.seq_len} tokens", flush=True)
+    work_dir = out_dir / "checkpoints"
+    stats = fit(student, windows, loss_fn, cfg.train, cfg.seed, work_dir, fingerprint, desc="student")
+    shutil.rmtree(work_dir, ignore_errors=True)
+    student.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    heldout = read_text_file(heldout_file)
+    scored, reference = (perplexity(net, tokenizer, heldout, cfg.eval_tokens, progress=False, top1=True)
+                         for net in (student, teacher))
+    stats.update(
+        subnet=subnet.to_dict(), train_windows=len(windows), perplexity=round(scored["perplexity"], 3),
+        teacher_perplexity=round(reference["perplexity"], 3), heldout_tokens=scored["tokens"],
+        perplexity_vs_teacher=round(scored["perplexity"] / reference["perplexity"], 4),
+        greedy_agreement=round(float((scored["top1"] == reference["top1"]).double().mean()), 4),
+        parameters=sum(p.numel() for p in student.parameters()), search_perplexity=point["perplexity"],
+        predicted_ms_per_token=point["predicted_ms"], measured_ms_per_token=point["measured_ms"])
+    inputs = {"supernet": str(supernet_dir.resolve()), "search": str(search_dir.resolve()),
+              "train_file": {"path": str(train_file), "sha256": sha256_file(train_file)},
+              "heldout_file": {"path": str(heldout_file), "sha256": sha256_file(heldout_file)}}
+    return write_manifest(out_dir, "finalize-lm", {**to_dict(cfg), "subnet": subnet.to_dict()}, stats, inputs,
+                          config_hash=fingerprint)

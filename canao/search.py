@@ -313,7 +313,7 @@ def search_lm(cfg: LMSearchConfig, supernet_dir: str | Path, latency_dir: str | 
     and timed again. Output as `search`'s."""
     from canao.config import DecoderSpaceConfig, LMCompileConfig
     from canao.data.text import HELDOUT_FILE, perplexity, read_text_file
-    from canao.distill_lm import load_decoder_supernet
+    from canao.distill_lm import corpus_file, distilled_teacher, load_decoder_supernet
     from canao.latency import measure_decoder
     from canao.models.llama_lm import load_causal_lm
     from canao.models.llama_lm import load_tokenizer as load_lm_tokenizer
@@ -325,18 +325,12 @@ def search_lm(cfg: LMSearchConfig, supernet_dir: str | Path, latency_dir: str | 
     supernet, supernet_manifest, latency, latency_manifest = _inputs(supernet_dir, latency_dir,
                                                                      load_decoder_supernet, "decoder")
     space = DecoderSpace(from_dict(DecoderSpaceConfig, supernet_manifest["config"]["space"], "space."), supernet.shape)
-    data = supernet_manifest["inputs"]["data"]
-    heldout_file = Path(data["path"]) / HELDOUT_FILE
-    if sha256_file(heldout_file) != data["heldout_sha256"]:
-        raise ValueError(f"{heldout_file}: not the held-out text the supernet was distilled beside (sha256 differs)")
+    heldout_file = corpus_file(supernet_manifest, HELDOUT_FILE)
     heldout = read_text_file(heldout_file)
     tokenizer = load_lm_tokenizer(supernet_dir / SUPERNET_DIR)
     config = supernet.model.config
-    distilled_from = supernet_manifest["inputs"]["teacher"]
-    teacher_dir = Path(distilled_from["path"])
-    if verify_manifest(teacher_dir)["files"]["model.safetensors"] != distilled_from["model_sha256"]:
-        raise ValueError(f"{teacher_dir}: not the teacher the supernet in {supernet_dir} was distilled from")
-    teacher = perplexity(load_causal_lm(teacher_dir), tokenizer, heldout, cfg.eval_tokens, progress=False, top1=True)
+    teacher = perplexity(load_causal_lm(distilled_teacher(supernet_manifest)), tokenizer, heldout, cfg.eval_tokens,
+                         progress=False, top1=True)
     scores: dict[DecoderSubnet, dict] = {}
 
     def score(subnet: DecoderSubnet) -> dict:
@@ -391,20 +385,21 @@ def search_lm(cfg: LMSearchConfig, supernet_dir: str | Path, latency_dir: str | 
                "teacher_perplexity": teacher["perplexity"],
                "largest_subnet_perplexity": result["teacher"]["perplexity"]}
     inputs = {"supernet": str(supernet_dir.resolve()), "latency": str(latency_dir.resolve()),
-              "heldout_file": {"path": str(heldout_file), "sha256": data["heldout_sha256"]}}
+              "heldout_file": {"path": str(heldout_file), "sha256": sha256_file(heldout_file)}}
     return write_manifest(out_dir, "search-lm", {"device": latency.device, **to_dict(cfg)}, metrics, inputs,
                           config_hash=config_hash(cfg))
 
 
-def choose(result: dict) -> dict:
-    """The front point to ship: the highest F1 whose latency (measured, else predicted) is
+def choose(result: dict, objectives: Objectives = QA) -> dict:
+    """The front point to ship: the most accurate one whose latency (measured, else predicted) is
     within the budget."""
     budget = result["latency_budget_ms"]
     fitting = [p for p in result["front"]
                if not budget or (p["measured_ms"] if p["measured_ms"] is not None else p["predicted_ms"]) <= budget]
     if not fitting:
         raise ValueError(f"no front point within the latency budget of {budget} ms")
-    return max(fitting, key=lambda p: p["f1"])
+    sign = 1 if objectives.maximize else -1
+    return max(fitting, key=lambda p: sign * p[objectives.accuracy])
 
 
 def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | Path, search_dir: str | Path,

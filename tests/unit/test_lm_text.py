@@ -85,7 +85,7 @@ def test_lm_teacher_stage(tiny_lm):
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-@pytest.mark.parametrize("stage", ["lm-teacher", "lm-data", "distill-lm", "latency-lm", "search-lm", "compile-lm",
-                                   "bench-lm"])
+@pytest.mark.parametrize("stage", ["lm-teacher", "lm-data", "distill-lm", "latency-lm", "search-lm", "finalize-lm",
+                                   "compile-lm", "bench-lm"])
 def test_every_generation_profile_loads(stage, profile):
     load_config(stage, profile)

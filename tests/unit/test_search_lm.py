@@ -1,14 +1,16 @@
 """The generation search on the tiny profile: decoder supernet, per-token latency model of
-compiled subnets timed on x86-1t (a local device: no lab needed), NSGA-II front."""
+compiled subnets timed on x86-1t (a local device: no lab needed), NSGA-II front, the student."""
 
 import json
 
 import pytest
 
+from canao.apps import generate
 from canao.cli import main
 from canao.latency import LatencyModel
 from canao.manifest import verify_manifest
-from canao.search import FRONT_JSON, FRONT_PNG, GENERATION, dominated
+from canao.models.llama_lm import load_causal_lm
+from canao.search import FRONT_JSON, FRONT_PNG, GENERATION, choose, dominated
 from canao.space import DecoderSubnet
 
 
@@ -23,6 +25,8 @@ def stages(tiny_lm, tmp_path_factory):
                  "--device", "x86-1t", "--out", str(root / "latency")]) == 0
     assert main(["search-lm", *tiny, "--supernet", str(root / "supernet"), "--latency", str(root / "latency"),
                  "--out", str(root / "search")]) == 0
+    assert main(["finalize-lm", *tiny, "--supernet", str(root / "supernet"), "--search", str(root / "search"),
+                 "--out", str(root / "student")]) == 0
     return root
 
 
@@ -67,3 +71,25 @@ def test_search_lm_names_a_wrong_input(stages, tmp_path, capsys):
     code = main(["search-lm", "--profile", "tiny", "--supernet", str(stages / "latency"),
                  "--latency", str(stages / "latency"), "--out", str(tmp_path / "s")])
     assert code == 2 and "not a decoder supernet (distill-lm)" in capsys.readouterr().err
+
+
+def test_finalize_lm_writes_the_chosen_student_fine_tuned(stages, capsys):
+    manifest = verify_manifest(stages / "student")
+    m = manifest["metrics"]
+    chosen = choose(json.loads((stages / "search" / FRONT_JSON).read_text()), GENERATION)
+    assert m["subnet"] == chosen["subnet"] == manifest["config"]["subnet"] and m["steps"] == 4
+    assert m["perplexity"] > 1 and m["teacher_perplexity"] > 1 and 0 <= m["greedy_agreement"] <= 1
+    assert m["perplexity_vs_teacher"] == pytest.approx(m["perplexity"] / m["teacher_perplexity"], rel=1e-3)
+    student = load_causal_lm(stages / "student")
+    assert student.config.num_hidden_layers == chosen["subnet"]["num_layers"]
+    assert sum(p.numel() for p in student.parameters()) == m["parameters"] == chosen["params"]
+    decoder = generate.TorchDecoder(stages / "student", max_context=16)
+    assert len([t for t, _ in generate.stream(decoder, [5, 6, 7], 4, stop_at_eos=False)]) == 4
+    assert not (stages / "student" / "checkpoints").exists()
+    args = ["finalize-lm", "--profile", "tiny", "--supernet", str(stages / "supernet"), "--search"]
+    assert main([*args, str(stages / "search"), "--out", str(stages / "student")]) == 0
+    assert "already made; reusing it" in capsys.readouterr().out
+    assert main([*args, str(stages / "search"), "--set", "seed=1", "--out", str(stages / "student")]) == 2
+    assert "holds a student made with another config" in capsys.readouterr().err
+    assert main([*args, str(stages / "latency"), "--out", str(stages / "other")]) == 2
+    assert "not a generation search (search-lm)" in capsys.readouterr().err
