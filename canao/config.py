@@ -290,7 +290,7 @@ class LMDistillConfig:
     importance_batches: int = 16  # training batches that rank KV-head groups and neurons before distilling
     seq_len: int = 256  # tokens per training window: train.txt tokenized once, cut into consecutive windows
     max_windows: int = 0  # train on the first N windows only; 0 = all
-    eval_tokens: int = 0  # held-out tokens scored for the manifest's perplexities; 0 = all of heldout.txt
+    eval_tokens: int = 0  # held-out tokens scored for the manifest's perplexities and KL; 0 = all of heldout.txt
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):

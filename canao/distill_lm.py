@@ -98,7 +98,8 @@ def train_decoder_supernet(cfg: LMDistillConfig, teacher_dir: str | Path, data_d
     teacher = load_causal_lm(teacher_dir).requires_grad_(False)
     supernet = DecoderSupernet(model)
     batch = cfg.train.eval_batch_size
-    kl_before = heldout_kl(supernet.eval(), teacher, smallest, probe, cfg.kd.temperature, batch)
+    supernet.eval()  # `fit` switches it to training mode
+    kl_before = heldout_kl(supernet, teacher, smallest, probe, cfg.kd.temperature, batch)
     hidden = cfg.kd.hidden_weight > 0
 
     def loss_fn(net: DecoderSupernet, examples: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
