@@ -62,9 +62,12 @@ pipelines: setup
 image: setup
 	$(BIN)/python -m components.image
 
+# LM_STUDENT: a `canao finalize-lm` output for the generation table (empty: the teacher only).
+LM_STUDENT ?=
 bench: setup litert-env
 	$(BIN)/canao device-lab up
-	$(BIN)/canao bench-suite --profile full --out BENCHMARKS.md; status=$$?; $(BIN)/canao device-lab down; exit $$status
+	$(BIN)/canao bench-suite --profile full $(if $(LM_STUDENT),--lm-student $(LM_STUDENT)) --out BENCHMARKS.md; \
+	status=$$?; $(BIN)/canao device-lab down; exit $$status
 
 # The QA server for a model directory or compiled artifact: http://127.0.0.1:8000/
 SERVE_MODEL ?= outputs/full/teacher

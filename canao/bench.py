@@ -27,6 +27,7 @@ from canao.config import (
     BertShape,
     CompileConfig,
     GenBenchConfig,
+    LMCompileConfig,
     config_hash,
     load_config,
     resolve_path,
@@ -124,16 +125,17 @@ def _tvm_version() -> str:
     return f"tvm {tvm.__version__}"
 
 
-def compiled(model_dir: str | Path, device_key: str, cfg: CompileConfig) -> Path:
-    """The compiled artifact of `model_dir` for `device_key` under `cfg`, compiled on first use
-    and kept in outputs/compiled/<device>/<weights and config hash>/ for later runs."""
-    from canao.compile import compile_model
+def compiled(model_dir: str | Path, device_key: str, cfg: CompileConfig | LMCompileConfig) -> Path:
+    """The compiled artifact of `model_dir` for `device_key` under `cfg` (a QA model's compile
+    config, or a decoder's compile-lm config), compiled on first use and kept in
+    outputs/compiled/<device>/<weights and config hash>/ for later runs."""
+    from canao.compile import compile_lm, compile_model
 
     model_dir = Path(model_dir)
     key = hashlib.sha256((sha256_file(model_dir / "model.safetensors") + config_hash(cfg)).encode()).hexdigest()[:16]
     out = resolve_path(COMPILED_DIR) / device_key / key
     if read_manifest(out) is None:
-        compile_model(model_dir, device_key, cfg, out)
+        (compile_lm if isinstance(cfg, LMCompileConfig) else compile_model)(model_dir, device_key, cfg, out)
     return out
 
 
@@ -194,8 +196,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def suite(teacher_dir: Path, profile: str, out: Path, command: str) -> None:
-    """Every suite model at every length on every device, all backends; writes `out` (Markdown)."""
+def suite(teacher_dir: Path, profile: str, out: Path, command: str, lm_teacher_dir: Path, lm_data_dir: Path,
+          lm_student_dir: Path | None = None) -> None:
+    """Every suite model at every length on every device, all backends, then the generation
+    table (`generation_suite`); writes `out` (Markdown) and its records beside it (.json)."""
     bench_cfg = load_config("bench", profile)
     sections, raw = [], []
     for name, model_dir in suite_models(teacher_dir).items():
@@ -220,8 +224,10 @@ def suite(teacher_dir: Path, profile: str, out: Path, command: str) -> None:
               "(tracker on 127.0.0.1); the peers run pinned to the same cores with the same thread count. "
               "`vs LiteRT fp32` is LiteRT fp32's p50 divided by the backend's p50 on the same device and "
               "length; `max abs diff` is against PyTorch fp32 start/end logits.\n")
-    out.write_text(header + "\n" + "\n\n".join(sections) + "\n")
-    write_records(raw, out.with_suffix(".json"))
+    generation, gen_records = generation_suite(*suite_lm_inputs(lm_teacher_dir, lm_data_dir, profile),
+                                               lm_student_dir, profile)
+    out.write_text(header + "\n" + "\n\n".join(sections) + "\n\n" + generation + "\n")
+    write_records(raw + gen_records, out.with_suffix(".json"))
 
 
 # ---- text generation ----------------------------------------------------------------------------
@@ -390,3 +396,58 @@ def generation_table(records: list[GenRecord]) -> str:
         lines.append(f"| {r.device} | {r.context} | {r.backend} | {r.ms_per_token:.2f} | "
                      f"{r.time_to_first_token_ms:.1f} | {f'{ref / r.ms_per_token:.2f}x' if ref else 'n/a'} |")
     return "\n".join(lines)
+
+
+def suite_lm_inputs(teacher_dir: Path, data_dir: Path, profile: str) -> tuple[Path, Path]:
+    """(generation teacher directory, held-out text file): the given ones where they exist, else
+    made with the profile's lm-teacher and lm-data configs under outputs/bench-models/."""
+    from canao.data.text import HELDOUT_FILE, build_corpus
+    from canao.models.llama_lm import save_teacher
+
+    root = resolve_path(BENCH_MODELS_DIR)
+    if read_manifest(teacher_dir) is None:
+        teacher_dir = root / f"lm-teacher-{profile}"
+        if read_manifest(teacher_dir) is None:
+            save_teacher(load_config("lm-teacher", profile), teacher_dir)
+    if read_manifest(data_dir) is None:
+        data_dir = root / f"lm-data-{profile}"
+        if read_manifest(data_dir) is None:
+            build_corpus(load_config("lm-data", profile), data_dir)
+    return teacher_dir, data_dir / HELDOUT_FILE
+
+
+def generation_suite(teacher_dir: Path, heldout_file: Path, student_dir: Path | None, profile: str
+                     ) -> tuple[str, list[GenRecord]]:
+    """`make bench`'s generation section: the teacher decoder in TVM (compile-lm, the profile's
+    config), PyTorch and llama.cpp (its own GGUF file), and the student (if given) in TVM and
+    PyTorch, at the profile's contexts on its devices; every model's held-out perplexity (one
+    protocol, canao.data.text). Markdown and the records."""
+    from canao.data.text import perplexity, read_text_file
+    from canao.models.llama_lm import load_causal_lm
+    from canao.models.llama_lm import load_tokenizer as load_lm_tokenizer
+
+    cfg, compile_cfg = load_config("bench-lm", profile), load_config("compile-lm", profile)
+    heldout = read_text_file(heldout_file)
+    models = {"teacher": teacher_dir} | ({"student": Path(student_dir)} if student_dir else {})
+    records: dict[str, list[GenRecord]] = {}
+    quality = ["| model | directory | parameters | held-out perplexity | tokens scored |", "|---|---|---|---|---|"]
+    for name, model_dir in models.items():
+        model = load_causal_lm(model_dir)
+        scored = perplexity(model, load_lm_tokenizer(model_dir), heldout, cfg.perplexity_tokens, progress=False)
+        quality.append(f"| {name} | {model_dir} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M | "
+                       f"{scored['perplexity']:.2f} | {scored['tokens']} |")
+        backends = GEN_BACKENDS if name == "teacher" else tuple(b for b in GEN_BACKENDS if b != "llama.cpp")
+        records[name] = [r for device_key in cfg.devices for r in bench_generation(
+            model_dir, compiled(model_dir, device_key, compile_cfg), device_key, backends, cfg)]
+    peer = [r for r in records["teacher"] if r.backend == "llama.cpp"]
+    sections = [f"### Generation: {name}\n\n{generation_table(rows + (peer if name != 'teacher' else []))}"
+                for name, rows in records.items()]
+    if student_dir is None:
+        sections.append("No student given (`canao bench-suite --lm-student DIR`): the teacher only.")
+    intro = (f"## Text generation\n\nGreedy decoding, EOS ignored: time to first token after a prompt of each "
+             f"context length, then the mean ms per token of {cfg.new_tokens} tokens; medians over {cfg.repeats} "
+             f"runs. TVM runs the compile-lm artifact ({compile_cfg.max_context}-token KV cache, "
+             f"{compile_cfg.trials} tuning trials); llama.cpp runs the teacher's own GGUF file (Q4_1); `vs "
+             f"llama.cpp` is llama.cpp's ms/token on the teacher divided by the row's. Perplexity: held-out "
+             f"text ({heldout_file.name}) under one protocol for every model.\n\n" + "\n".join(quality))
+    return intro + "\n\n" + "\n\n".join(sections), [r for rows in records.values() for r in rows]

@@ -175,8 +175,11 @@ def cmd_bench(args) -> None:
 def cmd_bench_suite(args) -> None:
     from canao import bench
 
+    student = f" --lm-student {args.lm_student}" if args.lm_student else ""
     bench.suite(resolve_path(args.teacher), args.profile, Path(args.out),
-                command=f"canao bench-suite --profile {args.profile} --out {args.out}")
+                command=f"canao bench-suite --profile {args.profile}{student} --out {args.out}",
+                lm_teacher_dir=resolve_path(args.lm_teacher), lm_data_dir=resolve_path(args.lm_data),
+                lm_student_dir=resolve_path(args.lm_student) if args.lm_student else None)
 
 
 def cmd_serve(args) -> None:
@@ -234,6 +237,42 @@ def cmd_lm_data(args) -> None:
     cfg = load_config("lm-data", args.profile, args.config, args.overrides)
     manifest = build_corpus(cfg, args.out)
     print(json.dumps({"out": str(Path(args.out).resolve()), **manifest["metrics"]}))
+
+
+def cmd_distill_lm(args) -> None:
+    from canao.distill_lm import train_decoder_supernet
+
+    cfg = load_config("distill-lm", args.profile, args.config, args.overrides)
+    manifest = train_decoder_supernet(cfg, args.teacher, args.data, args.out)
+    print(json.dumps({"supernet": str(Path(args.out).resolve()), **manifest["metrics"]}))
+
+
+def cmd_latency_lm(args) -> None:
+    from canao.latency import fit_decoder_latency_model
+
+    cfg = load_config("latency-lm", args.profile, args.config, args.overrides)
+    manifest = fit_decoder_latency_model(cfg, args.device, args.out, args.teacher)
+    print(json.dumps({"latency_model": str(Path(args.out).resolve()), **manifest["metrics"]}))
+
+
+def cmd_search_lm(args) -> None:
+    from canao.search import FRONT_JSON, FRONT_PNG, search_lm
+
+    cfg = load_config("search-lm", args.profile, args.config, args.overrides)
+    manifest = search_lm(cfg, args.supernet, args.latency, args.out)
+    out = Path(args.out).resolve()
+    print(json.dumps({"front": str(out / FRONT_JSON), "plot": str(out / FRONT_PNG), **manifest["metrics"]}))
+
+
+def cmd_finalize_lm(args) -> None:
+    from canao.distill_lm import finalize_student
+
+    cfg = load_config("finalize-lm", args.profile, args.config, args.overrides)
+    manifest = finalize_student(cfg, args.supernet, args.search, args.out)
+    m = manifest["metrics"]
+    keys = ("subnet", "perplexity", "teacher_perplexity", "perplexity_vs_teacher", "greedy_agreement",
+            "predicted_ms_per_token", "measured_ms_per_token")
+    print(json.dumps({"model": str(Path(args.out).resolve()), **{k: m[k] for k in keys}}))
 
 
 def cmd_eval_lm(args) -> None:
@@ -401,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench-suite", help="`make bench`: every suite model, length and device -> BENCHMARKS.md")
     p.add_argument("--profile", choices=PROFILES, default="full", help="compile/bench profile (default: full)")
     p.add_argument("--teacher", default="outputs/full/teacher", help="the trained QA teacher, if there is one")
+    p.add_argument("--lm-teacher", default="outputs/lm-teacher",
+                   help="the generation teacher (`canao lm-teacher`); made if absent")
+    p.add_argument("--lm-data", default="outputs/lm-data", help="the LM corpus (`canao lm-data`); made if absent")
+    p.add_argument("--lm-student", help="a student decoder directory for the generation table (default: none)")
     p.add_argument("--out", default="BENCHMARKS.md", help="Markdown report (records beside it as .json)")
     p.set_defaults(func=cmd_bench_suite)
 
@@ -432,6 +475,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", required=True, help="directory to write")
     p.set_defaults(func=cmd_lm_data)
+
+    p = sub.add_parser("distill-lm", help="the elastic decoder supernet, distilled from the generation teacher")
+    _add_config_args(p)
+    p.add_argument("--teacher", required=True, help="a `canao lm-teacher` output")
+    p.add_argument("--data", required=True, help="a `canao lm-data` output (train.txt trains, heldout.txt scores)")
+    p.add_argument("--out", required=True, help="supernet directory to write")
+    p.set_defaults(func=cmd_distill_lm)
+
+    p = sub.add_parser("latency-lm", help="fit a local device's per-token decode latency model on compiled subnets")
+    _add_config_args(p)
+    p.add_argument("--teacher", required=True, help="the generation teacher's directory; only its shape is used")
+    p.add_argument("--device", required=True, help="a local device key from device_lab/devices.yaml")
+    p.add_argument("--out", required=True, help="latency model directory to write")
+    p.set_defaults(func=cmd_latency_lm)
+
+    p = sub.add_parser("search-lm", help="NSGA-II search: the perplexity / ms-per-token front (front.json, .png)")
+    _add_config_args(p)
+    p.add_argument("--supernet", required=True, help="a `canao distill-lm` output")
+    p.add_argument("--latency", required=True, help="a `canao latency-lm` output (its device is the search's)")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.set_defaults(func=cmd_search_lm)
+
+    p = sub.add_parser("finalize-lm", help="extract the generation search's chosen subnet and fine-tune it by KD")
+    _add_config_args(p)
+    p.add_argument("--supernet", required=True, help="a `canao distill-lm` output")
+    p.add_argument("--search", required=True, help="a `canao search-lm` output")
+    p.add_argument("--out", required=True, help="student model directory to write")
+    p.set_defaults(func=cmd_finalize_lm)
 
     p = sub.add_parser("eval-lm", help="perplexity of a decoder on a text file (one protocol for all models)")
     p.add_argument("--model", required=True, help="model directory (save_pretrained layout)")

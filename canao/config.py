@@ -225,6 +225,7 @@ class GenBenchConfig:
     new_tokens: int = 32  # tokens generated (greedy, EOS ignored) per measurement
     repeats: int = 3  # measurements per backend and context; the table reports medians over them
     devices: tuple[str, ...] = ("x86-1t",)  # device keys (local ones: every backend runs pinned to its cores)
+    perplexity_tokens: int = 4096  # `make bench`: held-out tokens behind each model's perplexity; 0 = all
 
 
 @dataclass(frozen=True)
@@ -239,10 +240,20 @@ class SpaceConfig:
 
 
 @dataclass(frozen=True)
+class DecoderSpaceConfig:
+    """Allowed decoder subnets (canao/space.py says why these: shapes the compiler handles well)."""
+
+    layer_counts: tuple[int, ...] = (6, 10, 14, 18, 22, 26, 30)  # kept teacher blocks, evenly spaced
+    kv_head_counts: tuple[int, ...] = (1, 2, 3)  # key/value heads per layer, each with its query heads
+    ffn_sizes: tuple[int, ...] = (256, 512, 768, 1024, 1280, 1536)  # FFN (gated) widths, one for every layer
+    align: int = 64  # FFN widths and key/value widths must be multiples of this (vector and tile sizes)
+
+
+@dataclass(frozen=True)
 class KDConfig:
-    temperature: float = 2.0  # softens start/end distributions; the soft loss is scaled by T^2
+    temperature: float = 2.0  # softens the output distributions (QA start/end, LM next token); loss scaled by T^2
     hidden_weight: float = 1.0  # weight of the hidden-state MSE (each kept layer vs its teacher layer)
-    hard_weight: float = 0.0  # weight of the gold-span cross-entropy beside the teacher's soft targets
+    hard_weight: float = 0.0  # weight of the gold labels' cross-entropy (QA: the span; LM: the next token)
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -269,6 +280,55 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class LMDistillConfig:
+    """The elastic decoder trained by distillation from the generation teacher on the lm-data corpus."""
+
+    seed: int = 42
+    space: DecoderSpaceConfig = field(default_factory=DecoderSpaceConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    random_subnets: int = 2  # random subnets per step, besides the largest and the smallest (sandwich rule)
+    importance_batches: int = 16  # training batches that rank KV-head groups and neurons before distilling
+    seq_len: int = 256  # tokens per training window: train.txt tokenized once, cut into consecutive windows
+    max_windows: int = 0  # train on the first N windows only; 0 = all
+    eval_tokens: int = 0  # held-out tokens scored for the manifest's perplexities and KL; 0 = all of heldout.txt
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.random_subnets < 0:
+            raise ConfigError(f"random_subnets: must be >= 0, got {self.random_subnets}")
+        _check_lm_windows(self)
+
+
+def _check_lm_windows(cfg) -> None:
+    for name in ("max_windows", "eval_tokens"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name}: must be >= 0, got {getattr(cfg, name)}")
+    if cfg.seq_len < 2:
+        raise ConfigError(f"seq_len: must be >= 2 (a window predicts its tokens from earlier ones), got {cfg.seq_len}")
+
+
+@dataclass(frozen=True)
+class LMFinalizeConfig:
+    """The chosen generation front point: extracted, fine-tuned by distillation from the teacher, scored."""
+
+    seed: int = 42
+    kd: KDConfig = field(default_factory=KDConfig)
+    seq_len: int = 256  # tokens per training window: train.txt tokenized once, cut into consecutive windows
+    max_windows: int = 0  # train on the first N windows only; 0 = all
+    eval_tokens: int = 0  # held-out tokens scored for the student's and the teacher's perplexity; 0 = all
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        _check_lm_windows(self)
+
+
+def _check_samples(samples: int, holdout: int) -> None:
+    if samples < 4 or not 1 <= holdout <= samples - 3:
+        raise ConfigError(f"samples/holdout: need samples >= 4 and 1 <= holdout <= samples - 3 "
+                          f"(got {samples}, {holdout})")
+
+
+@dataclass(frozen=True)
 class LatencyConfig:
     """The per-device latency model: subnets compiled and measured on a device of the lab."""
 
@@ -281,9 +341,7 @@ class LatencyConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)  # warmup and runs of every measurement
 
     def __post_init__(self):
-        if self.samples < 4 or not 1 <= self.holdout <= self.samples - 3:
-            raise ConfigError(f"samples/holdout: need samples >= 4 and 1 <= holdout <= samples - 3 "
-                              f"(got {self.samples}, {self.holdout})")
+        _check_samples(self.samples, self.holdout)
         bad = sorted(set(self.backends) - {"tvm", *self.compile.peers})
         if bad or not self.backends:
             raise ConfigError(f"backends: {bad or 'none'}: every backend must be tvm or one of compile.peers "
@@ -309,6 +367,51 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
+class LMLatencyConfig:
+    """The per-device decode latency model: decoder subnets compiled and timed generating on a local device."""
+
+    seed: int = 0
+    space: DecoderSpaceConfig = field(default_factory=DecoderSpaceConfig)
+    samples: int = 12  # subnets compiled and timed (the largest and the smallest among them)
+    holdout: int = 3  # of those, timed but not fitted on: the model's reported error is on these
+    backends: tuple[str, ...] = ("tvm",)  # "tvm" (compile-lm) and/or "torch" (eager); the search uses the fastest
+    compile: LMCompileConfig = field(default_factory=LMCompileConfig)  # max_context: the context the latency is for
+    new_tokens: int = 16  # tokens timed per measurement, after a prompt that fills the rest of the cache
+    repeats: int = 3  # measurements per subnet and backend; the median is kept
+
+    def __post_init__(self):
+        _check_samples(self.samples, self.holdout)
+        bad = sorted(set(self.backends) - {"tvm", "torch"})
+        if bad or not self.backends:
+            raise ConfigError(f"backends: {bad or 'none'}: every backend must be tvm or torch")
+        if not 2 <= self.new_tokens < self.compile.max_context:
+            raise ConfigError(f"new_tokens: must be in [2, compile.max_context ({self.compile.max_context})), "
+                              f"got {self.new_tokens}")
+        if self.repeats < 1:
+            raise ConfigError(f"repeats: must be >= 1, got {self.repeats}")
+
+
+@dataclass(frozen=True)
+class LMSearchConfig:
+    """Multi-objective search (NSGA-II) for generation: held-out perplexity with supernet weights vs
+    predicted ms per generated token."""
+
+    seed: int = 0
+    trials: int = 100  # subnets evaluated (the decoder space is small: 7 x 3 x 6 = 126 subnets by default)
+    population_size: int = 16  # NSGA-II generation size
+    latency_budget_ms: float = 0.0  # predicted ms per token must not exceed this; 0 = no budget
+    params_budget: int = 0  # parameters must not exceed this; 0 = no budget
+    eval_tokens: int = 4096  # held-out tokens scored per subnet (the supernet's heldout.txt); 0 = all
+    remeasure: int = 4  # front points compiled and timed on the device again (lowest perplexity first)
+
+    def __post_init__(self):
+        if self.trials < 1 or self.population_size < 2:
+            raise ConfigError("trials: must be >= 1; population_size: >= 2")
+        if self.eval_tokens < 0 or self.remeasure < 0:
+            raise ConfigError("eval_tokens, remeasure: must be >= 0")
+
+
+@dataclass(frozen=True)
 class FinalizeConfig:
     """The chosen front point: extracted, fine-tuned by distillation, scored, compiled, benchmarked."""
 
@@ -324,7 +427,10 @@ STAGES: dict[str, type] = {
     "teacher": TeacherConfig, "distill": DistillConfig, "latency": LatencyConfig, "search": SearchConfig,
     "finalize": FinalizeConfig, "compile": CompileConfig, "bench": BenchConfig, "deploy": DeployConfig,
     "serve": ServeConfig, "loadtest": LoadtestConfig,
-    "lm-teacher": LMTeacherConfig, "lm-data": LMDataConfig, "compile-lm": LMCompileConfig, "bench-lm": GenBenchConfig,
+    "lm-teacher": LMTeacherConfig, "lm-data": LMDataConfig, "distill-lm": LMDistillConfig,
+    "latency-lm": LMLatencyConfig, "search-lm": LMSearchConfig, "finalize-lm": LMFinalizeConfig,
+    "compile-lm": LMCompileConfig,
+    "bench-lm": GenBenchConfig,
 }
 
 

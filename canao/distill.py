@@ -14,7 +14,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from pathlib import Path
 
 import torch
@@ -31,14 +31,17 @@ from canao.models.supernet import Supernet, importance, sort_by_importance
 from canao.space import SearchSpace, TeacherShape
 
 CHECKPOINT = "checkpoint.pt"
+IMPORTANCE_FILE = "importance.safetensors"  # the scores that sorted the supernet: re-sorts the teacher alike
+SUPERNET_DIR = "supernet"
 
-# loss_fn(model, features, batch_index) -> scalar loss of that batch
-LossFn = Callable[[torch.nn.Module, Features, torch.Tensor], torch.Tensor]
+# loss_fn(model, examples, batch_index) -> scalar loss of that batch
+LossFn = Callable[[torch.nn.Module, Sized, torch.Tensor], torch.Tensor]
 
 
-def fit(model: torch.nn.Module, features: Features, loss_fn: LossFn, cfg: TrainConfig, seed: int,
+def fit(model: torch.nn.Module, features: Sized, loss_fn: LossFn, cfg: TrainConfig, seed: int,
         work_dir: Path, fingerprint: str, desc: str = "train") -> dict:
-    """Train `model` on `features`, resuming from `work_dir`'s checkpoint if one exists."""
+    """Train `model` on `features` (QA windows, LM token windows: anything with a length whose
+    batches `loss_fn` picks by index), resuming from `work_dir`'s checkpoint if one exists."""
     steps_per_epoch = math.ceil(len(features) / cfg.batch_size)
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     decay, no_decay = [], []
@@ -150,28 +153,35 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path) -> dict:
     return write_manifest(out_dir, "teacher", to_dict(cfg), metrics, inputs, config_hash=fingerprint)
 
 
-def kd_loss(student_out, teacher_out, layer_map: list[int], cfg: KDConfig, gold: tuple | None = None) -> torch.Tensor:
-    """Knowledge distillation of a (sub)network from the teacher.
+def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL divergence of the student's distributions from the teacher's at `temperature`, scaled
+    by T^2 so its gradients keep their size whatever T (Hinton et al.); the last dimension is
+    the distribution, the mean is over every other position."""
+    t, classes = temperature, student_logits.shape[-1]
+    return torch.nn.functional.kl_div(
+        torch.log_softmax(student_logits.float().reshape(-1, classes) / t, dim=-1),
+        torch.log_softmax(teacher_logits.float().reshape(-1, classes) / t, dim=-1),
+        log_target=True, reduction="batchmean") * t * t
 
-    Soft targets: KL divergence of the start and end distributions at temperature T, scaled
-    by T^2 (Hinton et al.). Hidden states: MSE of the student's embeddings and each of its
-    layers against the teacher's embeddings and the teacher layer it stands for
-    (`layer_map[j]`), on the student's width (its channels are the teacher's first ones).
-    Optionally the gold span's cross-entropy (`gold`: start and end positions).
-    """
-    t = cfg.temperature
-    loss = 0.0
-    for s_logits, t_logits in ((student_out.start_logits, teacher_out.start_logits),
-                               (student_out.end_logits, teacher_out.end_logits)):
-        loss = loss + torch.nn.functional.kl_div(
-            torch.log_softmax(s_logits.float() / t, dim=-1), torch.log_softmax(t_logits.float() / t, dim=-1),
-            log_target=True, reduction="batchmean") * t * t / 2
+
+def hidden_mse(student_hidden: tuple, teacher_hidden: tuple, layer_map: list[int]) -> torch.Tensor:
+    """Mean over the student's embeddings and layers of the MSE against the teacher's embeddings and
+    the teacher layer each stands for (`layer_map[j]`), on the student's width (its channels are
+    the teacher's first ones)."""
+    width = student_hidden[0].shape[-1]
+    pairs = zip(student_hidden, [0] + [i + 1 for i in layer_map], strict=True)
+    return sum(torch.nn.functional.mse_loss(s.float(), teacher_hidden[i][..., :width].float())
+               for s, i in pairs) / (len(layer_map) + 1)
+
+
+def kd_loss(student_out, teacher_out, layer_map: list[int], cfg: KDConfig, gold: tuple | None = None) -> torch.Tensor:
+    """Knowledge distillation of a QA (sub)network from the teacher: `soft_kl` of the start and
+    end distributions (averaged), `hidden_mse` weighted by `cfg.hidden_weight`, and optionally
+    the gold span's cross-entropy (`gold`: start and end positions)."""
+    loss = (soft_kl(student_out.start_logits, teacher_out.start_logits, cfg.temperature)
+            + soft_kl(student_out.end_logits, teacher_out.end_logits, cfg.temperature)) / 2
     if cfg.hidden_weight:
-        width = student_out.hidden_states[0].shape[-1]
-        pairs = zip(student_out.hidden_states, [0] + [i + 1 for i in layer_map], strict=True)
-        hidden = sum(torch.nn.functional.mse_loss(s.float(), teacher_out.hidden_states[i][..., :width].float())
-                     for s, i in pairs)
-        loss = loss + cfg.hidden_weight * hidden / (len(layer_map) + 1)
+        loss = loss + cfg.hidden_weight * hidden_mse(student_out.hidden_states, teacher_out.hidden_states, layer_map)
     if cfg.hard_weight and gold is not None:
         ce = torch.nn.functional.cross_entropy
         hard = (ce(student_out.start_logits.float(), gold[0]) + ce(student_out.end_logits.float(), gold[1])) / 2
@@ -179,8 +189,22 @@ def kd_loss(student_out, teacher_out, layer_map: list[int], cfg: KDConfig, gold:
     return loss
 
 
-IMPORTANCE_FILE = "importance.safetensors"  # the scores that sorted the supernet: re-sorts the teacher alike
-SUPERNET_DIR = "supernet"
+def sandwich(space, random_subnets: int) -> list:
+    """The subnets one supernet step trains (the sandwich rule): the largest, the smallest and
+    `random_subnets` random ones of `space`. Drawn from torch's generator, which `fit`
+    checkpoints, so a resumed run samples as an uninterrupted one would."""
+    rng = random.Random(int(torch.randint(2**31, ())))
+    return [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(random_subnets)]
+
+
+def importance_once(work_dir: Path, compute: Callable[[], dict]) -> dict:
+    """The importance scores of a supernet run: computed by `compute` once and kept in `work_dir`,
+    so a resumed run sorts its units exactly as the first did."""
+    path = work_dir / IMPORTANCE_FILE
+    if not path.is_file():
+        work_dir.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in compute().items()}, path)
+    return load_file(path)
 
 
 def sorted_teacher(teacher_dir: str | Path, scores: dict) -> torch.nn.Module:
@@ -219,15 +243,10 @@ def train_supernet(cfg: DistillConfig, teacher_dir: str | Path, out_dir: str | P
     features = build_features(load_squad(train_file, cfg.data.train_questions), tokenizer, cfg.features)
     model = load_qa_model(teacher_dir)
     space = SearchSpace(cfg.space, TeacherShape.of(model.config))
-    largest, smallest = space.largest(), space.smallest()
 
     work_dir = out_dir / "checkpoints"
-    work_dir.mkdir(parents=True, exist_ok=True)
-    scores_path = work_dir / IMPORTANCE_FILE
-    if not scores_path.is_file():  # resumed runs keep the first run's order
-        scores = importance(model, features, cfg.importance_batches, cfg.train.batch_size)
-        save_file({k: v.contiguous() for k, v in scores.items()}, scores_path)
-    scores = load_file(scores_path)
+    scores = importance_once(work_dir, lambda: importance(model, features, cfg.importance_batches,
+                                                          cfg.train.batch_size))
     sort_by_importance(model, scores)
     teacher = sorted_teacher(teacher_dir, scores)
     supernet = Supernet(model)
@@ -237,9 +256,7 @@ def train_supernet(cfg: DistillConfig, teacher_dir: str | Path, out_dir: str | P
         gold = (feats.start_positions[index], feats.end_positions[index])
         with torch.no_grad():
             target = teacher(**inputs, output_hidden_states=True)
-        # Drawn from torch's generator, which `fit` checkpoints: a resumed run samples alike.
-        rng = random.Random(int(torch.randint(2**31, ())))
-        subnets = [largest, smallest] + [space.sample(rng) for _ in range(cfg.random_subnets)]
+        subnets = sandwich(space, cfg.random_subnets)
         return sum(kd_loss(net(s, output_hidden_states=True, **inputs), target,
                            s.layer_indices(space.teacher.num_layers), cfg.kd, gold) for s in subnets) / len(subnets)
 
@@ -248,7 +265,7 @@ def train_supernet(cfg: DistillConfig, teacher_dir: str | Path, out_dir: str | P
     stats = fit(supernet, features, loss_fn, cfg.train, cfg.seed, work_dir, fingerprint, desc="supernet")
     model.save_pretrained(out_dir / SUPERNET_DIR)
     tokenizer.save_pretrained(out_dir / SUPERNET_DIR)
-    shutil.move(scores_path, out_dir / IMPORTANCE_FILE)
+    shutil.move(work_dir / IMPORTANCE_FILE, out_dir / IMPORTANCE_FILE)
     shutil.rmtree(work_dir, ignore_errors=True)
     stats.update(train_windows=len(features))
     inputs = {"teacher": {"path": str(teacher_dir.resolve()), "config_hash": teacher_manifest.get("config_hash"),

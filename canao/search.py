@@ -12,6 +12,9 @@ on the device again. Output: front.json, front.png, manifest.json.
 finalize: the front point with the highest F1 within the budget is extracted into a
 standalone model, fine-tuned by distillation from the teacher, scored on dev-a, compiled
 for the device and benchmarked against the teacher's shape on the peers.
+
+search-lm: the same search (`pareto_search`, `remeasure`, the front and its plot) for a
+decoder supernet: held-out perplexity against predicted ms per generated token.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from canao.config import (
     BenchConfig,
     CompileConfig,
     FinalizeConfig,
+    LMSearchConfig,
     SearchConfig,
     SpaceConfig,
     SquadFeatureConfig,
@@ -46,7 +50,7 @@ from canao.distill import IMPORTANCE_FILE, SUPERNET_DIR, fit, kd_loss, load_supe
 from canao.latency import LatencyModel, measure
 from canao.manifest import read_manifest, reusable, sha256_file, verify_manifest, write_manifest
 from canao.models.bert_qa import load_tokenizer
-from canao.models.supernet import extract
+from canao.models.elastic import extract
 from canao.space import SearchSpace, SubnetConfig, flops, params
 
 FRONT_JSON = "front.json"
@@ -56,16 +60,83 @@ FRONT_PNG = "front.png"
 TrialHook = Callable[[int, dict, dict], None]
 
 
-def _inputs(supernet_dir: Path, latency_dir: Path) -> tuple:
-    supernet, supernet_manifest = load_supernet(supernet_dir)
+def _inputs(supernet_dir: Path, latency_dir: Path, load: Callable, family: str) -> tuple:
+    """The supernet (`load(dir)` -> supernet, manifest) and a latency model of the same family and teacher."""
+    supernet, supernet_manifest = load(supernet_dir)
     latency_manifest = verify_manifest(latency_dir)
     if latency_manifest["stage"] != "latency":
         raise ValueError(f"{latency_dir}: a {latency_manifest['stage']!r} artifact, not a latency model")
     latency = LatencyModel.load(latency_dir)
+    if latency.family != family:
+        raise ValueError(f"{latency_dir}: a latency model of {latency.family} subnets, not of {family} subnets")
     if latency.teacher != supernet.shape:
         raise ValueError(f"{latency_dir}: latency model of a {latency.teacher} teacher, but the supernet in "
                          f"{supernet_dir} is {supernet.shape}")
     return supernet, supernet_manifest, latency, latency_manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class Objectives:
+    """What a search trades: an accuracy (a field of every trial and front point) against latency."""
+
+    accuracy: str  # the accuracy's field: "f1" (QA), "perplexity" (generation)
+    maximize: bool  # whether a higher accuracy value is better
+    accuracy_label: str  # the plot's y axis
+    latency_label: str  # the plot's x axis, formatted with the result (device, seq_len)
+
+
+QA = Objectives("f1", True, "F1 on the held-out training slice (supernet weights)",
+                "latency on {device}, seq {seq_len} (ms, log scale)")
+GENERATION = Objectives("perplexity", False, "held-out perplexity (supernet weights)",
+                        "ms per generated token on {device}, context {seq_len} (log scale)")
+
+
+def pareto_search(cfg, objectives: Objectives, suggest: Callable[[optuna.Trial], object],
+                  score: Callable[[object], dict], latency: LatencyModel, count_params: Callable[[object], int],
+                  count_flops: Callable[[object], int], first: dict, on_trial: TrialHook | None) -> optuna.Study:
+    """NSGA-II over the subnets `suggest(trial)` proposes: the accuracy in `score(subnet)` (a dict
+    that may hold more figures; they are kept with the trial) against the latency model's
+    prediction for the fastest backend, under `cfg`'s latency and parameter budgets. `first`:
+    the parameters of the first trial (the reference subnet)."""
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        subnet = suggest(trial)
+        predicted_ms, backend = latency.fastest(subnet)
+        n_params = count_params(subnet)
+        scores = score(subnet)
+        metrics = {**scores, "predicted_ms": predicted_ms, "params": n_params, "flops": count_flops(subnet)}
+        trial.set_user_attr("subnet", subnet.to_dict())
+        trial.set_user_attr("scores", scores)
+        trial.set_user_attr("backend", backend)
+        trial.set_user_attr("params", n_params)
+        trial.set_user_attr("flops", metrics["flops"])
+        # Feasible when <= 0; NSGA-II ranks feasible trials first, then by total violation.
+        trial.set_constraint("ms_over_budget", predicted_ms - cfg.latency_budget_ms if cfg.latency_budget_ms else -1)
+        trial.set_constraint("params_over_budget", n_params - cfg.params_budget if cfg.params_budget else -1)
+        print(f"trial {trial.number}: {subnet.label()}: {objectives.accuracy} {metrics[objectives.accuracy]:.2f}, "
+              f"{predicted_ms:.2f} ms ({backend}), {n_params / 1e6:.1f} M params", flush=True)
+        if on_trial is not None:
+            on_trial(trial.number, {**subnet.to_dict(), "backend": backend}, metrics)
+        return metrics[objectives.accuracy], predicted_ms
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.NSGAIISampler(population_size=cfg.population_size, seed=cfg.seed)
+    study = optuna.create_study(directions=["maximize" if objectives.maximize else "minimize", "minimize"],
+                                sampler=sampler)
+    study.enqueue_trial(first)
+    study.optimize(objective, n_trials=cfg.trials)
+    return study
+
+
+def remeasure(front: list[dict], objectives: Objectives, count: int,
+              measure_one: Callable[[dict], dict[str, float]]) -> None:
+    """Measure the `count` most accurate front points on the device again (`measure_one(subnet
+    dict)` -> ms by backend), in place."""
+    sign = -1 if objectives.maximize else 1
+    for point in sorted(front, key=lambda p: sign * p[objectives.accuracy])[:count]:
+        ms = measure_one(point["subnet"])
+        point["measured_ms_by_backend"] = ms
+        point["measured_ms"], point["measured_backend"] = min((v, b) for b, v in ms.items())
 
 
 def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path, out_dir: str | Path,
@@ -74,7 +145,8 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
     supernet_dir, latency_dir, out_dir = Path(supernet_dir), Path(latency_dir), Path(out_dir)
     if read_manifest(out_dir) is not None:
         raise FileExistsError(f"{out_dir}: already holds a search; choose another --out")
-    supernet, supernet_manifest, latency, latency_manifest = _inputs(supernet_dir, latency_dir)
+    supernet, supernet_manifest, latency, latency_manifest = _inputs(supernet_dir, latency_dir, load_supernet,
+                                                                     "bert-qa")
     distill_cfg = supernet_manifest["config"]
     space = SearchSpace(from_dict(SpaceConfig, distill_cfg["space"], "space."), supernet.shape)
     features_cfg = from_dict(SquadFeatureConfig, distill_cfg["features"], "features.")
@@ -101,60 +173,40 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
     c = space.cfg
     deepest = max(c.layer_counts)
 
-    def objective(trial: optuna.Trial) -> tuple[float, float]:
+    def suggest(trial: optuna.Trial) -> SubnetConfig:
         # Every trial names every layer's choices (a fixed set of variables, which NSGA-II's
         # crossover needs); layers past num_layers are ignored.
-        subnet = space.make(
+        return space.make(
             trial.suggest_categorical("num_layers", c.layer_counts),
             trial.suggest_categorical("hidden_size", c.hidden_sizes),
             [trial.suggest_categorical(f"heads_{i}", c.head_counts) for i in range(deepest)],
             [trial.suggest_categorical(f"ffn_{i}", c.ffn_sizes) for i in range(deepest)],
         )
-        predicted_ms, backend = latency.fastest(subnet)
-        n_params = params(subnet, space.teacher, vocab, positions)
-        metrics = {"f1": f1_of(subnet), "predicted_ms": predicted_ms, "params": n_params,
-                   "flops": flops(subnet, space.teacher, latency.seq_len)}
-        trial.set_user_attr("subnet", subnet.to_dict())
-        trial.set_user_attr("backend", backend)
-        trial.set_user_attr("params", n_params)
-        trial.set_user_attr("flops", metrics["flops"])
-        # Feasible when <= 0; NSGA-II ranks feasible trials first, then by total violation.
-        trial.set_constraint("ms_over_budget", predicted_ms - cfg.latency_budget_ms if cfg.latency_budget_ms else -1)
-        trial.set_constraint("params_over_budget", n_params - cfg.params_budget if cfg.params_budget else -1)
-        print(f"trial {trial.number}: {subnet.label()}: F1 {metrics['f1']:.2f}, {predicted_ms:.2f} ms ({backend}), "
-              f"{n_params / 1e6:.1f} M params", flush=True)
-        if on_trial is not None:
-            on_trial(trial.number, {**subnet.to_dict(), "backend": backend}, metrics)
-        return metrics["f1"], predicted_ms
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.NSGAIISampler(population_size=cfg.population_size, seed=cfg.seed)
-    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
     started = time.perf_counter()
     # The teacher's shape first: the reference point, and a seed for the population.
-    study.enqueue_trial(_trial_params(space.largest(), deepest))
-    study.optimize(objective, n_trials=cfg.trials)
+    study = pareto_search(cfg, QA, suggest, lambda s: {"f1": f1_of(s)}, latency,
+                          lambda s: params(s, space.teacher, vocab, positions),
+                          lambda s: flops(s, space.teacher, latency.seq_len), _trial_params(space.largest(), deepest),
+                          on_trial)
     search_seconds = time.perf_counter() - started
 
-    front = _front(study)
+    front = _front(study, SubnetConfig)
     teacher_ms = next(m["ms"] for m in latency.measurements if m["subnet"] == space.largest().to_dict())
     compile_cfg = from_dict(CompileConfig, latency_manifest["config"]["compile"], "compile.")
     bench_cfg = from_dict(BenchConfig, latency_manifest["config"]["bench"], "bench.")
     out_dir.mkdir(parents=True, exist_ok=True)
     started_measure = time.perf_counter()
-    for point in sorted(front, key=lambda p: -p["f1"])[: cfg.remeasure]:
-        ms = measure(SubnetConfig.from_dict(point["subnet"]), supernet_dir / SUPERNET_DIR, latency.device,
-                     tuple(latency.coefficients), compile_cfg, bench_cfg, out_dir / "work")
-        point["measured_ms_by_backend"] = ms
-        point["measured_ms"], point["measured_backend"] = min((v, b) for b, v in ms.items())
+    remeasure(front, QA, cfg.remeasure, lambda subnet: measure(
+        SubnetConfig.from_dict(subnet), supernet_dir / SUPERNET_DIR, latency.device, tuple(latency.coefficients),
+        compile_cfg, bench_cfg, out_dir / "work"))
     result = {
         "device": latency.device, "seq_len": latency.seq_len,
         "latency_budget_ms": cfg.latency_budget_ms, "params_budget": cfg.params_budget,
         "teacher": {"subnet": space.largest().to_dict(), "f1": f1_of(space.largest()), "measured_ms_by_backend":
                     teacher_ms, "params": params(space.largest(), space.teacher, vocab, positions)},
         "front": sorted(front, key=lambda p: p["predicted_ms"]),
-        "trials": [{"f1": t.values[0], "predicted_ms": t.values[1], "feasible": _feasible(t)}
-                   for t in study.trials if t.values],
+        "trials": _trials(study, QA),
     }
     (out_dir / FRONT_JSON).write_text(json.dumps(result, indent=1) + "\n")
     plot_front(result, out_dir / FRONT_PNG)
@@ -181,16 +233,21 @@ def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
     return all(v <= 0 for v in trial.constraints.values())
 
 
-def _front(study: optuna.Study) -> list[dict]:
+def _trials(study: optuna.Study, objectives: Objectives) -> list[dict]:
+    return [{objectives.accuracy: t.values[0], "predicted_ms": t.values[1], "feasible": _feasible(t)}
+            for t in study.trials if t.values]
+
+
+def _front(study: optuna.Study, subnet_type: type) -> list[dict]:
     """Non-dominated feasible trials, one per distinct subnet."""
     points: dict[str, dict] = {}
     for t in study.best_trials:
         if not _feasible(t):
             continue
         key = json.dumps(t.user_attrs["subnet"], sort_keys=True)
-        subnet = SubnetConfig.from_dict(t.user_attrs["subnet"])
         points.setdefault(key, {
-            "trial": t.number, "subnet": t.user_attrs["subnet"], "label": subnet.label(), "f1": t.values[0],
+            "trial": t.number, "subnet": t.user_attrs["subnet"],
+            "label": subnet_type.from_dict(t.user_attrs["subnet"]).label(), **t.user_attrs["scores"],
             "predicted_ms": t.values[1], "predicted_backend": t.user_attrs["backend"],
             "params": t.user_attrs["params"], "flops": t.user_attrs["flops"],
             "measured_ms": None, "measured_backend": None, "measured_ms_by_backend": None,
@@ -198,56 +255,151 @@ def _front(study: optuna.Study) -> list[dict]:
     return list(points.values())
 
 
-def dominated(points: list[dict]) -> list[dict]:
-    """The points of `points` that another point beats or ties on both F1 and latency, and
+def dominated(points: list[dict], objectives: Objectives = QA) -> list[dict]:
+    """The points of `points` that another point beats or ties on both accuracy and latency, and
     beats on one."""
-    return [p for p in points if any(q["f1"] >= p["f1"] and q["predicted_ms"] <= p["predicted_ms"]
-                                     and (q["f1"], q["predicted_ms"]) != (p["f1"], p["predicted_ms"])
-                                     for q in points)]
+    sign = 1 if objectives.maximize else -1
+
+    def position(p):  # larger is better on both axes
+        return sign * p[objectives.accuracy], -p["predicted_ms"]
+
+    return [p for p in points
+            if any(position(q) != position(p) and all(a >= b for a, b in zip(position(q), position(p), strict=True))
+                   for q in points)]
 
 
-def plot_front(result: dict, path: Path) -> None:
+def plot_front(result: dict, path: Path, objectives: Objectives = QA) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    key = objectives.accuracy
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     trials = result["trials"]
-    ax.scatter([t["predicted_ms"] for t in trials], [t["f1"] for t in trials], s=10, c="lightgray",
+    ax.scatter([t["predicted_ms"] for t in trials], [t[key] for t in trials], s=10, c="lightgray",
                label="trials (predicted latency)")
     front = result["front"]
-    ax.plot([p["predicted_ms"] for p in front], [p["f1"] for p in front], "o-", c="tab:blue",
+    ax.plot([p["predicted_ms"] for p in front], [p[key] for p in front], "o-", c="tab:blue",
             label="Pareto front (predicted)")
     measured = [p for p in front if p["measured_ms"] is not None]
-    ax.scatter([p["measured_ms"] for p in measured], [p["f1"] for p in measured], marker="x", s=60, c="tab:orange",
+    ax.scatter([p["measured_ms"] for p in measured], [p[key] for p in measured], marker="x", s=60, c="tab:orange",
                label="front, measured on the device", zorder=3)
     teacher = result["teacher"]
     colors = iter(["tab:red", "tab:green", "tab:purple", "tab:brown"])
     for backend, ms in sorted(teacher["measured_ms_by_backend"].items()):
         ax.axvline(ms, ls="--", c=next(colors), label=f"teacher on {backend}: {ms:.1f} ms")
-    ax.axhline(teacher["f1"], ls=":", c="gray", label=f"teacher F1 {teacher['f1']:.1f} (supernet, largest)")
+    ax.axhline(teacher[key], ls=":", c="gray", label=f"teacher {key} {teacher[key]:.1f} (supernet, largest)")
     if result["latency_budget_ms"]:
         ax.axvspan(result["latency_budget_ms"], ax.get_xlim()[1], color="gray", alpha=0.1, label="over budget")
     ax.set_xscale("log")  # backends and subnets span orders of magnitude (untuned TVM vs LiteRT)
-    ax.set_xlabel(f"latency on {result['device']}, seq {result['seq_len']} (ms, log scale)")
-    ax.set_ylabel("F1 on the held-out training slice (supernet weights)")
+    ax.set_xlabel(objectives.latency_label.format(**result))
+    ax.set_ylabel(objectives.accuracy_label)
     ax.set_title("CANAO: accuracy vs compiled latency")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def choose(result: dict) -> dict:
-    """The front point to ship: the highest F1 whose latency (measured, else predicted) is
+def search_lm(cfg: LMSearchConfig, supernet_dir: str | Path, latency_dir: str | Path, out_dir: str | Path,
+              on_trial: TrialHook | None = None) -> dict:
+    """`canao search-lm`: the Pareto front (min held-out perplexity, min predicted ms per generated
+    token) of a decoder supernet's subnets (a `canao distill-lm` output) on the device of a
+    `canao latency-lm` model. Perplexity is that of the subnet with the supernet's weights on
+    the supernet's held-out text (the first `eval_tokens` tokens; canao.data.text's protocol);
+    beside it, its greedy agreement with the teacher: the share of those positions where its
+    most likely next token is the teacher's. The front's most accurate points are compiled
+    and timed again. Output as `search`'s."""
+    from canao.config import DecoderSpaceConfig, LMCompileConfig
+    from canao.data.text import HELDOUT_FILE, perplexity, read_text_file
+    from canao.distill_lm import corpus_file, distilled_teacher, load_decoder_supernet
+    from canao.latency import measure_decoder
+    from canao.models.llama_lm import load_causal_lm
+    from canao.models.llama_lm import load_tokenizer as load_lm_tokenizer
+    from canao.space import DecoderSpace, DecoderSubnet, decoder_flops, decoder_params
+
+    supernet_dir, latency_dir, out_dir = Path(supernet_dir), Path(latency_dir), Path(out_dir)
+    if read_manifest(out_dir) is not None:
+        raise FileExistsError(f"{out_dir}: already holds a search; choose another --out")
+    supernet, supernet_manifest, latency, latency_manifest = _inputs(supernet_dir, latency_dir,
+                                                                     load_decoder_supernet, "decoder")
+    space = DecoderSpace(from_dict(DecoderSpaceConfig, supernet_manifest["config"]["space"], "space."), supernet.shape)
+    heldout_file = corpus_file(supernet_manifest, HELDOUT_FILE)
+    heldout = read_text_file(heldout_file)
+    tokenizer = load_lm_tokenizer(supernet_dir / SUPERNET_DIR)
+    config = supernet.model.config
+    teacher = perplexity(load_causal_lm(distilled_teacher(supernet_manifest)), tokenizer, heldout, cfg.eval_tokens,
+                         progress=False, top1=True)
+    scores: dict[DecoderSubnet, dict] = {}
+
+    def score(subnet: DecoderSubnet) -> dict:
+        if subnet not in scores:
+            scored = perplexity(extract(supernet, subnet), tokenizer, heldout, cfg.eval_tokens, progress=False,
+                                top1=True)
+            scores[subnet] = {"perplexity": scored["perplexity"],
+                              "greedy_agreement": float((scored["top1"] == teacher["top1"]).double().mean())}
+        return scores[subnet]
+
+    c = space.cfg
+
+    def suggest(trial: optuna.Trial) -> DecoderSubnet:
+        return space.validate(DecoderSubnet(trial.suggest_categorical("num_layers", c.layer_counts),
+                                            trial.suggest_categorical("kv_heads", c.kv_head_counts),
+                                            trial.suggest_categorical("ffn_size", c.ffn_sizes)))
+
+    def count_params(subnet: DecoderSubnet) -> int:
+        return decoder_params(subnet, space.teacher, config.vocab_size, config.tie_word_embeddings)
+
+    started = time.perf_counter()
+    study = pareto_search(cfg, GENERATION, suggest, score, latency, count_params,
+                          lambda s: decoder_flops(s, space.teacher, latency.seq_len), space.largest().to_dict(),
+                          on_trial)
+    search_seconds = time.perf_counter() - started
+
+    front = _front(study, DecoderSubnet)
+    teacher_ms = next(m["ms"] for m in latency.measurements if m["subnet"] == space.largest().to_dict())
+    timing = latency_manifest["config"]
+    compile_cfg = from_dict(LMCompileConfig, timing["compile"], "compile.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started_measure = time.perf_counter()
+    remeasure(front, GENERATION, cfg.remeasure, lambda subnet: measure_decoder(
+        DecoderSubnet.from_dict(subnet), supernet_dir / SUPERNET_DIR, latency.device, tuple(latency.coefficients),
+        compile_cfg, timing["new_tokens"], timing["repeats"], out_dir / "work"))
+    largest = space.largest()
+    result = {
+        "device": latency.device, "seq_len": latency.seq_len,
+        "latency_budget_ms": cfg.latency_budget_ms, "params_budget": cfg.params_budget,
+        # The largest subnet with the supernet's weights stands for the teacher, as in `search`; the
+        # teacher's own perplexity is beside it.
+        "teacher": {"subnet": largest.to_dict(), **score(largest), "measured_ms_by_backend": teacher_ms,
+                    "params": count_params(largest), "teacher_perplexity": teacher["perplexity"]},
+        "front": sorted(front, key=lambda p: p["predicted_ms"]),
+        "trials": _trials(study, GENERATION),
+    }
+    (out_dir / FRONT_JSON).write_text(json.dumps(result, indent=1) + "\n")
+    plot_front(result, out_dir / FRONT_PNG, GENERATION)
+    metrics = {"search_seconds": round(search_seconds, 1),
+               "remeasure_seconds": round(time.perf_counter() - started_measure, 1),
+               "trials": len(study.trials), "distinct_subnets": len(scores), "front_size": len(front),
+               "teacher_perplexity": teacher["perplexity"],
+               "largest_subnet_perplexity": result["teacher"]["perplexity"]}
+    inputs = {"supernet": str(supernet_dir.resolve()), "latency": str(latency_dir.resolve()),
+              "heldout_file": {"path": str(heldout_file), "sha256": sha256_file(heldout_file)}}
+    return write_manifest(out_dir, "search-lm", {"device": latency.device, **to_dict(cfg)}, metrics, inputs,
+                          config_hash=config_hash(cfg))
+
+
+def choose(result: dict, objectives: Objectives = QA) -> dict:
+    """The front point to ship: the most accurate one whose latency (measured, else predicted) is
     within the budget."""
     budget = result["latency_budget_ms"]
     fitting = [p for p in result["front"]
                if not budget or (p["measured_ms"] if p["measured_ms"] is not None else p["predicted_ms"]) <= budget]
     if not fitting:
         raise ValueError(f"no front point within the latency budget of {budget} ms")
-    return max(fitting, key=lambda p: p["f1"])
+    sign = 1 if objectives.maximize else -1
+    return max(fitting, key=lambda p: sign * p[objectives.accuracy])
 
 
 def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | Path, search_dir: str | Path,

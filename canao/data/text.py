@@ -1,4 +1,4 @@
-"""Text for the decoder LM: the distillation corpus, its held-out slice, and perplexity.
+"""Text for the decoder LM: the distillation corpus, its held-out slice, training windows, and perplexity.
 
 The corpus is the SQuAD training-subset paragraphs (each once) and the WikiText-2 articles
 of `../shared/data/text/` except its last `heldout_articles` articles, which are held out:
@@ -96,10 +96,24 @@ def read_text_file(path: str | Path) -> str:
     return text
 
 
+def token_windows(tokenizer, text: str, seq_len: int, max_windows: int = 0) -> torch.Tensor:
+    """`text` tokenized once (no special tokens) and cut into consecutive windows of `seq_len`
+    tokens, [N, seq_len] int64; the ragged tail is dropped. `max_windows` > 0 keeps the first N."""
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    count = len(ids) // seq_len
+    if max_windows:
+        count = min(count, max_windows)
+    if count == 0:
+        raise ValueError(f"seq_len: the text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    return ids[: count * seq_len].reshape(count, seq_len)
+
+
 @torch.inference_mode()
-def perplexity(model, tokenizer, text: str, max_tokens: int = 0, progress: bool = True) -> dict:
+def perplexity(model, tokenizer, text: str, max_tokens: int = 0, progress: bool = True, top1: bool = False) -> dict:
     """exp(mean next-token negative log-likelihood) of `model` on `text` under the protocol above;
-    `max_tokens` > 0 scores only the text's first that many tokens."""
+    `max_tokens` > 0 scores only the text's first that many tokens. With `top1`, "top1" holds the
+    model's most likely next token at every scored position ([tokens] int64), so two models'
+    greedy choices on the same text compare position by position."""
     if max_tokens < 0:
         raise ValueError(f"max_tokens: must be >= 0, got {max_tokens}")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
@@ -113,9 +127,14 @@ def perplexity(model, tokenizer, text: str, max_tokens: int = 0, progress: bool 
         end = windows[-1][1]
         if end == len(ids):
             break
-    nll = 0.0
+    nll, choices = 0.0, []
     for begin, end, first in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
         logits = model(input_ids=ids[None, begin:end]).logits[0, first - begin - 1 : -1].float()  # [end - first, V]
         nll += float(torch.nn.functional.cross_entropy(logits, ids[first:end], reduction="sum"))
+        if top1:
+            choices.append(logits.argmax(-1))
     scored = len(ids) - 1
-    return {"perplexity": math.exp(nll / scored), "tokens": scored, "window": PPL_WINDOW, "stride": PPL_STRIDE}
+    result = {"perplexity": math.exp(nll / scored), "tokens": scored, "window": PPL_WINDOW, "stride": PPL_STRIDE}
+    if top1:
+        result["top1"] = torch.cat(choices)
+    return result

@@ -2,6 +2,7 @@
 PyTorch, sampling, and bad input."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,3 +165,29 @@ def test_generation_benchmark_bad_input(tiny_lm, compiled_lm):
         bench.bench_generation(tiny_lm, compiled_lm[0], "x86-1t", ("onnx",), load_config("bench-lm", "tiny"))
     with pytest.raises(ValueError, match="--artifact"):
         bench.bench_generation(tiny_lm, None, "x86-1t", ("tvm",), load_config("bench-lm", "tiny"))
+
+
+def test_generation_suite_times_teacher_peers_and_student(tmp_path, monkeypatch):
+    from canao import bench, config, device_lab
+    from canao.models.elastic import extract
+    from canao.models.elastic_decoder import DecoderSupernet
+    from canao.models.llama_lm import load_tokenizer
+    from canao.space import DecoderSubnet
+
+    monkeypatch.setattr(bench, "BENCH_MODELS_DIR", str(tmp_path / "bench-models"))
+    teacher, heldout = bench.suite_lm_inputs(tmp_path / "absent", tmp_path / "absent", "tiny")  # made, tiny profile
+    assert teacher == tmp_path / "bench-models" / "lm-teacher-tiny" and heldout.name == "heldout.txt"
+    assert bench.suite_lm_inputs(teacher, heldout.parent, "tiny") == (teacher, heldout)  # given ones are used
+    student = tmp_path / "student"
+    extract(DecoderSupernet(load_causal_lm(teacher)), DecoderSubnet(1, 1, 64)).save_pretrained(student)
+    load_tokenizer(teacher).save_pretrained(student)
+    monkeypatch.setenv("CANAO_DEVICES", str(device_lab.devices_file(device_lab.DEVICES_FILE)))
+    monkeypatch.setattr(config, "PROJECT_ROOT", tmp_path)  # compiled artifacts and tuning records land here
+    markdown, records = bench.generation_suite(teacher, heldout, student, "tiny")
+    assert [r.backend for r in records] == ["tvm", "torch", "llama.cpp", "tvm", "torch"]
+    compiled_root = tmp_path / "outputs" / "compiled" / "x86-1t"
+    assert Path(records[0].model).parent == compiled_root and records[1].model == str(teacher)
+    assert records[2].model.endswith(".gguf") and records[4].model == str(student)
+    assert "### Generation: teacher" in markdown and "### Generation: student" in markdown
+    assert markdown.count("| x86-1t | 16 | llama.cpp |") == 2  # the student's table keeps the peer to compare with
+    assert "| teacher |" in markdown and "| student |" in markdown and "| 63 |" in markdown  # 64 tokens, 63 scored

@@ -53,6 +53,7 @@ def test_perplexity_scores_every_token_once(tiny_lm, monkeypatch):
     result = text.perplexity(model, tokenizer, sample, progress=False)  # shorter than one window
     assert result["tokens"] == ids.shape[1] - 1
     assert result["perplexity"] == pytest.approx(expected, rel=1e-4)
+    assert torch.equal(text.perplexity(model, tokenizer, sample, progress=False, top1=True)["top1"], logits.argmax(-1))
     monkeypatch.setattr(text, "PPL_WINDOW", 16)
     monkeypatch.setattr(text, "PPL_STRIDE", 8)
     windowed = text.perplexity(model, tokenizer, sample, progress=False)
@@ -84,6 +85,7 @@ def test_lm_teacher_stage(tiny_lm):
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-@pytest.mark.parametrize("stage", ["lm-teacher", "lm-data", "compile-lm", "bench-lm"])
+@pytest.mark.parametrize("stage", ["lm-teacher", "lm-data", "distill-lm", "latency-lm", "search-lm", "finalize-lm",
+                                   "compile-lm", "bench-lm"])
 def test_every_generation_profile_loads(stage, profile):
     load_config(stage, profile)

@@ -7,7 +7,8 @@ import torch
 
 from canao.config import BertShape, ConfigError, SpaceConfig
 from canao.models.bert_qa import init_qa_model, load_qa_model
-from canao.models.supernet import Supernet, extract, sort_by_importance
+from canao.models.elastic import extract
+from canao.models.supernet import Supernet, sort_by_importance
 from canao.space import SearchSpace, SubnetConfig, TeacherShape, params
 
 SHAPE = BertShape(num_layers=3, hidden_size=48, num_heads=3, ffn_size=96)  # head size 16

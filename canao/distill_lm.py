@@ -1,0 +1,219 @@
+"""distill-lm: the elastic decoder (canao.models.elastic_decoder) trained by knowledge
+distillation from the generation teacher on the `canao lm-data` corpus.
+
+The same machinery as the QA supernet (canao.distill): Taylor importance computed once and
+kept across a resume, the resumable `fit` loop with checkpoints and a progress bar, and the
+sandwich rule (largest, smallest and random subnets on every batch). The loss is the KL
+divergence of the subnet's next-token distributions from the teacher's at a temperature,
+optionally plus the hidden-state MSE of each kept layer against the teacher layer it stands
+for and the next token's cross-entropy. The residual stream is not elastic and is not
+permuted, so the teacher's hidden states align with every subnet's as they are.
+
+The manifest reports, on the held-out text, the teacher's perplexity and the largest and
+smallest subnets', and the smallest subnet's soft KL to the teacher before and after.
+
+finalize-lm: the generation search's chosen point (the lowest perplexity within its latency
+budget) extracted into a standalone decoder and fine-tuned by the same distillation; its
+held-out perplexity and greedy agreement with the teacher in the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from canao.config import KDConfig, LMDistillConfig, LMFinalizeConfig, config_hash, to_dict
+from canao.data.text import HELDOUT_FILE, TRAIN_FILE, perplexity, read_text_file, token_windows
+from canao.distill import IMPORTANCE_FILE, SUPERNET_DIR, fit, hidden_mse, importance_once, sandwich, soft_kl
+from canao.manifest import reusable, sha256_file, verify_manifest, write_manifest
+from canao.models.elastic import extract
+from canao.models.elastic_decoder import DecoderSupernet, importance, sort_by_importance
+from canao.models.llama_lm import load_causal_lm, load_tokenizer
+from canao.space import DecoderSpace, DecoderSubnet, decoder_shape
+
+STAGE = "distill-lm"
+
+
+def lm_kd_loss(student_out, teacher_out, layer_map: list[int], cfg: KDConfig, ids: torch.Tensor) -> torch.Tensor:
+    """Distillation of a decoder (sub)network from the teacher on token windows `ids` [B, T]:
+    `soft_kl` of every position's next-token distribution, `hidden_mse` weighted by
+    `cfg.hidden_weight`, and the next token's cross-entropy weighted by `cfg.hard_weight`."""
+    loss = soft_kl(student_out.logits, teacher_out.logits, cfg.temperature)
+    if cfg.hidden_weight:
+        loss = loss + cfg.hidden_weight * hidden_mse(student_out.hidden_states, teacher_out.hidden_states, layer_map)
+    if cfg.hard_weight:
+        logits = student_out.logits[:, :-1].float()  # [B, T-1, V]: predictions of tokens 1 .. T-1
+        hard = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss = loss + cfg.hard_weight * hard
+    return loss
+
+
+@torch.no_grad()
+def heldout_kl(supernet: DecoderSupernet, teacher, subnet: DecoderSubnet, windows: torch.Tensor, temperature: float,
+               batch_size: int) -> float:
+    """The subnet's soft KL to the teacher (as in training, no other terms), averaged over `windows`."""
+    total = 0.0
+    for begin in range(0, len(windows), batch_size):
+        ids = windows[begin : begin + batch_size]
+        kl = soft_kl(supernet(subnet, input_ids=ids).logits, teacher(input_ids=ids).logits, temperature)
+        total += float(kl) * len(ids)
+    return total / len(windows)
+
+
+def train_decoder_supernet(cfg: LMDistillConfig, teacher_dir: str | Path, data_dir: str | Path,
+                           out_dir: str | Path) -> dict:
+    """The teacher decoder's weights, sorted by importance, trained as an elastic supernet by
+    distillation on `data_dir`'s train.txt (a `canao lm-data` output). Resumable like every
+    `fit`; a directory that already holds this run's result is reused, another run's refused."""
+    out_dir, teacher_dir, data_dir = Path(out_dir), Path(teacher_dir), Path(data_dir)
+    teacher_manifest = verify_manifest(teacher_dir)
+    data_manifest = verify_manifest(data_dir)
+    if data_manifest["stage"] != "lm-data":
+        raise ValueError(f"{data_dir}: a {data_manifest['stage']!r} artifact, not an LM corpus (lm-data)")
+    fingerprint = (config_hash(cfg) + teacher_manifest["files"]["model.safetensors"][:16]
+                   + data_manifest["files"][TRAIN_FILE][:16])
+    existing = reusable(out_dir, fingerprint, "decoder supernet")
+    if existing is not None:
+        return existing
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(teacher_dir)
+    windows = token_windows(tokenizer, read_text_file(data_dir / TRAIN_FILE), cfg.seq_len, cfg.max_windows)
+    heldout_text = read_text_file(data_dir / HELDOUT_FILE)
+    probe_windows = -(-cfg.eval_tokens // cfg.seq_len) if cfg.eval_tokens else 0
+    probe = token_windows(tokenizer, heldout_text, cfg.seq_len, probe_windows)
+    model = load_causal_lm(teacher_dir)
+    space = DecoderSpace(cfg.space, decoder_shape(model.config))
+    smallest = space.smallest()
+
+    work_dir = out_dir / "checkpoints"
+    scores = importance_once(work_dir, lambda: importance(model, windows, cfg.importance_batches,
+                                                          cfg.train.batch_size))
+    sort_by_importance(model, scores)
+    teacher = load_causal_lm(teacher_dir).requires_grad_(False)
+    supernet = DecoderSupernet(model)
+    batch = cfg.train.eval_batch_size
+    supernet.eval()  # `fit` switches it to training mode
+    kl_before = heldout_kl(supernet, teacher, smallest, probe, cfg.kd.temperature, batch)
+    hidden = cfg.kd.hidden_weight > 0
+
+    def loss_fn(net: DecoderSupernet, examples: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ids = examples[index]  # [B, T]
+        with torch.no_grad():
+            target = teacher(input_ids=ids, output_hidden_states=hidden)
+        subnets = sandwich(space, cfg.random_subnets)
+        return sum(lm_kd_loss(net(s, input_ids=ids, output_hidden_states=hidden), target,
+                              s.layer_indices(space.teacher.num_layers), cfg.kd, ids) for s in subnets) / len(subnets)
+
+    print(f"distill-lm: {len(windows)} windows of {cfg.seq_len} tokens; subnets per step: largest, smallest, "
+          f"{cfg.random_subnets} random", flush=True)
+    stats = fit(supernet, windows, loss_fn, cfg.train, cfg.seed, work_dir, fingerprint, desc="decoder supernet")
+    stats.update(train_windows=len(windows), heldout_kl_smallest={
+        "before": round(kl_before, 4),
+        "after": round(heldout_kl(supernet, teacher, smallest, probe, cfg.kd.temperature, batch), 4)})
+    stats["heldout_perplexity"] = {
+        name: round(perplexity(net, tokenizer, heldout_text, cfg.eval_tokens, progress=False)["perplexity"], 3)
+        for name, net in (("teacher", teacher), ("largest", extract(supernet, space.largest())),
+                          ("smallest", extract(supernet, smallest)))}
+    model.save_pretrained(out_dir / SUPERNET_DIR)
+    tokenizer.save_pretrained(out_dir / SUPERNET_DIR)
+    shutil.move(work_dir / IMPORTANCE_FILE, out_dir / IMPORTANCE_FILE)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    inputs = {"teacher": {"path": str(teacher_dir.resolve()), "config_hash": teacher_manifest.get("config_hash"),
+                          "model_sha256": teacher_manifest["files"]["model.safetensors"]},
+              "data": {"path": str(data_dir.resolve()), "train_sha256": data_manifest["files"][TRAIN_FILE],
+                       "heldout_sha256": data_manifest["files"][HELDOUT_FILE]}}
+    return write_manifest(out_dir, STAGE, to_dict(cfg), stats, inputs, config_hash=fingerprint,
+                          teacher_shape=dataclasses.asdict(space.teacher))
+
+
+def load_decoder_supernet(supernet_dir: str | Path) -> tuple[DecoderSupernet, dict]:
+    """The supernet of a `train_decoder_supernet` directory and that directory's manifest."""
+    manifest = verify_manifest(supernet_dir)
+    if manifest["stage"] != STAGE:
+        raise ValueError(f"{supernet_dir}: a {manifest['stage']!r} artifact, not a decoder supernet ({STAGE})")
+    return DecoderSupernet(load_causal_lm(Path(supernet_dir) / SUPERNET_DIR)), manifest
+
+
+def corpus_file(supernet_manifest: dict, name: str) -> Path:
+    """The corpus file `name` (TRAIN_FILE, HELDOUT_FILE) the supernet was distilled with, checked
+    against the hash its manifest recorded."""
+    data = supernet_manifest["inputs"]["data"]
+    path = Path(data["path"]) / name
+    recorded = data["train_sha256" if name == TRAIN_FILE else "heldout_sha256"]
+    if not path.is_file() or sha256_file(path) != recorded:
+        raise ValueError(f"{path}: not the {name} the supernet was distilled with (missing or sha256 differs)")
+    return path
+
+
+def distilled_teacher(supernet_manifest: dict) -> Path:
+    """The teacher directory the supernet was distilled from, checked against its recorded weights."""
+    teacher = supernet_manifest["inputs"]["teacher"]
+    path = Path(teacher["path"])
+    if verify_manifest(path)["files"]["model.safetensors"] != teacher["model_sha256"]:
+        raise ValueError(f"{path}: not the teacher the supernet was distilled from (its weights changed)")
+    return path
+
+
+def finalize_student(cfg: LMFinalizeConfig, supernet_dir: str | Path, search_dir: str | Path,
+                     out_dir: str | Path) -> dict:
+    """`canao finalize-lm`: the student decoder directory (save_pretrained layout + manifest) of the
+    search's chosen point, fine-tuned by distillation from the teacher on the supernet's corpus.
+    Resumable like every `fit`; a directory holding this run's result is reused, another's refused."""
+    from canao.search import FRONT_JSON, GENERATION, choose
+
+    supernet_dir, search_dir, out_dir = Path(supernet_dir), Path(search_dir), Path(out_dir)
+    search_manifest = verify_manifest(search_dir)
+    if search_manifest["stage"] != "search-lm":
+        raise ValueError(f"{search_dir}: a {search_manifest['stage']!r} artifact, not a generation search (search-lm)")
+    point = choose(json.loads((search_dir / FRONT_JSON).read_text()), GENERATION)
+    subnet = DecoderSubnet.from_dict(point["subnet"])
+    fingerprint = config_hash(cfg) + "-" + search_manifest["files"][FRONT_JSON][:16]
+    existing = reusable(out_dir, fingerprint, "student")
+    if existing is not None:
+        return existing
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.seed)
+    supernet, supernet_manifest = load_decoder_supernet(supernet_dir)
+    tokenizer = load_tokenizer(supernet_dir / SUPERNET_DIR)
+    train_file, heldout_file = (corpus_file(supernet_manifest, name) for name in (TRAIN_FILE, HELDOUT_FILE))
+    windows = token_windows(tokenizer, read_text_file(train_file), cfg.seq_len, cfg.max_windows)
+    teacher = load_causal_lm(distilled_teacher(supernet_manifest)).requires_grad_(False)
+    student = extract(supernet, subnet)
+    layer_map = subnet.layer_indices(supernet.shape.num_layers)
+    hidden = cfg.kd.hidden_weight > 0
+
+    def loss_fn(model, examples: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ids = examples[index]  # [B, T]
+        with torch.no_grad():
+            target = teacher(input_ids=ids, output_hidden_states=hidden)
+        return lm_kd_loss(model(input_ids=ids, output_hidden_states=hidden), target, layer_map, cfg.kd, ids)
+
+    print(f"finalize-lm: {subnet.label()} (search perplexity {point['perplexity']:.2f}); fine-tuning on "
+          f"{len(windows)} windows of {cfg.seq_len} tokens", flush=True)
+    work_dir = out_dir / "checkpoints"
+    stats = fit(student, windows, loss_fn, cfg.train, cfg.seed, work_dir, fingerprint, desc="student")
+    shutil.rmtree(work_dir, ignore_errors=True)
+    student.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    heldout = read_text_file(heldout_file)
+    scored, reference = (perplexity(net, tokenizer, heldout, cfg.eval_tokens, progress=False, top1=True)
+                         for net in (student, teacher))
+    stats.update(
+        subnet=subnet.to_dict(), train_windows=len(windows), perplexity=round(scored["perplexity"], 3),
+        teacher_perplexity=round(reference["perplexity"], 3), heldout_tokens=scored["tokens"],
+        perplexity_vs_teacher=round(scored["perplexity"] / reference["perplexity"], 4),
+        greedy_agreement=round(float((scored["top1"] == reference["top1"]).double().mean()), 4),
+        parameters=sum(p.numel() for p in student.parameters()), search_perplexity=point["perplexity"],
+        predicted_ms_per_token=point["predicted_ms"], measured_ms_per_token=point["measured_ms"])
+    inputs = {"supernet": str(supernet_dir.resolve()), "search": str(search_dir.resolve()),
+              "train_file": {"path": str(train_file), "sha256": sha256_file(train_file)},
+              "heldout_file": {"path": str(heldout_file), "sha256": sha256_file(heldout_file)}}
+    return write_manifest(out_dir, "finalize-lm", {**to_dict(cfg), "subnet": subnet.to_dict()}, stats, inputs,
+                          config_hash=fingerprint)

@@ -1,0 +1,84 @@
+"""distill-lm on the tiny profile: the decoder supernet learns, is reused, refuses another
+config, and a killed run resumes to the same weights."""
+
+import json
+
+import pytest
+import torch
+
+from canao import distill_lm
+from canao.cli import main
+from canao.distill import CHECKPOINT, IMPORTANCE_FILE, SUPERNET_DIR
+from canao.distill_lm import load_decoder_supernet
+from canao.manifest import verify_manifest
+from canao.models.elastic import extract
+from canao.space import DecoderSubnet
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm-data") / "corpus"
+    assert main(["lm-data", "--profile", "tiny", "--out", str(out)]) == 0
+    return out
+
+
+def distill(teacher, corpus, out, *overrides) -> int:
+    sets = [f"--set={s}" for s in overrides]
+    return main(["distill-lm", "--profile", "tiny", *sets, "--teacher", str(teacher), "--data", str(corpus),
+                 "--out", str(out)])
+
+
+@pytest.fixture(scope="module")
+def supernet_dir(tiny_lm, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("distill-lm") / "supernet"
+    assert distill(tiny_lm, corpus, out) == 0
+    return out
+
+
+def test_the_smallest_subnet_moves_towards_the_teacher(supernet_dir, capsys):
+    manifest = verify_manifest(supernet_dir)
+    m = manifest["metrics"]
+    assert m["steps"] == 6 and m["train_windows"] == 24
+    assert m["heldout_kl_smallest"]["after"] < m["heldout_kl_smallest"]["before"]
+    assert set(m["heldout_perplexity"]) == {"teacher", "largest", "smallest"}
+    assert manifest["teacher_shape"] == {"num_layers": 2, "hidden_size": 64, "num_heads": 4, "num_kv_heads": 2,
+                                         "ffn_size": 128}
+    assert (supernet_dir / IMPORTANCE_FILE).is_file() and not (supernet_dir / "checkpoints").exists()
+    supernet, _ = load_decoder_supernet(supernet_dir)
+    student = extract(supernet, DecoderSubnet(1, 1, 32))
+    assert student.config.num_hidden_layers == 1 and student.config.num_key_value_heads == 1
+
+
+def test_same_config_reuses_and_another_is_refused(tiny_lm, corpus, supernet_dir, capsys):
+    before = (supernet_dir / "manifest.json").read_text()
+    assert distill(tiny_lm, corpus, supernet_dir) == 0
+    assert "already made; reusing it" in capsys.readouterr().out
+    assert distill(tiny_lm, corpus, supernet_dir, "seed=1") == 2
+    assert "holds a decoder supernet made with another config" in capsys.readouterr().err
+    assert (supernet_dir / "manifest.json").read_text() == before
+    assert distill(tiny_lm, tiny_lm, supernet_dir.parent / "other") == 2
+    assert "not an LM corpus (lm-data)" in capsys.readouterr().err
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tiny_lm, corpus, supernet_dir, tmp_path, monkeypatch):
+    loss, calls = distill_lm.lm_kd_loss, 0
+
+    def dies_in_step_three(*args):
+        nonlocal calls
+        calls += 1
+        if calls == 7:  # three subnets per step: the first of step 3, after the checkpoint of step 2
+            raise KeyboardInterrupt
+        return loss(*args)
+
+    monkeypatch.setattr(distill_lm, "lm_kd_loss", dies_in_step_three)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        distill(tiny_lm, corpus, out)
+    state = torch.load(out / "checkpoints" / CHECKPOINT, weights_only=False)
+    assert state["step"] == 2 and (out / "checkpoints" / IMPORTANCE_FILE).is_file()
+    monkeypatch.setattr(distill_lm, "lm_kd_loss", loss)
+    assert distill(tiny_lm, corpus, out) == 0
+    weights = f"{SUPERNET_DIR}/model.safetensors"
+    assert verify_manifest(out)["files"][weights] == verify_manifest(supernet_dir)["files"][weights]
+    assert json.loads((out / "manifest.json").read_text())["metrics"]["heldout_kl_smallest"] == \
+        verify_manifest(supernet_dir)["metrics"]["heldout_kl_smallest"]

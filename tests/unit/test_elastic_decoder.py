@@ -1,0 +1,142 @@
+"""The elastic decoder on the tiny random Llama (2 layers, hidden 64, 4 query / 2 key-value heads
+of 16, FFN 128): slicing, importance sorting, extraction into a plain LlamaForCausalLM that
+runs through the KV-cache step and compiles."""
+
+import random
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from canao.compile import compile_lm
+from canao.config import ConfigError, DecoderShape, DecoderSpaceConfig, load_config
+from canao.models.elastic import extract
+from canao.models.elastic_decoder import DecoderSupernet, importance, sort_by_importance
+from canao.models.llama_lm import KVCacheStep, load_causal_lm, load_tokenizer
+from canao.space import DecoderSpace, DecoderSubnet, decoder_params
+
+TEACHER = DecoderShape(2, 64, 4, 2, 128)
+SPACE = DecoderSpaceConfig(layer_counts=(1, 2), kv_head_counts=(1, 2), ffn_sizes=(32, 64, 96, 128), align=16)
+
+
+def random_scores(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"kv_heads": torch.rand(2, 2, generator=g), "neurons": torch.rand(2, 128, generator=g)}
+
+
+@pytest.fixture(scope="module")
+def supernet(tiny_lm):
+    model = load_causal_lm(tiny_lm)
+    sort_by_importance(model, random_scores(0))  # so that slices are not simply the random init's first units
+    return DecoderSupernet(model).eval()
+
+
+def tokens(seed=0, length=12):
+    return torch.randint(3, 49152, (2, length), generator=torch.Generator().manual_seed(seed))
+
+
+def subnets():
+    space = DecoderSpace(SPACE, TEACHER)
+    rng = random.Random(0)
+    return [space.largest(), space.smallest(), DecoderSubnet(2, 1, 96)] + [space.sample(rng) for _ in range(3)]
+
+
+@pytest.mark.parametrize("subnet", subnets(), ids=lambda s: s.label())
+def test_supernet_slice_equals_the_extracted_decoder_exactly(supernet, subnet, tmp_path):
+    ids = tokens()
+    with torch.no_grad():
+        sliced = supernet(subnet, input_ids=ids).logits
+        student = extract(supernet, subnet)
+        extracted = student(input_ids=ids).logits
+    assert torch.equal(sliced, extracted)
+    # A plain, physically smaller Llama that loads back with from_pretrained.
+    assert type(student) is LlamaForCausalLM
+    assert sum(p.numel() for p in student.parameters()) == decoder_params(subnet, TEACHER, 49152, tied_head=True)
+    student.save_pretrained(tmp_path)
+    reloaded = load_causal_lm(tmp_path)
+    assert reloaded.generation_config.eos_token_id == supernet.model.generation_config.eos_token_id
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, extracted)
+
+
+def test_the_largest_subnet_is_the_teacher(supernet):
+    ids = tokens(1)
+    with torch.no_grad():
+        largest = supernet(DecoderSubnet(2, 2, 128), input_ids=ids).logits
+        assert torch.equal(largest, supernet.model(input_ids=ids).logits)
+
+
+def test_importance_sorting_keeps_the_function_and_puts_the_best_units_first(tiny_lm):
+    model = load_causal_lm(tiny_lm)
+    ids = tokens(2)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    scores = random_scores(1)
+    layer = model.model.layers[1]
+    k_before, up_before = layer.self_attn.k_proj.weight.detach().clone(), layer.mlp.up_proj.weight.detach().clone()
+    sort_by_importance(model, scores)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=1e-5)
+    best_kv, best_neuron = int(scores["kv_heads"][1].argmax()), int(scores["neurons"][1].argmax())
+    assert torch.equal(layer.self_attn.k_proj.weight[:16], k_before[16 * best_kv : 16 * best_kv + 16])
+    assert torch.equal(layer.mlp.up_proj.weight[0], up_before[best_neuron])
+
+
+def test_importance_scores_every_kv_group_and_neuron(tiny_lm):
+    model = load_causal_lm(tiny_lm)
+    scores = importance(model, tokens(3, 16), batches=2, batch_size=1)
+    assert scores["kv_heads"].shape == (2, 2) and scores["neurons"].shape == (2, 128)
+    assert (scores["kv_heads"] > 0).all() and (scores["neurons"] >= 0).all()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_subnet_gradients_reach_only_the_shared_slice(supernet):
+    supernet.zero_grad()
+    supernet(DecoderSubnet(1, 1, 32), input_ids=tokens()).logits.sum().backward()
+    layer = supernet.model.model.layers[1]  # one kept layer: the last
+    q, up = layer.self_attn.q_proj.weight.grad, layer.mlp.up_proj.weight.grad
+    assert q[:32].abs().sum() > 0 and q[32:].abs().sum() == 0  # one KV head's two query heads of 16
+    assert up[:32].abs().sum() > 0 and up[32:].abs().sum() == 0
+    assert supernet.model.model.layers[0].mlp.up_proj.weight.grad is None
+    supernet.zero_grad()
+
+
+def test_extracted_decoder_runs_with_a_kv_cache_and_compiles(supernet, tiny_lm, tmp_path):
+    student = extract(supernet, DecoderSubnet(1, 1, 64))
+    student_dir = tmp_path / "student"
+    student.save_pretrained(student_dir)
+    load_tokenizer(tiny_lm).save_pretrained(student_dir)
+    ids = tokens(4, 10)[:1]
+    step = KVCacheStep(load_causal_lm(student_dir), max_context=16).eval()
+    with torch.no_grad():
+        full = student(input_ids=ids).logits[0]
+        keys, values = step.empty_cache()
+        logits, keys, values = step(ids[:, :6], torch.tensor([0]), torch.tensor([5]), keys, values)
+        torch.testing.assert_close(logits[0], full[5], atol=1e-5, rtol=0)
+        for t in range(6, 10):
+            logits, keys, values = step(ids[:, t : t + 1], torch.tensor([t]), torch.tensor([0]), keys, values)
+            torch.testing.assert_close(logits[0], full[t], atol=1e-5, rtol=0)
+    cfg = load_config("compile-lm", "tiny", overrides=[f"tuning_dir={tmp_path / 'tuning'}"])
+    manifest = compile_lm(student_dir, "x86-1t", cfg, tmp_path / "compiled")
+    assert set(manifest["backends"]) == {"prefill", "decode"}
+    assert all(diff <= cfg.numerics_tol for diff in manifest["metrics"]["numerics_max_abs_diff"].values())
+
+
+def test_space_rejects_bad_configs_and_subnets():
+    teacher = TEACHER
+    with pytest.raises(ConfigError, match="space.kv_head_counts: values must be in"):
+        DecoderSpace(DecoderSpaceConfig((1, 2), (1, 3), (32, 128), 16), teacher)
+    with pytest.raises(ConfigError, match="space.layer_counts: must include the teacher's 2"):
+        DecoderSpace(DecoderSpaceConfig((1,), (1, 2), (32, 128), 16), teacher)
+    with pytest.raises(ConfigError, match=r"space.ffn_sizes: \[40\] not multiples of space.align"):
+        DecoderSpace(DecoderSpaceConfig((1, 2), (1, 2), (40, 128), 16), teacher)
+    with pytest.raises(ConfigError, match="space.align: 32 does not divide the head size 16"):
+        DecoderSpace(DecoderSpaceConfig((1, 2), (1, 2), (32, 128), 32), teacher)
+    space = DecoderSpace(SPACE, teacher)
+    with pytest.raises(ValueError, match=r"subnet.kv_heads: 3 not in \[1, 2\]"):
+        space.validate(DecoderSubnet(1, 3, 32))
+    with pytest.raises(ValueError, match="subnet.ffn_size: 48 not in"):
+        space.validate(DecoderSubnet(1, 1, 48))
+    with pytest.raises(ValueError, match="subnet: expected keys"):
+        DecoderSubnet.from_dict({"num_layers": 1, "kv_heads": 1})
+    assert DecoderSubnet.from_dict(DecoderSubnet(2, 1, 64).to_dict()) == DecoderSubnet(2, 1, 64)

@@ -1,0 +1,95 @@
+"""The generation search on the tiny profile: decoder supernet, per-token latency model of
+compiled subnets timed on x86-1t (a local device: no lab needed), NSGA-II front, the student."""
+
+import json
+
+import pytest
+
+from canao.apps import generate
+from canao.cli import main
+from canao.latency import LatencyModel
+from canao.manifest import verify_manifest
+from canao.models.llama_lm import load_causal_lm
+from canao.search import FRONT_JSON, FRONT_PNG, GENERATION, choose, dominated
+from canao.space import DecoderSubnet
+
+
+@pytest.fixture(scope="module")
+def stages(tiny_lm, tmp_path_factory):
+    root = tmp_path_factory.mktemp("search-lm")
+    tiny = ["--profile", "tiny"]
+    assert main(["lm-data", *tiny, "--out", str(root / "data")]) == 0
+    assert main(["distill-lm", *tiny, "--teacher", str(tiny_lm), "--data", str(root / "data"),
+                 "--out", str(root / "supernet")]) == 0
+    assert main(["latency-lm", *tiny, "--set", f"compile.tuning_dir={root / 'tuning'}", "--teacher", str(tiny_lm),
+                 "--device", "x86-1t", "--out", str(root / "latency")]) == 0
+    assert main(["search-lm", *tiny, "--supernet", str(root / "supernet"), "--latency", str(root / "latency"),
+                 "--out", str(root / "search")]) == 0
+    assert main(["finalize-lm", *tiny, "--supernet", str(root / "supernet"), "--search", str(root / "search"),
+                 "--out", str(root / "student")]) == 0
+    return root
+
+
+def test_decode_latency_model_round_trips_through_its_artifact(stages):
+    manifest = verify_manifest(stages / "latency")
+    model = LatencyModel.load(stages / "latency")
+    assert model.family == "decoder" and model.device == "x86-1t" and model.seq_len == 48
+    assert len(model.measurements) == 4 and sum(m["heldout"] for m in model.measurements) == 1
+    assert all(set(m["ms"]) == {"tvm"} and m["ms"]["tvm"] > 0 for m in model.measurements)
+    refit = LatencyModel.fit(model.device, model.seq_len, model.teacher, model.measurements, "decoder")
+    assert refit.coefficients == model.coefficients and refit.error == model.error
+    subnet = DecoderSubnet.from_dict(model.measurements[0]["subnet"])
+    assert model.fastest(subnet) == (model.predict(subnet, "tvm"), "tvm")
+    assert set(manifest["metrics"]["error"]["tvm"]) == {"model", "flops_proxy", "fitted_on", "heldout"}
+
+
+def test_generation_search_returns_a_non_dominated_front(stages):
+    result = json.loads((stages / "search" / FRONT_JSON).read_text())
+    front = result["front"]
+    assert front and dominated(front, GENERATION) == []
+    for t in result["trials"]:  # no evaluated subnet beats a front point on both objectives
+        for p in front:
+            assert not (t["perplexity"] < p["perplexity"] and t["predicted_ms"] < p["predicted_ms"])
+    for p in front:
+        assert set(p) >= {"subnet", "perplexity", "greedy_agreement", "predicted_ms", "measured_ms", "params", "flops"}
+        assert DecoderSubnet.from_dict(p["subnet"]) and p["perplexity"] > 1 and p["flops"] > 0
+        assert 0 <= p["greedy_agreement"] <= 1
+    measured = [p for p in front if p["measured_ms"] is not None]
+    assert len(measured) == 1 and measured[0]["perplexity"] == min(p["perplexity"] for p in front)
+    teacher = result["teacher"]
+    assert teacher["subnet"] == {"num_layers": 2, "kv_heads": 2, "ffn_size": 128}
+    assert teacher["teacher_perplexity"] > 1 and 0 <= teacher["greedy_agreement"] <= 1
+    assert set(result["teacher"]["measured_ms_by_backend"]) == {"tvm"}
+    assert (stages / "search" / FRONT_PNG).read_bytes()[:4] == b"\x89PNG"
+    assert verify_manifest(stages / "search")["stage"] == "search-lm"
+
+
+def test_search_lm_names_a_wrong_input(stages, tmp_path, capsys):
+    code = main(["search-lm", "--profile", "tiny", "--supernet", str(stages / "supernet"),
+                 "--latency", str(stages / "supernet"), "--out", str(tmp_path / "s")])
+    assert code == 2 and "a 'distill-lm' artifact, not a latency model" in capsys.readouterr().err
+    code = main(["search-lm", "--profile", "tiny", "--supernet", str(stages / "latency"),
+                 "--latency", str(stages / "latency"), "--out", str(tmp_path / "s")])
+    assert code == 2 and "not a decoder supernet (distill-lm)" in capsys.readouterr().err
+
+
+def test_finalize_lm_writes_the_chosen_student_fine_tuned(stages, capsys):
+    manifest = verify_manifest(stages / "student")
+    m = manifest["metrics"]
+    chosen = choose(json.loads((stages / "search" / FRONT_JSON).read_text()), GENERATION)
+    assert m["subnet"] == chosen["subnet"] == manifest["config"]["subnet"] and m["steps"] == 4
+    assert m["perplexity"] > 1 and m["teacher_perplexity"] > 1 and 0 <= m["greedy_agreement"] <= 1
+    assert m["perplexity_vs_teacher"] == pytest.approx(m["perplexity"] / m["teacher_perplexity"], rel=1e-3)
+    student = load_causal_lm(stages / "student")
+    assert student.config.num_hidden_layers == chosen["subnet"]["num_layers"]
+    assert sum(p.numel() for p in student.parameters()) == m["parameters"] == chosen["params"]
+    decoder = generate.TorchDecoder(stages / "student", max_context=16)
+    assert len([t for t, _ in generate.stream(decoder, [5, 6, 7], 4, stop_at_eos=False)]) == 4
+    assert not (stages / "student" / "checkpoints").exists()
+    args = ["finalize-lm", "--profile", "tiny", "--supernet", str(stages / "supernet"), "--search"]
+    assert main([*args, str(stages / "search"), "--out", str(stages / "student")]) == 0
+    assert "already made; reusing it" in capsys.readouterr().out
+    assert main([*args, str(stages / "search"), "--set", "seed=1", "--out", str(stages / "student")]) == 2
+    assert "holds a student made with another config" in capsys.readouterr().err
+    assert main([*args, str(stages / "latency"), "--out", str(stages / "other")]) == 2
+    assert "not a generation search (search-lm)" in capsys.readouterr().err
