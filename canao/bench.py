@@ -32,7 +32,7 @@ from canao.config import (
     load_config,
     resolve_path,
 )
-from canao.manifest import read_manifest, sha256_file, verify_manifest
+from canao.manifest import read_manifest, sha256_file, verify_manifest, write_text_atomic
 from canao.models.bert_qa import example_inputs, init_qa_model, load_tokenizer
 
 BACKENDS = ("tvm", "litert", "litert-int8", "onnxruntime", "onnxruntime-int8", "torch")
@@ -154,11 +154,7 @@ def table(records: list[Record]) -> str:
 
 def write_records(records: list[Record] | list[GenRecord], path: str | Path) -> None:
     """Write atomically: a benchmark cut short leaves no file that looks complete."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"host": cpu_model(),
-                               "records": [asdict(r) for r in records]}, indent=1))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps({"host": cpu_model(), "records": [asdict(r) for r in records]}, indent=1))
 
 
 # `make bench`: the models of the suite. The QA teacher's shape (all-MiniLM-L6-v2) and a

@@ -19,9 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import torch
 
 from canao import device_lab, tvm_cpu_intrinsics
 from canao.config import CompileConfig, LMCompileConfig, resolve_path, to_dict
-from canao.manifest import write_manifest
+from canao.manifest import staged_dir, write_manifest
 from canao.models.bert_qa import example_inputs, load_for_export, load_tokenizer
 
 TVM_LIBRARY = "tvm/model.so"
@@ -175,7 +173,7 @@ def compile_model(model_dir: str | Path, device_key: str, cfg: CompileConfig, ou
     with torch.no_grad():
         reference = [t.numpy() for t in model(*inputs)]
 
-    with _staged(out_dir) as staging:
+    with staged_dir(out_dir) as staging:
         numerics = {}
         numerics["tvm"], tuning = build_checked(model, inputs, reference, device, cfg, staging / TVM_LIBRARY,
                                                 str(model_dir))
@@ -214,7 +212,7 @@ def compile_lm(model_dir: str | Path, device_key: str, cfg: LMCompileConfig, out
     tokenizer = llama_lm.load_tokenizer(model_dir)
     step = llama_lm.KVCacheStep(model, cfg.max_context).eval()
     chunks = {"prefill": cfg.prefill_len, "decode": 1}
-    with _staged(out_dir) as staging:
+    with staged_dir(out_dir) as staging:
         numerics, tuning = {}, {}
         for phase, library in LM_LIBRARIES.items():
             # A chunk part-way into the cache, so the check covers the cache write and the causal mask.
@@ -236,18 +234,6 @@ def compile_lm(model_dir: str | Path, device_key: str, cfg: LMCompileConfig, out
         )
     return manifest
 
-
-@contextlib.contextmanager
-def _staged(out_dir: Path):
-    """A staging directory beside `out_dir` that becomes `out_dir` only if the block succeeds."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        yield staging
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _run_tvm(library: Path, inputs: list[np.ndarray], device) -> list[np.ndarray]:

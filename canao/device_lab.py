@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import yaml
 
 from canao.config import resolve_path
+from canao.manifest import write_text_atomic
 
 DEVICES_FILE = "device_lab/devices.yaml"  # relative to the project root; env CANAO_DEVICES overrides
 LAB_DIR = "outputs/device_lab"  # state file and logs, relative to the project root; env CANAO_LAB_DIR overrides
@@ -231,9 +232,7 @@ def up(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, devices_path: str | o
     except BaseException:
         _stop_all(state)
         raise
-    file = state_file()
-    file.with_suffix(".tmp").write_text(json.dumps(state, indent=1))
-    file.with_suffix(".tmp").replace(file)
+    write_text_atomic(state_file(), json.dumps(state, indent=1))
     return state
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import random
 import shutil
 import time
@@ -25,7 +24,7 @@ from transformers import get_linear_schedule_with_warmup
 from canao.apps.qa import QAPredictor, evaluate
 from canao.config import DistillConfig, KDConfig, TeacherConfig, TrainConfig, config_hash, resolve_path, to_dict
 from canao.data.squad import Features, build_features, load_squad
-from canao.manifest import reusable, sha256_file, verify_manifest, write_manifest
+from canao.manifest import reusable, sha256_file, verify_manifest, write_atomic, write_manifest
 from canao.models.bert_qa import MINILM_NAME, init_qa_model, load_qa_model, load_tokenizer, minilm_dir
 from canao.models.supernet import Supernet, importance, sort_by_importance
 from canao.space import SearchSpace, TeacherShape
@@ -100,10 +99,7 @@ def fit(model: torch.nn.Module, features: Sized, loss_fn: LossFn, cfg: TrainConf
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def span_loss(model: torch.nn.Module, features: Features, index: torch.Tensor) -> torch.Tensor:

@@ -3,16 +3,49 @@ the sha256 of every file, so a copy can be verified anywhere."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
 import os
 import platform
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import canao
 
 MANIFEST = "manifest.json"
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` beside `path`, then renamed onto it: readers see the old file or the whole
+    new one, never a part (a run killed mid-write leaves no file that looks complete)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: str | Path) -> Iterator[Path]:
+    """A staging directory beside `out_dir` that becomes `out_dir` only if the block succeeds
+    (`out_dir` must not exist by then); on failure it is removed and nothing appears."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield staging
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def sha256_file(path: str | Path) -> str:
@@ -50,9 +83,7 @@ def write_manifest(directory: str | Path, stage: str, config: dict, metrics: dic
         "files": file_hashes(directory),
         **extra,
     }
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, directory / MANIFEST)
+    write_text_atomic(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
 

@@ -20,14 +20,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import boto3
 import botocore.config
 import botocore.exceptions
 
-from canao.manifest import MANIFEST, sha256_file
+from canao.manifest import MANIFEST, sha256_file, staged_dir
 
 PREFIX = "models"
 MODEL_DIR, COMPILED_DIR = "model", "compiled"  # in a version: the model, and compiled/<device key>/ per device
@@ -202,9 +201,7 @@ class Registry:
             raise FileExistsError(f"{out_dir}: already exists; choose another --out")
         manifest = self.manifest(name, version)
         prefix = self._prefix(name, version)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        try:
+        with staged_dir(out_dir) as staging:
             for rel, entry in manifest["files"].items():
                 target = staging / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -213,10 +210,6 @@ class Registry:
                 if sha256_file(target) != entry["sha256"]:
                     raise RegistryError(f"{self.uri(name, version)}{rel}: sha256 differs from its manifest")
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-            os.replace(staging, out_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return manifest
 
 

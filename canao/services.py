@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 from canao.config import resolve_path
+from canao.manifest import write_text_atomic
 
 SERVICES_DIR = "outputs/services"  # relative to the project root; env CANAO_SERVICES_DIR overrides
 HOST = "127.0.0.1"
@@ -221,9 +222,7 @@ def up(mlflow_port: int = MLFLOW_PORT, s3_port: int = S3_PORT) -> dict:
             stop(service)
         raise
     state = {"dir": str(directory), "mlflow": mlflow, "s3": s3}
-    tmp = state_file().with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    tmp.replace(state_file())
+    write_text_atomic(state_file(), json.dumps(state, indent=1))
     return state
 
 

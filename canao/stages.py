@@ -20,13 +20,12 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from canao.config import BenchConfig, DeployConfig, config_hash, load_config, resolve_path, to_dict
-from canao.manifest import read_manifest, verify_manifest, write_manifest
+from canao.manifest import read_manifest, staged_dir, verify_manifest, write_manifest
 
 CACHE_DIR = "outputs/cache"  # relative to the project root; env CANAO_CACHE_DIR overrides
 RECORDS = "records.json"
@@ -84,16 +83,9 @@ def _link_tree(source: Path, target: Path) -> None:
 
 def _write_through_staging(out_dir: Path, fill: Callable[[Path], dict]) -> dict:
     """Let `fill` write a directory next to `out_dir`, then move it into place whole."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        manifest = fill(staging)
-        shutil.rmtree(out_dir, ignore_errors=True)  # a result that failed verification
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return manifest
+    shutil.rmtree(out_dir, ignore_errors=True)  # a result that failed verification
+    with staged_dir(out_dir) as staging:
+        return fill(staging)
 
 
 def run_teacher(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:

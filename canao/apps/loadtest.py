@@ -29,6 +29,7 @@ import numpy as np
 
 from canao.config import LoadtestConfig, resolve_path, to_dict
 from canao.data.squad import load_squad
+from canao.manifest import write_text_atomic
 
 EXPECTED = {"200", "429", "503"}  # answered, or refused under overload as the API documents
 
@@ -152,8 +153,6 @@ def write(result: dict, path: str | Path) -> Path:
     """`path` (JSON) and the same path with .md (the table), each written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for target, text in ((path, json.dumps(result, indent=1)), (path.with_suffix(".md"), table(result) + "\n")):
-        tmp = target.with_suffix(target.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(target)
+    write_text_atomic(path, json.dumps(result, indent=1))
+    write_text_atomic(path.with_suffix(".md"), table(result) + "\n")
     return path.with_suffix(".md")
