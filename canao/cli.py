@@ -267,15 +267,11 @@ def cmd_generate(args) -> None:
         print(f"canao generate: prompt truncated from the left: kept its last {len(ids)} tokens, dropped {dropped} "
               f"(context window {decoder.max_context} tokens, {args.max_new_tokens} reserved for new ones)",
               file=sys.stderr)
-    tokens, times, shown = [], [], ""
-    for token, ms in generate.stream(decoder, ids, args.max_new_tokens, sampling):
-        tokens.append(token)
+    times = []
+    for _, ms, text in generate.with_text(decoder.tokenizer, generate.stream(decoder, ids, args.max_new_tokens,
+                                                                            sampling)):
         times.append(ms)
-        # Decode the whole answer each time: a character may span tokens, so a suffix alone could be garbled.
-        text = decoder.tokenizer.decode(tokens, skip_special_tokens=True)
-        if text.startswith(shown):
-            print(text[len(shown):], end="", flush=True)
-            shown = text
+        print(text, end="", flush=True)
     print()
     stats = generate.timings(times)
     print(json.dumps({"backend": decoder.backend, "prompt_tokens": len(ids), **{

@@ -78,6 +78,7 @@ def test_sampling():
     assert generate.sample(logits, generate.Sampling(), rng) == 1
     assert generate.sample(logits, generate.Sampling(temperature=1.0, top_k=1), rng) == 1
     assert generate.sample(logits, generate.Sampling(temperature=1.0, top_p=0.01), rng) == 1
+    assert generate.sample(logits, generate.Sampling(temperature=5e-324), rng) == 1  # no overflow to NaN
     top2 = {generate.sample(logits, generate.Sampling(temperature=5.0, top_k=2), rng) for _ in range(200)}
     assert top2 == {1, 2}
     # probabilities 0.474, 0.429, 0.064, 0.024, 0.009: the first three reach 0.95, the rest are never drawn
