@@ -9,17 +9,8 @@ import torch
 
 from canao import cli
 from canao.apps import generate
-from canao.compile import compile_lm
 from canao.config import ConfigError, load_config
 from canao.models.llama_lm import KVCacheStep, load_causal_lm
-
-
-@pytest.fixture(scope="module")
-def compiled_lm(tiny_lm, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("compiled-lm")
-    cfg = load_config("compile-lm", "tiny", overrides=[f"tuning_dir={tmp / 'tuning'}"])
-    manifest = compile_lm(tiny_lm, "x86-1t", cfg, tmp / "out")
-    return tmp / "out", manifest
 
 
 def _prompt(n, seed=0):
