@@ -6,12 +6,9 @@ import contextlib
 import os
 import shutil
 import subprocess
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service as DriverService
@@ -19,9 +16,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
-from canao.apps.serve import Service, create_app
+from canao.apps.serve import Service
 from canao.config import load_config
-from tests.integration.conftest import free_port
+from tests.integration.conftest import running_server
 from tests.unit.test_serve_generate import events
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -41,30 +38,6 @@ def chromium() -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def running_server(model_dir, lm_model):
-    """`canao serve`'s app for QA model `model_dir` and generation model `lm_model` on a free loopback
-    port, in a thread, until the block ends: its URL once ready."""
-    url = f"http://127.0.0.1:{free_port()}"
-    app = create_app(Service(str(model_dir), load_config("serve", "tiny"), str(lm_model)))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=int(url.rsplit(":", 1)[1]),
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "the server did not get ready"
-            time.sleep(0.1)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
-@contextlib.contextmanager
 def browser(chromium: tuple[str, str]):
     options = Options()
     options.binary_location = chromium[0]
@@ -80,7 +53,7 @@ def browser(chromium: tuple[str, str]):
 @pytest.fixture(scope="module")
 def server(memorized_qa, tiny_lm):
     """The URL of a server of both tasks."""
-    with running_server(memorized_qa[0], tiny_lm) as url:
+    with running_server(Service(str(memorized_qa[0]), load_config("serve", "tiny"), str(tiny_lm))) as url:
         yield url
 
 

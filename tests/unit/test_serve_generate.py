@@ -143,18 +143,19 @@ def test_no_token_in_time_gets_503(tiny_lm):
         assert "not answered within 0.3 s" in response.json()["detail"]
 
 
-class ThirdCall:
-    """A decoder whose third call (after the prefill and one decode step: two tokens) first runs `hold`."""
+class Holding:
+    """A decoder whose call number `call` first runs `hold` (call 1 is the prefill of a short prompt,
+    which gives the first token; each later call one more)."""
 
-    def __init__(self, decoder, hold):
-        self.decoder, self.hold, self.calls = decoder, hold, 0
+    def __init__(self, decoder, call: int, hold):
+        self.decoder, self.call, self.hold, self.calls = decoder, call, hold, 0
 
     def __getattr__(self, name):
         return getattr(self.decoder, name)
 
     def __call__(self, *args):
         self.calls += 1
-        if self.calls == 3:
+        if self.calls == self.call:
             self.hold()
         return self.decoder(*args)
 
@@ -162,7 +163,7 @@ class ThirdCall:
 def test_a_stream_past_its_deadline_ends_with_an_error_event_and_frees_its_place(tiny_lm):
     with serving(None, "generate_timeout_s=2", "max_pending=1", lm_model=tiny_lm) as (client, service):
         release = threading.Event()
-        service.runners["generate"] = ThirdCall(service.runners["generate"], release.wait)
+        service.runners["generate"] = Holding(service.runners["generate"], 3, release.wait)
         try:
             stream = events(client.post("/v1/generate", json={"prompt": "Hi", "max_new_tokens": 8}))
         finally:
@@ -182,7 +183,7 @@ def test_a_model_failing_mid_stream_ends_it_with_an_error_event(tiny_lm):
         raise RuntimeError("the decoder broke")
 
     with serving(None, lm_model=tiny_lm) as (client, service):
-        service.runners["generate"] = ThirdCall(service.runners["generate"], fail)
+        service.runners["generate"] = Holding(service.runners["generate"], 3, fail)
         stream = events(client.post("/v1/generate", json={"prompt": "Hi", "max_new_tokens": 8}))
     assert [name for name, _ in stream] == ["token", "token", "error"]
     assert stream[-1][1]["detail"] == "generation failed: RuntimeError: the decoder broke"
