@@ -403,9 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve models over HTTP: the QA and generation APIs, metrics and the web page")
     _add_config_args(p)
     p.add_argument("--model", help="the QA model: a model directory, a `canao compile` artifact directory, or a "
-                   "registry model NAME@ALIAS (e.g. canao-qa@production; needs MLflow and S3, `canao services env`)")
+                   "registry model NAME@ALIAS (e.g. canao-qa@production; needs MLflow and S3, `canao services env`); "
+                   "absent or empty: none")
     p.add_argument("--lm-model", help="the generation model: a model directory (PyTorch), a `canao compile-lm` "
-                   "artifact directory (TVM), or a registry model NAME@ALIAS")
+                   "artifact directory (TVM), or a registry model NAME@ALIAS; absent or empty: none")
     p.add_argument("--host", help="bind address (default: the profile's, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: the profile's)")
     p.set_defaults(func=cmd_serve)
