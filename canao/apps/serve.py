@@ -31,7 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.sse import EventSourceResponse, format_sse_event
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from canao.apps import generate
@@ -437,14 +437,15 @@ def _qa_request_model(cfg: ServeConfig) -> type[BaseModel]:
     return QARequest
 
 
-def _not_a_boolean(value):
-    if isinstance(value, bool):
-        raise ValueError(f"must be a number, not {str(value).lower()}")
+def _a_number(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a number")
     return value
 
 
-# Marks a JSON number field: pydantic would take true for 1, and its strict mode would refuse 2.0 for an integer.
-NUMBER = BeforeValidator(_not_a_boolean)
+# Marks a field that takes JSON numbers only: pydantic's lax mode would also take true for 1 and "5" for 5,
+# and its strict mode would refuse 2.0 for an integer.
+NUMBER = BeforeValidator(_a_number)
 
 
 def _generate_request_model(cfg: ServeConfig) -> type[BaseModel]:
@@ -471,7 +472,7 @@ def _generate_request_model(cfg: ServeConfig) -> type[BaseModel]:
                                          "1: no limit")
         seed: Annotated[int, NUMBER] = Field(
             0, ge=0, description="the sampler's seed: a request sent again samples the same tokens")
-        chat: bool = Field(True, description="wrap the prompt as one user turn of the model's chat template, as "
+        chat: StrictBool = Field(True, description="wrap the prompt as one user turn of the model's chat template, as "
                                              "`canao generate` does unless --no-chat")
 
     return GenerateRequest
