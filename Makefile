@@ -69,10 +69,12 @@ bench: setup litert-env
 	$(BIN)/canao bench-suite --profile full $(if $(LM_STUDENT),--lm-student $(LM_STUDENT)) --out BENCHMARKS.md; \
 	status=$$?; $(BIN)/canao device-lab down; exit $$status
 
-# The QA server for a model directory or compiled artifact: http://127.0.0.1:8000/
+# The server for a QA model and a generation model (directories or compiled artifacts; empty: none),
+# e.g. SERVE_LM_MODEL=outputs/lm-teacher: http://127.0.0.1:8000/
 SERVE_MODEL ?= outputs/full/teacher
+SERVE_LM_MODEL ?=
 serve: setup
-	$(BIN)/canao serve --model $(SERVE_MODEL) --profile $(PROFILE)
+	$(BIN)/canao serve --model "$(SERVE_MODEL)" --lm-model "$(SERVE_LM_MODEL)" --profile $(PROFILE)
 
 # Load test on loopback: 1, 4 and 16 concurrent clients for 20 s each against /v1/qa of
 # SERVE_MODEL -> outputs/bench-serve.json and .md (the table for BENCHMARKS.md).

@@ -186,7 +186,7 @@ def cmd_serve(args) -> None:
     from canao.apps.serve import serve
 
     overrides = [*args.overrides, *(f"{k}={v}" for k, v in (("host", args.host), ("port", args.port)) if v)]
-    serve(args.model, load_config("serve", args.profile, args.config, overrides))
+    serve(args.model, args.lm_model, load_config("serve", args.profile, args.config, overrides))
 
 
 def cmd_loadtest(args) -> None:
@@ -306,15 +306,11 @@ def cmd_generate(args) -> None:
         print(f"canao generate: prompt truncated from the left: kept its last {len(ids)} tokens, dropped {dropped} "
               f"(context window {decoder.max_context} tokens, {args.max_new_tokens} reserved for new ones)",
               file=sys.stderr)
-    tokens, times, shown = [], [], ""
-    for token, ms in generate.stream(decoder, ids, args.max_new_tokens, sampling):
-        tokens.append(token)
+    times = []
+    for _, ms, text in generate.with_text(decoder.tokenizer, generate.stream(decoder, ids, args.max_new_tokens,
+                                                                            sampling)):
         times.append(ms)
-        # Decode the whole answer each time: a character may span tokens, so a suffix alone could be garbled.
-        text = decoder.tokenizer.decode(tokens, skip_special_tokens=True)
-        if text.startswith(shown):
-            print(text[len(shown):], end="", flush=True)
-            shown = text
+        print(text, end="", flush=True)
     print()
     stats = generate.timings(times)
     print(json.dumps({"backend": decoder.backend, "prompt_tokens": len(ids), **{
@@ -447,10 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="BENCHMARKS.md", help="Markdown report (records beside it as .json)")
     p.set_defaults(func=cmd_bench_suite)
 
-    p = sub.add_parser("serve", help="serve a model over HTTP: the QA API, metrics and the web page")
+    p = sub.add_parser("serve", help="serve models over HTTP: the QA and generation APIs, metrics and the web page")
     _add_config_args(p)
-    p.add_argument("--model", required=True, help="a QA model directory, a `canao compile` artifact directory, or "
-                   "a registry model NAME@ALIAS (e.g. canao-qa@production; needs MLflow and S3, `canao services env`)")
+    p.add_argument("--model", help="the QA model: a model directory, a `canao compile` artifact directory, or a "
+                   "registry model NAME@ALIAS (e.g. canao-qa@production; needs MLflow and S3, `canao services env`); "
+                   "absent or empty: none")
+    p.add_argument("--lm-model", help="the generation model: a model directory (PyTorch), a `canao compile-lm` "
+                   "artifact directory (TVM), or a registry model NAME@ALIAS; absent or empty: none")
     p.add_argument("--host", help="bind address (default: the profile's, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: the profile's)")
     p.set_defaults(func=cmd_serve)

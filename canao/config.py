@@ -128,13 +128,20 @@ class ServeConfig:
     max_question_chars: int = 500  # longer questions get 422 (a question must also fit in one window)
     max_pending: int = 8  # requests admitted at once, computing or queued; one more gets 429 at once
     request_timeout_s: float = 10.0  # a request not answered by then (queueing included) gets 503
+    max_prompt_chars: int = 4000  # longer generation prompts get 422; a prompt over the context window in
+    #                               tokens is cut from the left (and the final event says so)
+    max_new_tokens: int = 256  # a larger max_new_tokens gets 422, as does one the model's context window cannot hold
+    generate_timeout_s: float = 60.0  # a generation with no token by then (queueing included) gets 503; one
+    #                                   still streaming by then ends with an error event
 
     def __post_init__(self):
-        for name in ("max_body_bytes", "max_context_chars", "max_question_chars", "max_pending"):
+        for name in ("max_body_bytes", "max_context_chars", "max_question_chars", "max_pending", "max_prompt_chars",
+                     "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.request_timeout_s <= 0:
-            raise ConfigError(f"request_timeout_s: must be > 0, got {self.request_timeout_s}")
+        for name in ("request_timeout_s", "generate_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.threads < 0:
             raise ConfigError(f"threads: must be >= 0, got {self.threads}")
 

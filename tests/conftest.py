@@ -69,3 +69,15 @@ def tiny_lm(tmp_path_factory):
     path = tmp_path_factory.mktemp("lm") / "tiny-lm"
     save_teacher(load_config("lm-teacher", "tiny"), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def compiled_lm(tiny_lm, tmp_path_factory) -> tuple[Path, dict]:
+    """tiny_lm compiled untuned for x86-1t (context window 48, prefill 16): (artifact dir, its manifest)."""
+    from canao.compile import compile_lm
+    from canao.config import load_config
+
+    tmp = tmp_path_factory.mktemp("compiled-lm")
+    cfg = load_config("compile-lm", "tiny", overrides=[f"tuning_dir={tmp / 'tuning'}"])
+    manifest = compile_lm(tiny_lm, "x86-1t", cfg, tmp / "out")
+    return tmp / "out", manifest

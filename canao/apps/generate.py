@@ -12,7 +12,7 @@ prefill call to the first sampled token; ms/token is the mean time of each later
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,10 +45,13 @@ def sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> 
     """The next token from next-token `logits` [V]."""
     if sampling.temperature == 0:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / sampling.temperature
+    # Shifted so that the largest is 0 before dividing: a tiny temperature overflows the others to -inf
+    # (probability 0), never to NaN.
+    with np.errstate(over="ignore"):
+        z = (logits.astype(np.float64) - logits.max()) / sampling.temperature
     order = np.argsort(-z, kind="stable")  # most likely first
     keep = len(z) if sampling.top_k == 0 else min(sampling.top_k, len(z))
-    probs = np.exp(z[order[:keep]] - z[order[0]])
+    probs = np.exp(z[order[:keep]])
     probs /= probs.sum()
     # The smallest prefix whose mass reaches top_p (at least one token).
     keep = min(len(probs), int(np.searchsorted(np.cumsum(probs), sampling.top_p)) + 1)
@@ -167,6 +170,19 @@ def stream(decoder, prompt_ids: list[int], max_new_tokens: int, sampling: Sampli
             return
         logits, keys, values = decoder(np.array([[token]], np.int64), position, 0, keys, values)
         position += 1
+
+
+def with_text(tokenizer, tokens: Iterable[tuple[int, float]]) -> Iterator[tuple[int, float, str]]:
+    """`stream`'s (token id, ms) with the text each token adds. The whole output is decoded each
+    time: a character may span tokens, so a token decoded alone could be garbled; a token whose
+    text does not extend what was shown adds "" (its text comes with a later token)."""
+    generated, shown = [], ""
+    for token, ms in tokens:
+        generated.append(token)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        added = text[len(shown) :] if text.startswith(shown) else ""
+        shown += added
+        yield token, ms, added
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:

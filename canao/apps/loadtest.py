@@ -94,11 +94,13 @@ def run(url: str, cfg: LoadtestConfig) -> dict:
     examples = load_squad(resolve_path(cfg.data_file), cfg.questions)
     requests = [{"context": ex.context, "question": ex.question} for ex in examples]
     info = httpx.get(f"{url}/v1/info", timeout=10).raise_for_status().json()
+    if "qa" not in info["models"]:
+        raise ValueError(f"{url} serves no QA model (only: {', '.join(info['models'])}); start it with --model")
     scenarios = [asyncio.run(_scenario(url, requests, clients, cfg)) for clients in cfg.clients]
     from canao.bench import cpu_model
 
-    return {"host": cpu_model(), "cores": os.cpu_count(), "url": url, "model": info, "config": to_dict(cfg),
-            "scenarios": scenarios}
+    return {"host": cpu_model(), "cores": os.cpu_count(), "url": url,
+            "model": {**info["models"]["qa"], "limits": info["limits"]}, "config": to_dict(cfg), "scenarios": scenarios}
 
 
 @contextlib.contextmanager

@@ -1,7 +1,11 @@
 import contextlib
 import socket
+import threading
+import time
 
+import httpx
 import pytest
+import uvicorn
 import yaml
 
 from canao import device_lab
@@ -45,3 +49,28 @@ def running_services(directory):
             yield state
         finally:
             services.down()
+
+
+@contextlib.contextmanager
+def running_server(service):
+    """`canao serve`'s app for `service` on a free loopback port, in a thread, until the block ends:
+    its URL once ready."""
+    from canao.apps.serve import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "the server did not get ready"
+            time.sleep(0.1)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

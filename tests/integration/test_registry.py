@@ -200,7 +200,7 @@ def test_serve_pulls_name_at_alias_through_mlflow_and_serves_the_compiled_artifa
     assert (bucket, name) == ("canao-serve", "canao-qa")
 
     with spawned_server("canao-qa@production", "tiny", ["device=x86-1t"]) as url:
-        info = httpx.get(f"{url}/v1/info", timeout=10).json()
+        info = httpx.get(f"{url}/v1/info", timeout=10).json()["models"]["qa"]
         answer = httpx.post(f"{url}/v1/qa", json={"context": example.context, "question": example.question},
                             timeout=30).json()
     assert info["name"] == "canao-qa@production" and info["stage"] == "compile" and info["device"] == "x86-1t"

@@ -1,16 +1,14 @@
 """The web page in headless Chromium (Debian's, driven by Selenium): ask about a SQuAD
-paragraph and see the right answer highlighted in it; a screenshot is saved."""
+paragraph and see the right answer highlighted in it; generate text and see the tokens
+stream in; a screenshot of each tab is saved."""
 
 import contextlib
 import os
 import shutil
 import subprocess
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service as DriverService
@@ -18,9 +16,10 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
-from canao.apps.serve import Service, create_app
+from canao.apps.serve import Service
 from canao.config import load_config
-from tests.integration.conftest import free_port
+from tests.integration.conftest import running_server
+from tests.unit.test_serve_generate import events
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1100,900")
@@ -39,29 +38,6 @@ def chromium() -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def running_server(model_dir):
-    """`canao serve`'s app on a free loopback port, in a thread, until the block ends: its URL once ready."""
-    url = f"http://127.0.0.1:{free_port()}"
-    app = create_app(Service(str(model_dir), load_config("serve", "tiny")))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=int(url.rsplit(":", 1)[1]),
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "the server did not get ready"
-            time.sleep(0.1)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
-@contextlib.contextmanager
 def browser(chromium: tuple[str, str]):
     options = Options()
     options.binary_location = chromium[0]
@@ -74,16 +50,30 @@ def browser(chromium: tuple[str, str]):
         driver.quit()
 
 
-def test_the_page_highlights_the_right_answer(chromium, memorized_qa, tmp_path):
-    model_dir, example = memorized_qa
-    with running_server(model_dir) as url, browser(chromium) as driver:
-        version = httpx.get(f"{url}/v1/info").json()["version"]
-        driver.get(url)
-        wait = WebDriverWait(driver, 30)
-        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
-        model_line = driver.find_element(By.ID, "model").text
+@pytest.fixture(scope="module")
+def server(memorized_qa, tiny_lm):
+    """The URL of a server of both tasks."""
+    with running_server(Service(str(memorized_qa[0]), load_config("serve", "tiny"), str(tiny_lm))) as url:
+        yield url
+
+
+def open_page(driver, url) -> WebDriverWait:
+    driver.get(url)
+    wait = WebDriverWait(driver, 30)
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+    return wait
+
+
+def test_the_page_highlights_the_right_answer(chromium, server, memorized_qa, tmp_path):
+    example = memorized_qa[1]
+    with browser(chromium) as driver:
+        version = httpx.get(f"{server}/v1/info").json()["models"]["qa"]["version"]
+        wait = open_page(driver, server)
+        model_line = driver.find_element(By.ID, "qa-model").text
         assert f"version {version}" in model_line and "torch on cpu (pytorch version=" in model_line
         assert driver.find_element(By.CSS_SELECTOR, "nav button[aria-selected=true]").text == "Question answering"
+        assert [b.text for b in driver.find_elements(By.CSS_SELECTOR, "nav button")] == [
+            "Question answering", "Text generation"]
 
         driver.find_element(By.ID, "qa-context").send_keys(example.context)
         driver.find_element(By.ID, "qa-question").send_keys(example.question)
@@ -104,3 +94,43 @@ def test_the_page_highlights_the_right_answer(chromium, memorized_qa, tmp_path):
         driver.find_element(By.ID, "qa-ask").click()
         wait.until(lambda d: d.find_element(By.ID, "qa-error").text)
         assert driver.find_element(By.ID, "qa-error").text.startswith("question: ")
+
+
+def test_the_generation_tab_streams_tokens(chromium, server, tmp_path):
+    prompt, new_tokens = "The capital of France is", 8
+    body = {"prompt": prompt, "max_new_tokens": new_tokens, "chat": False}
+    texts = [data["text"] for name, data in events(httpx.post(f"{server}/v1/generate", json=body, timeout=30))
+             if name == "token"]
+    assert len(texts) == new_tokens
+    with browser(chromium) as driver:
+        wait = open_page(driver, server)
+        driver.find_element(By.XPATH, "//nav/button[text()='Text generation']").click()
+        model = httpx.get(f"{server}/v1/info").json()["models"]["generate"]
+        model_line = driver.find_element(By.ID, "generate-model").text
+        assert f"version {model['version']}" in model_line and "context window 640 tokens" in model_line
+
+        driver.find_element(By.ID, "gen-prompt").send_keys(prompt)
+        tokens = driver.find_element(By.ID, "gen-max-new-tokens")
+        assert tokens.get_attribute("max") == "32"  # the server's cap
+        tokens.clear()
+        tokens.send_keys(str(new_tokens))
+        driver.find_element(By.ID, "gen-chat").click()  # raw continuation, as the request above
+        driver.find_element(By.ID, "gen-run").click()
+        wait.until(lambda d: d.find_element(By.ID, "gen-facts").text or d.find_element(By.ID, "gen-error").text)
+        assert driver.find_element(By.ID, "gen-error").text == ""
+        output = driver.find_element(By.ID, "gen-output")
+        assert output.get_attribute("data-tokens") == str(new_tokens)  # one update per token event
+        assert output.get_attribute("textContent") == "".join(texts)  # greedy: what the server streams
+        facts = driver.find_element(By.ID, "gen-facts").text
+        assert facts.startswith(f"{new_tokens} tokens · first token after ") and "ms/token" in facts
+        screenshot = tmp_path / "generation-page.png"
+        assert driver.save_screenshot(str(screenshot))
+        print(f"screenshot: {screenshot}")
+
+        # A request the server refuses (the form's own checks let blank text through): the 422's field and message.
+        prompt_box = driver.find_element(By.ID, "gen-prompt")
+        prompt_box.clear()
+        prompt_box.send_keys("   ")
+        driver.find_element(By.ID, "gen-run").click()
+        wait.until(lambda d: d.find_element(By.ID, "gen-error").text)
+        assert driver.find_element(By.ID, "gen-error").text.startswith("prompt: ")

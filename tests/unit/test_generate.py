@@ -10,17 +10,8 @@ import torch
 
 from canao import cli
 from canao.apps import generate
-from canao.compile import compile_lm
 from canao.config import ConfigError, load_config
 from canao.models.llama_lm import KVCacheStep, load_causal_lm
-
-
-@pytest.fixture(scope="module")
-def compiled_lm(tiny_lm, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("compiled-lm")
-    cfg = load_config("compile-lm", "tiny", overrides=[f"tuning_dir={tmp / 'tuning'}"])
-    manifest = compile_lm(tiny_lm, "x86-1t", cfg, tmp / "out")
-    return tmp / "out", manifest
 
 
 def _prompt(n, seed=0):
@@ -79,6 +70,7 @@ def test_sampling():
     assert generate.sample(logits, generate.Sampling(), rng) == 1
     assert generate.sample(logits, generate.Sampling(temperature=1.0, top_k=1), rng) == 1
     assert generate.sample(logits, generate.Sampling(temperature=1.0, top_p=0.01), rng) == 1
+    assert generate.sample(logits, generate.Sampling(temperature=5e-324), rng) == 1  # no overflow to NaN
     top2 = {generate.sample(logits, generate.Sampling(temperature=5.0, top_k=2), rng) for _ in range(200)}
     assert top2 == {1, 2}
     # probabilities 0.474, 0.429, 0.064, 0.024, 0.009: the first three reach 0.95, the rest are never drawn

@@ -19,13 +19,24 @@ def manifests() -> dict[str, dict]:
     return {d["kind"]: d for d in documents}
 
 
+def configmap_values() -> dict[str, str]:
+    kustomization = yaml.safe_load((SERVING / "kustomization.yaml").read_text())
+    (generator,) = kustomization["configMapGenerator"]
+    return dict(literal.split("=", 1) for literal in generator["literals"])
+
+
 def test_the_deployment_serves_with_probes_on_its_port_and_secrets_by_reference():
     pod = manifests()["Deployment"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == "canao"  # the project's image; kustomize sets the tag
-    command = [arg.replace("$(CANAO_SERVE_MODEL)", "canao-qa@production") for arg in container["command"]]
-    assert command[:2] == ["canao", "serve"]
+    command = container["command"]
+    for name, value in configmap_values().items():  # Kubernetes expands $(NAME) from the container's env
+        from_configmap = {"configMapKeyRef": {"name": "canao-serving", "key": name}}
+        assert {"name": name, "valueFrom": from_configmap} in container["env"]
+        command = [arg.replace(f"$({name})", value) for arg in command]
+    assert command[:2] == ["canao", "serve"] and "$(" not in " ".join(command)
     args = build_parser().parse_args(command[1:])
+    assert (args.model, args.lm_model) == ("canao-qa@production", "")  # no generation model deployed yet
     cfg = load_config("serve", args.profile, None, [*args.overrides, f"host={args.host}", f"port={args.port}"])
     assert container["ports"] == [{"name": "http", "containerPort": cfg.port}]
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}

@@ -38,8 +38,10 @@ def wait_ready(client: TestClient) -> None:
 
 
 @contextlib.contextmanager
-def serving(model_dir, *overrides: str, ready: bool = True):
-    service = Service(str(model_dir), load_config("serve", "tiny", overrides=overrides))
+def serving(model_dir, *overrides: str, lm_model=None, ready: bool = True):
+    """A TestClient of `canao serve` with QA model `model_dir` and generation model `lm_model` (either may be None)."""
+    service = Service(model_dir and str(model_dir), load_config("serve", "tiny", overrides=overrides),
+                      lm_model and str(lm_model))
     with TestClient(create_app(service)) as client:
         if ready:
             wait_ready(client)
@@ -177,7 +179,11 @@ def test_a_model_whose_files_differ_from_its_manifest_is_never_served(memorized_
         assert "config.json: sha256 differs" in loaded(client).json()["detail"]
         assert client.post("/v1/qa", json=asked).status_code == 503
     assert main(["serve", "--model", str(tmp_path / "nope")]) == 2
-    assert "neither a directory nor a registry reference NAME@ALIAS" in capsys.readouterr().err
+    assert "--model " in (err := capsys.readouterr().err) and "neither a directory nor a registry reference" in err
+    assert main(["serve", "--lm-model", str(tmp_path / "nope")]) == 2
+    assert "--lm-model " in (err := capsys.readouterr().err) and "neither a directory nor a registry reference" in err
+    assert main(["serve"]) == 2
+    assert "nothing to serve: give --model (question answering), --lm-model" in capsys.readouterr().err
 
 
 def test_no_request_value_reaches_a_file_path(client):
@@ -190,28 +196,32 @@ def test_no_request_value_reaches_a_file_path(client):
 
 def test_info_names_the_model_version_and_limits(client, memorized_qa):
     info = client.get("/v1/info").json()
-    assert info["name"] == memorized_qa[0].name and len(info["version"]) == 12
-    assert (info["backend"], info["device"], info["tasks"]) == ("torch", "cpu", ["qa"])
+    (model,) = info["models"].values()  # no generation model: only the QA one
+    assert model["name"] == memorized_qa[0].name and len(model["version"]) == 12
+    assert (model["backend"], model["device"], list(info["models"])) == ("torch", "cpu", ["qa"])
     assert info["limits"]["max_pending"] == LIMITS.max_pending
+    assert client.get("/readyz").json() == {"status": "ready", "qa": model["version"]}
+    response = client.post("/v1/generate", json={"prompt": "Hello"})
+    assert response.status_code == 503 and "started without --lm-model" in response.json()["detail"]
 
 
 def test_metrics_count_requests_time_them_and_name_the_model(client, asked):
     client.post("/v1/qa", json=asked)
     client.post("/v1/qa", json={})
     text = client.get("/metrics").text
-    version = client.get("/v1/info").json()["version"]
+    version = client.get("/v1/info").json()["models"]["qa"]["version"]
     assert 'canao_http_requests_total{method="POST",route="/v1/qa",status="200"}' in text
     assert 'canao_http_requests_total{method="POST",route="/v1/qa",status="422"}' in text
     assert 'canao_http_request_duration_seconds_bucket{le="0.005",route="/v1/qa"}' in text
     assert 'canao_inference_seconds_count{task="qa"}' in text
-    assert f'canao_model_info{{backend="torch",device="cpu",name="model",version="{version}"}} 1.0' in text
+    assert f'canao_model_info{{backend="torch",device="cpu",name="model",task="qa",version="{version}"}} 1.0' in text
 
 
 def test_a_compiled_artifact_serves_its_fastest_exact_backend(memorized_qa, tmp_path, asked):
     cfg = load_config("compile", "tiny", overrides=[f"tuning_dir={tmp_path / 'tuning'}", "peers=[onnxruntime]"])
     compile_model(memorized_qa[0], "x86-1t", cfg, tmp_path / "artifact")
     with serving(tmp_path / "artifact") as (client, _):
-        info = client.get("/v1/info").json()
+        info = client.get("/v1/info").json()["models"]["qa"]
         assert set(info["backend_ms"]) == {"tvm", "onnxruntime"}
         assert info["backend"] == min(info["backend_ms"], key=info["backend_ms"].get)
         assert (info["device"], info["seq_len"], info["target"]["kind"]) == ("x86-1t", 32, "llvm")
@@ -221,7 +231,7 @@ def test_a_compiled_artifact_serves_its_fastest_exact_backend(memorized_qa, tmp_
     reference = QAPredictor.from_dir(memorized_qa[0], windows).predict([memorized_qa[1]])[memorized_qa[1].qid]
     assert (out["answer"], out["start"], out["end"]) == (reference.text, reference.start, reference.end)
     with serving(tmp_path / "artifact", "backend=onnxruntime") as (client, _):
-        assert client.get("/v1/info").json()["backend"] == "onnxruntime"
+        assert client.get("/v1/info").json()["models"]["qa"]["backend"] == "onnxruntime"
     with serving(tmp_path / "artifact", "backend=litert", ready=False) as (client, _):
         assert "has no 'litert' (it has: onnxruntime, tvm)" in loaded(client).json()["detail"]
 
@@ -245,5 +255,9 @@ def test_bad_limits_are_refused_naming_the_key():
         load_config("serve", "tiny", overrides=["max_pending=0"])
     with pytest.raises(ConfigError, match="request_timeout_s: must be > 0"):
         load_config("serve", "tiny", overrides=["request_timeout_s=0"])
+    with pytest.raises(ConfigError, match="generate_timeout_s: must be > 0"):
+        load_config("serve", "tiny", overrides=["generate_timeout_s=-1"])
+    with pytest.raises(ConfigError, match="max_new_tokens: must be >= 1"):
+        load_config("serve", "tiny", overrides=["max_new_tokens=0"])
     with pytest.raises(ConfigError, match="clients: must be counts >= 1"):
         load_config("loadtest", "tiny", overrides=["clients=[4, 0]"])
