@@ -363,6 +363,9 @@ class SearchConfig:
     trials: int = 200  # subnets evaluated
     population_size: int = 24  # NSGA-II generation size
     latency_budget_ms: float = 0.0  # predicted latency must not exceed this; 0 = no budget
+    # ...nor the teacher's shape on LiteRT fp32 (the peer to beat, as the latency stage measured it on
+    # this device) divided by this: a budget that holds on any machine; 0 = none. The tighter one applies.
+    min_speedup: float = 0.0
     params_budget: int = 0  # parameters must not exceed this; 0 = no budget
     val_questions: int = 500  # the LAST N training questions: held out of distillation, scored each trial
     eval_batch_size: int = 64  # windows per forward pass
@@ -371,6 +374,8 @@ class SearchConfig:
     def __post_init__(self):
         if self.trials < 1 or self.population_size < 2 or self.val_questions < 1:
             raise ConfigError("trials, val_questions: must be >= 1; population_size: >= 2")
+        if not self.min_speedup >= 0:
+            raise ConfigError(f"min_speedup: must be >= 0 (0 = none), got {self.min_speedup}")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from canao.apps.qa import QAPredictor, evaluate
+from canao.bench import BASELINE
 from canao.config import (
     BenchConfig,
     CompileConfig,
@@ -183,16 +184,17 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
             [trial.suggest_categorical(f"ffn_{i}", c.ffn_sizes) for i in range(deepest)],
         )
 
+    teacher_ms = next(m["ms"] for m in latency.measurements if m["subnet"] == space.largest().to_dict())
+    budget = latency_budget(cfg, teacher_ms)
     started = time.perf_counter()
     # The teacher's shape first: the reference point, and a seed for the population.
-    study = pareto_search(cfg, QA, suggest, lambda s: {"f1": f1_of(s)}, latency,
-                          lambda s: params(s, space.teacher, vocab, positions),
+    study = pareto_search(dataclasses.replace(cfg, latency_budget_ms=budget), QA, suggest,
+                          lambda s: {"f1": f1_of(s)}, latency, lambda s: params(s, space.teacher, vocab, positions),
                           lambda s: flops(s, space.teacher, latency.seq_len), _trial_params(space.largest(), deepest),
                           on_trial)
     search_seconds = time.perf_counter() - started
 
     front = _front(study, SubnetConfig)
-    teacher_ms = next(m["ms"] for m in latency.measurements if m["subnet"] == space.largest().to_dict())
     compile_cfg = from_dict(CompileConfig, latency_manifest["config"]["compile"], "compile.")
     bench_cfg = from_dict(BenchConfig, latency_manifest["config"]["bench"], "bench.")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -202,7 +204,7 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
         compile_cfg, bench_cfg, out_dir / "work"))
     result = {
         "device": latency.device, "seq_len": latency.seq_len,
-        "latency_budget_ms": cfg.latency_budget_ms, "params_budget": cfg.params_budget,
+        "latency_budget_ms": budget, "min_speedup": cfg.min_speedup, "params_budget": cfg.params_budget,
         "teacher": {"subnet": space.largest().to_dict(), "f1": f1_of(space.largest()), "measured_ms_by_backend":
                     teacher_ms, "params": params(space.largest(), space.teacher, vocab, positions)},
         "front": sorted(front, key=lambda p: p["predicted_ms"]),
@@ -218,6 +220,18 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
               "train_file": {"path": str(train_file), "sha256": sha256_file(train_file)}}
     return write_manifest(out_dir, "search", {"device": latency.device, **to_dict(cfg)}, metrics, inputs,
                           config_hash=config_hash(cfg))
+
+
+def latency_budget(cfg: SearchConfig, teacher_ms: dict[str, float]) -> float:
+    """The search's budget in ms: the tighter of `latency_budget_ms` and the teacher's measured
+    LiteRT fp32 latency (`teacher_ms`: ms by backend) over `min_speedup`; 0 = none."""
+    budgets = [cfg.latency_budget_ms] if cfg.latency_budget_ms else []
+    if cfg.min_speedup:
+        if BASELINE not in teacher_ms:
+            raise ValueError(f"min_speedup: the latency model holds no {BASELINE} timing of the teacher's shape "
+                             f"(only {', '.join(teacher_ms)}); add {BASELINE} to the latency stage's backends")
+        budgets.append(teacher_ms[BASELINE] / cfg.min_speedup)
+    return min(budgets, default=0.0)
 
 
 def _trial_params(subnet: SubnetConfig, deepest: int) -> dict:

@@ -2,9 +2,9 @@
 
 import pytest
 
-from canao.config import PROFILES, ConfigError, SpaceConfig, load_config
+from canao.config import PROFILES, ConfigError, SearchConfig, SpaceConfig, load_config
 from canao.latency import LatencyModel, features, sample_subnets
-from canao.search import choose, dominated
+from canao.search import choose, dominated, latency_budget
 from canao.space import SearchSpace, SubnetConfig, TeacherShape
 
 MINILM = TeacherShape(6, 384, 12, 1536)
@@ -67,3 +67,15 @@ def test_front_helpers():
     assert choose({"latency_budget_ms": 0.0, "front": points}) == points[1]
     with pytest.raises(ValueError, match="no front point within the latency budget of 1.0 ms"):
         choose({"latency_budget_ms": 1.0, "front": points})
+
+
+def test_latency_budget_is_the_tighter_of_the_absolute_and_the_speedup_over_litert():
+    teacher_ms = {"tvm": 120.0, "litert": 96.0}
+    assert latency_budget(SearchConfig(), teacher_ms) == 0.0
+    assert latency_budget(SearchConfig(latency_budget_ms=20.0), teacher_ms) == 20.0
+    assert latency_budget(SearchConfig(min_speedup=8), teacher_ms) == 12.0
+    assert latency_budget(SearchConfig(latency_budget_ms=10.0, min_speedup=8), teacher_ms) == 10.0
+    with pytest.raises(ValueError, match="min_speedup: the latency model holds no litert timing"):
+        latency_budget(SearchConfig(min_speedup=8), {"tvm": 120.0})
+    with pytest.raises(ConfigError, match="min_speedup"):
+        SearchConfig(min_speedup=-1)
