@@ -77,9 +77,9 @@ serve: setup
 	$(BIN)/canao serve --model "$(SERVE_MODEL)" --lm-model "$(SERVE_LM_MODEL)" --profile $(PROFILE)
 
 # Load test on loopback: 1, 4 and 16 concurrent clients for 20 s each against /v1/qa of
-# SERVE_MODEL -> outputs/bench-serve.json and .md (the table for BENCHMARKS.md).
+# SERVE_MODEL -> outputs/bench-serve.json and .md, and the table into BENCHMARKS.md (make bench keeps it).
 bench-serve: setup
-	$(BIN)/canao loadtest --profile full --model $(SERVE_MODEL) --out outputs/bench-serve.json
+	$(BIN)/canao loadtest --profile full --model $(SERVE_MODEL) --out outputs/bench-serve.json --benchmarks BENCHMARKS.md
 
 lint: setup
 	$(BIN)/ruff check canao components pipelines tests

@@ -36,6 +36,7 @@ from canao.manifest import read_manifest, sha256_file, verify_manifest, write_te
 from canao.models.bert_qa import example_inputs, init_qa_model, load_tokenizer
 
 BACKENDS = ("tvm", "litert", "litert-int8", "onnxruntime", "onnxruntime-int8", "torch")
+SERVING_SECTION = "## Serving load test"  # written by `canao loadtest --benchmarks`, kept by bench-suite
 BASELINE = "litert"  # speedups are relative to LiteRT fp32, the strongest fp32 peer on CPUs
 COMPILED_DIR = "outputs/compiled"  # compiled artifacts by device and content hash, relative to the project root
 
@@ -163,6 +164,28 @@ SMALL_BERT = BertShape(num_layers=4, hidden_size=256, num_heads=4, ffn_size=1024
 BENCH_MODELS_DIR = "outputs/bench-models"
 
 
+def markdown_section(document: str, heading: str) -> str | None:
+    """The section of `document` under the line `heading` (up to the next heading of the same or a
+    higher level), heading line included; None if absent."""
+    lines = document.splitlines()
+    if heading not in lines:
+        return None
+    start = lines.index(heading)
+    level = len(heading) - len(heading.lstrip("#"))
+    end = next((i for i in range(start + 1, len(lines))
+                if lines[i].startswith("#") and len(lines[i]) - len(lines[i].lstrip("#")) <= level), len(lines))
+    return "\n".join(lines[start:end]).rstrip() + "\n"
+
+
+def put_section(path: Path, heading: str, body: str) -> None:
+    """Replace (or append) the `heading` section of the Markdown file `path` with `body`."""
+    document = path.read_text() if path.is_file() else ""
+    section = f"{heading}\n\n{body.strip()}\n"
+    old = markdown_section(document, heading)
+    document = document.replace(old, section) if old else document.rstrip() + ("\n\n" if document else "") + section
+    write_text_atomic(path, document)
+
+
 def suite_models(teacher_dir: Path) -> dict[str, Path]:
     """Model name -> directory: the trained teacher if there is one (else MiniLM with an
     untrained span head: the same shape), and the small BERT."""
@@ -222,7 +245,10 @@ def suite(teacher_dir: Path, profile: str, out: Path, command: str, lm_teacher_d
               "length; `max abs diff` is against PyTorch fp32 start/end logits.\n")
     generation, gen_records = generation_suite(*suite_lm_inputs(lm_teacher_dir, lm_data_dir, profile),
                                                lm_student_dir, profile)
-    out.write_text(header + "\n" + "\n\n".join(sections) + "\n\n" + generation + "\n")
+    # The serving figures come from `canao loadtest --benchmarks`; a re-run of the suite keeps them.
+    serving = markdown_section(out.read_text(), SERVING_SECTION) if out.is_file() else None
+    write_text_atomic(out, header + "\n" + "\n\n".join(sections) + "\n\n" + generation + "\n"
+                      + (f"\n{serving}" if serving else ""))
     write_records(raw + gen_records, out.with_suffix(".json"))
 
 

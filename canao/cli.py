@@ -200,6 +200,13 @@ def cmd_loadtest(args) -> None:
             result = loadtest.run(url, cfg)
     table = loadtest.write(result, args.out)
     print(table.read_text(), end="")
+    if args.benchmarks:
+        from canao.bench import SERVING_SECTION, put_section
+
+        source = f"--model {args.model}" if args.model else f"--url {args.url}"
+        command = f"canao loadtest --profile {args.profile} {source} --out {args.out} --benchmarks {args.benchmarks}"
+        put_section(resolve_path(args.benchmarks), SERVING_SECTION,
+                    f"Measured with `{command}`.\n\n{table.read_text()}")
 
 
 def cmd_deploy(args) -> None:
@@ -462,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve-set", dest="serve_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the started server's config (repeatable)")
     p.add_argument("--out", required=True, help="JSON figures to write (and the table beside it as .md)")
+    p.add_argument("--benchmarks", metavar="FILE.md",
+                   help="also put the table and this command in this Markdown file's serving section")
     p.set_defaults(func=cmd_loadtest)
 
 

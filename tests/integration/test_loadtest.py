@@ -2,12 +2,15 @@
 
 import json
 
+from canao.bench import SERVING_SECTION, markdown_section
 from canao.cli import main
 
 
 def test_loadtest_of_a_spawned_server_answers_everything(memorized_qa, tmp_path, capsys):
-    out = tmp_path / "loadtest.json"
-    assert main(["loadtest", "--profile", "tiny", "--model", str(memorized_qa[0]), "--out", str(out)]) == 0
+    out, benchmarks = tmp_path / "loadtest.json", tmp_path / "BENCHMARKS.md"
+    benchmarks.write_text(f"# Benchmarks\n\n{SERVING_SECTION}\n\nan older run\n\n## Text generation\n\nkept\n")
+    assert main(["loadtest", "--profile", "tiny", "--model", str(memorized_qa[0]), "--out", str(out),
+                 "--benchmarks", str(benchmarks)]) == 0
     result = json.loads(out.read_text())
     (scenario,) = result["scenarios"]
     assert scenario["clients"] == 2 and scenario["errors"] == 0, scenario["error_samples"]
@@ -16,3 +19,8 @@ def test_loadtest_of_a_spawned_server_answers_everything(memorized_qa, tmp_path,
     assert result["model"]["name"] == "model"
     table = out.with_suffix(".md").read_text()
     assert "| 2 |" in table and table in capsys.readouterr().out + "\n"
+    # The table replaces the older run's in BENCHMARKS.md, with the command that made it; the rest stays.
+    document = benchmarks.read_text()
+    section = markdown_section(document, SERVING_SECTION)
+    assert table in section and "an older run" not in document and "## Text generation\n\nkept" in document
+    assert f"`canao loadtest --profile tiny --model {memorized_qa[0]} --out {out} --benchmarks {benchmarks}`" in section
