@@ -77,6 +77,17 @@ class SubnetConfig:
                 f"FFN {'/'.join(map(str, self.ffn_sizes))}")
 
 
+def _check_choices(name: str, values, bound: int) -> None:
+    """A dimension's allowed values: not empty, within [1, the teacher's], the teacher's among them."""
+    if not values:
+        raise ConfigError(f"space.{name}: must not be empty")
+    if min(values) < 1 or max(values) > bound:
+        raise ConfigError(f"space.{name}: values must be in [1, {bound}] (the teacher's), got {list(values)}")
+    if max(values) != bound:
+        raise ConfigError(f"space.{name}: must include the teacher's {bound} (the largest subnet is the "
+                          f"teacher), got {list(values)}")
+
+
 class SearchSpace:
     """The allowed subnets of one teacher: validation, the extremes, random samples."""
 
@@ -87,13 +98,7 @@ class SearchSpace:
                                     ("hidden_sizes", cfg.hidden_sizes, t.hidden_size),
                                     ("head_counts", cfg.head_counts, t.num_heads),
                                     ("ffn_sizes", cfg.ffn_sizes, t.ffn_size)):
-            if not values:
-                raise ConfigError(f"space.{name}: must not be empty")
-            if min(values) < 1 or max(values) > bound:
-                raise ConfigError(f"space.{name}: values must be in [1, {bound}] (the teacher's), got {list(values)}")
-            if max(values) != bound:
-                raise ConfigError(f"space.{name}: must include the teacher's {bound} (the largest subnet is the "
-                                  f"teacher), got {list(values)}")
+            _check_choices(name, values, bound)
         for name, values in (("hidden_sizes", cfg.hidden_sizes), ("ffn_sizes", cfg.ffn_sizes)):
             ragged = [v for v in values if v % cfg.align]
             if ragged:
@@ -220,13 +225,7 @@ class DecoderSpace:
         for name, values, bound in (("layer_counts", cfg.layer_counts, teacher.num_layers),
                                     ("kv_head_counts", cfg.kv_head_counts, teacher.num_kv_heads),
                                     ("ffn_sizes", cfg.ffn_sizes, teacher.ffn_size)):
-            if not values:
-                raise ConfigError(f"space.{name}: must not be empty")
-            if min(values) < 1 or max(values) > bound:
-                raise ConfigError(f"space.{name}: values must be in [1, {bound}] (the teacher's), got {list(values)}")
-            if max(values) != bound:
-                raise ConfigError(f"space.{name}: must include the teacher's {bound} (the largest subnet is the "
-                                  f"teacher), got {list(values)}")
+            _check_choices(name, values, bound)
         ragged = [v for v in cfg.ffn_sizes if v % cfg.align]
         if ragged:
             raise ConfigError(f"space.ffn_sizes: {ragged} not multiples of space.align ({cfg.align})")
