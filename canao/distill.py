@@ -24,7 +24,7 @@ from transformers import get_linear_schedule_with_warmup
 from canao.apps.qa import QAPredictor, evaluate
 from canao.config import DistillConfig, KDConfig, TeacherConfig, TrainConfig, config_hash, resolve_path, to_dict
 from canao.data.squad import Features, build_features, load_squad
-from canao.manifest import reusable, sha256_file, verify_manifest, write_atomic, write_manifest
+from canao.manifest import reusable, sha256_file, verify_manifest, verify_stage, write_atomic, write_manifest
 from canao.models.bert_qa import MINILM_NAME, init_qa_model, load_qa_model, load_tokenizer, minilm_dir
 from canao.models.supernet import Supernet, importance, sort_by_importance
 from canao.space import SearchSpace, TeacherShape
@@ -214,9 +214,7 @@ def sorted_teacher(teacher_dir: str | Path, scores: dict) -> torch.nn.Module:
 
 def load_supernet(supernet_dir: str | Path) -> tuple[Supernet, dict]:
     """The supernet of a `train_supernet` directory and that directory's manifest."""
-    manifest = verify_manifest(supernet_dir)
-    if manifest["stage"] != "distill":
-        raise ValueError(f"{supernet_dir}: a {manifest['stage']!r} artifact, not a supernet (distill)")
+    manifest = verify_stage(supernet_dir, "distill", "a supernet (distill)")
     return Supernet(load_qa_model(Path(supernet_dir) / SUPERNET_DIR)), manifest
 
 

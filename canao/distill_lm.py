@@ -29,7 +29,7 @@ import torch
 from canao.config import KDConfig, LMDistillConfig, LMFinalizeConfig, config_hash, to_dict
 from canao.data.text import HELDOUT_FILE, TRAIN_FILE, perplexity, read_text_file, token_windows
 from canao.distill import IMPORTANCE_FILE, SUPERNET_DIR, fit, hidden_mse, importance_once, sandwich, soft_kl
-from canao.manifest import reusable, sha256_file, verify_manifest, write_manifest
+from canao.manifest import reusable, sha256_file, verify_manifest, verify_stage, write_manifest
 from canao.models.elastic import extract
 from canao.models.elastic_decoder import DecoderSupernet, importance, sort_by_importance
 from canao.models.llama_lm import load_causal_lm, load_tokenizer
@@ -71,9 +71,7 @@ def train_decoder_supernet(cfg: LMDistillConfig, teacher_dir: str | Path, data_d
     `fit`; a directory that already holds this run's result is reused, another run's refused."""
     out_dir, teacher_dir, data_dir = Path(out_dir), Path(teacher_dir), Path(data_dir)
     teacher_manifest = verify_manifest(teacher_dir)
-    data_manifest = verify_manifest(data_dir)
-    if data_manifest["stage"] != "lm-data":
-        raise ValueError(f"{data_dir}: a {data_manifest['stage']!r} artifact, not an LM corpus (lm-data)")
+    data_manifest = verify_stage(data_dir, "lm-data", "an LM corpus (lm-data)")
     fingerprint = (config_hash(cfg) + teacher_manifest["files"]["model.safetensors"][:16]
                    + data_manifest["files"][TRAIN_FILE][:16])
     existing = reusable(out_dir, fingerprint, "decoder supernet")
@@ -134,9 +132,7 @@ def train_decoder_supernet(cfg: LMDistillConfig, teacher_dir: str | Path, data_d
 
 def load_decoder_supernet(supernet_dir: str | Path) -> tuple[DecoderSupernet, dict]:
     """The supernet of a `train_decoder_supernet` directory and that directory's manifest."""
-    manifest = verify_manifest(supernet_dir)
-    if manifest["stage"] != STAGE:
-        raise ValueError(f"{supernet_dir}: a {manifest['stage']!r} artifact, not a decoder supernet ({STAGE})")
+    manifest = verify_stage(supernet_dir, STAGE, f"a decoder supernet ({STAGE})")
     return DecoderSupernet(load_causal_lm(Path(supernet_dir) / SUPERNET_DIR)), manifest
 
 
@@ -168,9 +164,7 @@ def finalize_student(cfg: LMFinalizeConfig, supernet_dir: str | Path, search_dir
     from canao.search import FRONT_JSON, GENERATION, choose
 
     supernet_dir, search_dir, out_dir = Path(supernet_dir), Path(search_dir), Path(out_dir)
-    search_manifest = verify_manifest(search_dir)
-    if search_manifest["stage"] != "search-lm":
-        raise ValueError(f"{search_dir}: a {search_manifest['stage']!r} artifact, not a generation search (search-lm)")
+    search_manifest = verify_stage(search_dir, "search-lm", "a generation search (search-lm)")
     point = choose(json.loads((search_dir / FRONT_JSON).read_text()), GENERATION)
     subnet = DecoderSubnet.from_dict(point["subnet"])
     fingerprint = config_hash(cfg) + "-" + search_manifest["files"][FRONT_JSON][:16]

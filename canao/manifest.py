@@ -87,6 +87,15 @@ def write_manifest(directory: str | Path, stage: str, config: dict, metrics: dic
     return manifest
 
 
+def verify_stage(directory: str | Path, stage: str, what: str) -> dict:
+    """`verify_manifest(directory)`, and that a `stage` stage made it; else an error naming `what`
+    was expected (e.g. "a supernet (distill)") and what the directory holds instead."""
+    manifest = verify_manifest(directory)
+    if manifest["stage"] != stage:
+        raise ValueError(f"{directory}: a {manifest['stage']!r} artifact, not {what}")
+    return manifest
+
+
 def read_manifest(directory: str | Path) -> dict | None:
     path = Path(directory) / MANIFEST
     if not path.is_file():

@@ -49,7 +49,7 @@ from canao.data import squad_metric
 from canao.data.squad import build_features, load_squad, postprocess
 from canao.distill import IMPORTANCE_FILE, SUPERNET_DIR, fit, kd_loss, load_supernet, sorted_teacher
 from canao.latency import LatencyModel, measure
-from canao.manifest import read_manifest, reusable, sha256_file, verify_manifest, write_manifest
+from canao.manifest import read_manifest, reusable, sha256_file, verify_manifest, verify_stage, write_manifest
 from canao.models.bert_qa import load_tokenizer
 from canao.models.elastic import extract
 from canao.space import SearchSpace, SubnetConfig, flops, params
@@ -64,9 +64,7 @@ TrialHook = Callable[[int, dict, dict], None]
 def _inputs(supernet_dir: Path, latency_dir: Path, load: Callable, family: str) -> tuple:
     """The supernet (`load(dir)` -> supernet, manifest) and a latency model of the same family and teacher."""
     supernet, supernet_manifest = load(supernet_dir)
-    latency_manifest = verify_manifest(latency_dir)
-    if latency_manifest["stage"] != "latency":
-        raise ValueError(f"{latency_dir}: a {latency_manifest['stage']!r} artifact, not a latency model")
+    latency_manifest = verify_stage(latency_dir, "latency", "a latency model")
     latency = LatencyModel.load(latency_dir)
     if latency.family != family:
         raise ValueError(f"{latency_dir}: a latency model of {latency.family} subnets, not of {family} subnets")
@@ -420,9 +418,7 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
              out_dir: str | Path) -> dict:
     """The student model directory (save_pretrained layout + manifest with dev EM/F1)."""
     teacher_dir, supernet_dir, search_dir, out_dir = map(Path, (teacher_dir, supernet_dir, search_dir, out_dir))
-    search_manifest = verify_manifest(search_dir)
-    if search_manifest["stage"] != "search":
-        raise ValueError(f"{search_dir}: a {search_manifest['stage']!r} artifact, not a search")
+    search_manifest = verify_stage(search_dir, "search", "a search")
     result = json.loads((search_dir / FRONT_JSON).read_text())
     point = choose(result)
     subnet = SubnetConfig.from_dict(point["subnet"])

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig
 
 from canao.config import LMCompileConfig
-from canao.manifest import read_manifest, verify_manifest
+from canao.manifest import read_manifest, verify_stage
 from canao.models import llama_lm
 
 
@@ -93,9 +93,7 @@ class TVMDecoder:
         from tvm import relax
 
         artifact_dir = Path(artifact_dir)
-        manifest = verify_manifest(artifact_dir)
-        if manifest["stage"] != "compile-lm":
-            raise ValueError(f"{artifact_dir}: a {manifest['stage']!r} artifact, not a compiled decoder (compile-lm)")
+        manifest = verify_stage(artifact_dir, "compile-lm", "a compiled decoder (compile-lm)")
         self._tensor, self._device = tvm.runtime.tensor, tvm.cpu()
         self.vms = {phase: relax.VirtualMachine(tvm.runtime.load_module(str(artifact_dir / path)), self._device)
                     for phase, path in manifest["backends"].items()}
