@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from canao.config import (
     to_dict,
 )
 from canao.data.squad import SquadExample, SquadFormatError, load_squad
+from canao.manifest import read_manifest, verify_manifest
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -77,7 +79,7 @@ def cmd_finalize(args) -> None:
     manifest = finalize(cfg, _teacher(args), args.supernet, args.search, args.out)
     m = manifest["metrics"]
     keys = ("exact_match", "f1", "teacher_f1", "f1_drop", "questions", "student_ms", "teacher_ms",
-            "speedup_vs_teacher_litert")
+            "student_best_backend", "student_best_backend_f1", "speedup_vs_teacher_litert")
     print(json.dumps({"model": str(Path(args.out).resolve()), **{k: m[k] for k in keys if k in m}}))
 
 
@@ -86,8 +88,18 @@ def _teacher(args) -> str:
 
 
 def _predictor(args):
-    from canao.apps.qa import QAPredictor
+    from canao.apps.qa import QAPredictor, load_artifact
 
+    manifest = read_manifest(args.model) or {}
+    if "backends" in manifest:  # a compiled artifact: what serving runs, at its compiled length
+        if args.overrides:
+            raise ValueError(f"--set: {args.model} is a compiled artifact; its windowing is its compiled length")
+        threads = args.threads or len(os.sched_getaffinity(0))
+        predictor, backend, _ = load_artifact(Path(args.model), verify_manifest(args.model), args.backend, threads)
+        print(f"{args.model}: backend {backend}", file=sys.stderr)
+        return predictor
+    if args.backend not in ("auto", "torch"):
+        raise ValueError(f"--backend: {args.backend!r} needs a compiled artifact; {args.model} is a model directory")
     _set_threads(args.threads)
     predictor = QAPredictor.from_dir(args.model, batch_size=args.batch_size)
     if args.overrides:
@@ -210,7 +222,6 @@ def cmd_loadtest(args) -> None:
 
 
 def cmd_deploy(args) -> None:
-    from canao.manifest import verify_manifest
     from canao.stages import Context, execute
 
     device = verify_manifest(args.compiled)["config"]["device"]
@@ -344,7 +355,9 @@ def _add_model_on_device_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_predictor_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (save_pretrained layout)")
+    p.add_argument("--model", required=True, help="model directory (save_pretrained layout) or compiled artifact")
+    p.add_argument("--backend", default="auto",
+                   help="a compiled artifact's backend (auto: the fastest within its numerics bound)")
     p.add_argument("--batch-size", type=int, default=64, help="windows per forward pass")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

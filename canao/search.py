@@ -30,7 +30,7 @@ import optuna
 import torch
 from safetensors.torch import load_file
 
-from canao.apps.qa import QAPredictor, evaluate
+from canao.apps.qa import QAPredictor, evaluate, load_artifact
 from canao.bench import BASELINE
 from canao.config import (
     BenchConfig,
@@ -460,7 +460,7 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
                    f1_drop=teacher_metrics["f1"] - metrics["f1"], subnet=point["subnet"],
                    params=point["params"], search_f1=point["f1"])
     if cfg.benchmark:
-        metrics.update(_benchmark(cfg, out_dir, teacher_dir, search_dir, result))
+        metrics.update(_benchmark(cfg, out_dir, teacher_dir, search_dir, result, eval_examples))
     inputs = {"teacher": str(teacher_dir.resolve()), "supernet": str(supernet_dir.resolve()),
               "search": str(search_dir.resolve()),
               "train_file": {"path": str(train_file), "sha256": sha256_file(train_file)},
@@ -470,12 +470,15 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
     return write_manifest(out_dir, "finalize", config, metrics, inputs, config_hash=fingerprint)
 
 
-def _benchmark(cfg: FinalizeConfig, out_dir: Path, teacher_dir: Path, search_dir: Path, result: dict) -> dict:
+def _benchmark(cfg: FinalizeConfig, out_dir: Path, teacher_dir: Path, search_dir: Path, result: dict,
+               eval_examples: list) -> dict:
     """Compile the student for the search's device (into out_dir/compiled) and the teacher (a
     scratch directory, removed afterwards) with the latency stage's compiler settings, and
     time both back to back: two timings taken at different times on a shared machine are not
-    comparable, so the speed-up never mixes them."""
-    from canao import bench
+    comparable, so the speed-up never mixes them. The student's fastest backend is then scored
+    on `eval_examples` as compiled (an int8 backend loses accuracy of its own), so the speed-up
+    comes with the F1 of what runs at that speed."""
+    from canao import bench, device_lab
     from canao.compile import compile_model
 
     search_manifest = verify_manifest(search_dir)
@@ -484,7 +487,7 @@ def _benchmark(cfg: FinalizeConfig, out_dir: Path, teacher_dir: Path, search_dir
     bench_cfg = from_dict(BenchConfig, latency_manifest["config"]["bench"], "bench.")
     compile_cfg = dataclasses.replace(compile_cfg, peers=tuple(b for b in cfg.bench_backends if b != "tvm"))
     device = result["device"]
-    compile_model(out_dir, device, compile_cfg, out_dir / "compiled")
+    student_manifest = compile_model(out_dir, device, compile_cfg, out_dir / "compiled")
     scratch = out_dir / "teacher-compiled"
     try:
         compile_model(teacher_dir, device, compile_cfg, scratch)
@@ -495,8 +498,12 @@ def _benchmark(cfg: FinalizeConfig, out_dir: Path, teacher_dir: Path, search_dir
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     best_ms, best_backend = min((v, b) for b, v in student_ms.items())
+    threads = device_lab.get_device(device).threads
+    predictor, _, _ = load_artifact(out_dir / "compiled", student_manifest, best_backend, threads)
+    compiled_metrics, _ = evaluate(predictor, eval_examples)
     out = {"device": device, "seq_len": compile_cfg.seq_len, "student_ms": student_ms, "teacher_ms": teacher_ms,
-           "student_best_backend": best_backend}
+           "student_best_backend": best_backend, "student_best_backend_f1": compiled_metrics["f1"],
+           "student_best_backend_exact_match": compiled_metrics["exact_match"]}
     if "litert" in teacher_ms:
         out["speedup_vs_teacher_litert"] = teacher_ms["litert"] / best_ms
     return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,10 +16,12 @@ from canao.config import SquadFeatureConfig, from_dict
 from canao.data import squad_metric
 from canao.data.squad import Features, Prediction, SquadExample, build_features, postprocess
 from canao.manifest import read_manifest
-from canao.models.bert_qa import load_qa_model, load_tokenizer
+from canao.models.bert_qa import example_inputs, load_qa_model, load_tokenizer
 
 if TYPE_CHECKING:
     from canao.peers import Runner
+
+log = logging.getLogger(__name__)
 
 
 class SpanPredictor:
@@ -86,6 +90,43 @@ class StaticShapePredictor(SpanPredictor):
         for w in tqdm(range(len(features)), desc="eval", unit="window", disable=not progress):
             start[w], end[w] = (x[0] for x in self.runner(*(x[w : w + 1] for x in inputs)))
         return start, end
+
+
+def load_artifact(artifact_dir: Path, manifest: dict, backend: str, threads: int
+                  ) -> tuple[StaticShapePredictor, str, dict[str, float]]:
+    """A compiled artifact (its verified `manifest`) as a predictor on `backend`, or with
+    "auto" on the fastest of the backends within the artifact's numerics bound; also the
+    backend chosen and the ms per window of each candidate timed here."""
+    from canao import peers
+    from canao.bench import time_calls
+
+    compiled, backends = manifest["config"], manifest["backends"]
+    if backend == "auto":
+        numerics = manifest["metrics"]["numerics_max_abs_diff"]
+        candidates = [b for b in backends if numerics.get(b, float("inf")) <= compiled["numerics_tol"]]
+    elif backend in backends:
+        candidates = [backend]
+    else:
+        raise ValueError(f"backend: {artifact_dir} has no {backend!r} (it has: {', '.join(backends)})")
+    inputs = [t.numpy() for t in example_inputs(compiled["seq_len"])]
+    runners, timings, failures = {}, {}, {}
+    for name in candidates:
+        try:
+            runner = peers.runner(name, Path(artifact_dir) / backends[name], threads)
+            # Few runs: enough to rank backends that differ by tens of percent, and an untuned
+            # TVM library (seconds a window) does not hold the start-up for long.
+            timings[name] = round(statistics.median(time_calls(runner, inputs, warmup=1, runs=5)), 3)
+        except Exception as e:  # a backend that cannot run here (another CPU, a missing runtime)
+            failures[name] = f"{type(e).__name__}: {e}"
+            log.warning("%s: backend %s does not run here: %s", artifact_dir, name, failures[name])
+            continue
+        runners[name] = runner
+    if not runners:
+        raise RuntimeError(f"{artifact_dir}: none of the backends {candidates} runs here: {failures}")
+    fastest = min(timings, key=timings.get)
+    # The compiled length is the window; consecutive windows share a quarter of it.
+    features = SquadFeatureConfig(max_seq_len=compiled["seq_len"], doc_stride=compiled["seq_len"] // 4)
+    return StaticShapePredictor(runners[fastest], load_tokenizer(artifact_dir), features), fastest, timings
 
 
 def evaluate(predictor: SpanPredictor, examples: list[SquadExample],

@@ -14,7 +14,6 @@ import asyncio
 import concurrent.futures
 import logging
 import os
-import statistics
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -35,8 +34,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from canao.apps import generate
-from canao.apps.qa import QAPredictor, SpanPredictor, StaticShapePredictor
-from canao.config import ServeConfig, SquadFeatureConfig, resolve_path, to_dict
+from canao.apps.qa import QAPredictor, SpanPredictor, load_artifact
+from canao.config import ServeConfig, resolve_path, to_dict
 from canao.data.squad import SquadExample
 from canao.manifest import MANIFEST, read_manifest, sha256_file, verify_manifest
 
@@ -110,7 +109,7 @@ def load_model(model_dir: Path, cfg: ServeConfig) -> tuple[SpanPredictor, ModelI
     version = sha256_file(model_dir / MANIFEST)[:12]
     threads = cfg.threads or len(os.sched_getaffinity(0))
     if "backends" in manifest:
-        predictor, backend, timings = _load_artifact(model_dir, manifest, cfg.backend, threads)
+        predictor, backend, timings = load_artifact(model_dir, manifest, cfg.backend, threads)
         compiled = manifest["config"]
         return predictor, ModelInfo(model_dir.name, version, manifest["stage"], backend, compiled["device"],
                                     compiled["target"], compiled["seq_len"], timings)
@@ -145,41 +144,6 @@ def load_lm(model_dir: Path, cfg: ServeConfig) -> tuple[generate.TVMDecoder | ge
 
 
 LOADERS = {"qa": load_model, "generate": load_lm}
-
-
-def _load_artifact(artifact_dir: Path, manifest: dict, backend: str, threads: int
-                   ) -> tuple[StaticShapePredictor, str, dict[str, float]]:
-    from canao import peers
-    from canao.bench import time_calls
-    from canao.models.bert_qa import example_inputs, load_tokenizer
-
-    compiled, backends = manifest["config"], manifest["backends"]
-    if backend == "auto":
-        numerics = manifest["metrics"]["numerics_max_abs_diff"]
-        candidates = [b for b in backends if numerics.get(b, float("inf")) <= compiled["numerics_tol"]]
-    elif backend in backends:
-        candidates = [backend]
-    else:
-        raise ValueError(f"backend: {artifact_dir} has no {backend!r} (it has: {', '.join(backends)})")
-    inputs = [t.numpy() for t in example_inputs(compiled["seq_len"])]
-    runners, timings, failures = {}, {}, {}
-    for name in candidates:
-        try:
-            runner = peers.runner(name, artifact_dir / backends[name], threads)
-            # Few runs: enough to rank backends that differ by tens of percent, and an untuned
-            # TVM library (seconds a window) does not hold the start-up for long.
-            timings[name] = round(statistics.median(time_calls(runner, inputs, warmup=1, runs=5)), 3)
-        except Exception as e:  # a backend that cannot run here (another CPU, a missing runtime)
-            failures[name] = f"{type(e).__name__}: {e}"
-            log.warning("%s: backend %s does not run here: %s", artifact_dir, name, failures[name])
-            continue
-        runners[name] = runner
-    if not runners:
-        raise RuntimeError(f"{artifact_dir}: none of the backends {candidates} runs here: {failures}")
-    fastest = min(timings, key=timings.get)
-    # The compiled length is the window; consecutive windows share a quarter of it.
-    features = SquadFeatureConfig(max_seq_len=compiled["seq_len"], doc_stride=compiled["seq_len"] // 4)
-    return StaticShapePredictor(runners[fastest], load_tokenizer(artifact_dir), features), fastest, timings
 
 
 class Metrics:

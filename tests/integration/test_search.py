@@ -91,6 +91,30 @@ def test_finalize_writes_a_student_that_predicts_compiles_and_is_benchmarked(sta
     assert answer.text in "It was written by Ada in 1843."
 
 
+def test_finalize_scores_the_fastest_backend_as_compiled_and_eval_qa_agrees(stages, capsys):
+    m = verify_manifest(stages["student"])["metrics"]
+    assert m["student_best_backend"] == min(m["student_ms"], key=m["student_ms"].get)
+    cfg = load_config("finalize", "tiny")
+    code = main(["eval-qa", "--model", str(stages["student"] / "compiled"), "--backend", m["student_best_backend"],
+                 "--threads", "1", "--data", cfg.data.eval_file, "--questions", str(cfg.data.eval_questions)])
+    out = capsys.readouterr()
+    assert code == 0 and f"backend {m['student_best_backend']}" in out.err
+    scores = json.loads(out.out.strip().splitlines()[-1])
+    assert scores["questions"] == 8 and scores["f1"] == pytest.approx(m["student_best_backend_f1"], abs=1e-3)
+
+
+def test_eval_qa_names_a_backend_a_model_directory_cannot_run(stages, capsys):
+    cfg = load_config("finalize", "tiny")
+    code = main(["eval-qa", "--model", str(stages["student"]), "--backend", "litert-int8",
+                 "--data", cfg.data.eval_file, "--questions", "2"])
+    assert code == 2
+    assert "--backend: 'litert-int8' needs a compiled artifact" in capsys.readouterr().err
+    code = main(["eval-qa", "--model", str(stages["student"] / "compiled"), "--backend", "litert-int8",
+                 "--data", cfg.data.eval_file, "--questions", "2"])
+    assert code == 2
+    assert "has no 'litert-int8' (it has: " in capsys.readouterr().err
+
+
 def test_cli_names_a_wrong_input(stages, tmp_path, capsys):
     code = main(["search", "--profile", "tiny", "--supernet", str(stages["supernet"]),
                  "--latency", str(stages["search"]), "--out", str(tmp_path / "s")])
