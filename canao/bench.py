@@ -37,6 +37,7 @@ from canao.models.bert_qa import example_inputs, init_qa_model, load_tokenizer
 
 BACKENDS = ("tvm", "litert", "litert-int8", "onnxruntime", "onnxruntime-int8", "torch")
 SERVING_SECTION = "## Serving load test"  # written by `canao loadtest --benchmarks`, kept by bench-suite
+SEARCH_SECTION = "## CANAO search and student"  # written by `canao search-report`, kept by bench-suite
 BASELINE = "litert"  # speedups are relative to LiteRT fp32, the strongest fp32 peer on CPUs
 COMPILED_DIR = "outputs/compiled"  # compiled artifacts by device and content hash, relative to the project root
 
@@ -245,10 +246,12 @@ def suite(teacher_dir: Path, profile: str, out: Path, command: str, lm_teacher_d
               "length; `max abs diff` is against PyTorch fp32 start/end logits.\n")
     generation, gen_records = generation_suite(*suite_lm_inputs(lm_teacher_dir, lm_data_dir, profile),
                                                lm_student_dir, profile)
-    # The serving figures come from `canao loadtest --benchmarks`; a re-run of the suite keeps them.
-    serving = markdown_section(out.read_text(), SERVING_SECTION) if out.is_file() else None
+    # The serving and search figures come from their own commands; a re-run of the suite keeps them.
+    document = out.read_text() if out.is_file() else ""
+    kept = [section for heading in (SEARCH_SECTION, SERVING_SECTION)
+            if (section := markdown_section(document, heading))]
     write_text_atomic(out, header + "\n" + "\n\n".join(sections) + "\n\n" + generation + "\n"
-                      + (f"\n{serving}" if serving else ""))
+                      + "".join(f"\n{section}" for section in kept))
     write_records(raw + gen_records, out.with_suffix(".json"))
 
 

@@ -221,6 +221,12 @@ def cmd_loadtest(args) -> None:
                     f"Measured with `{command}`.\n\n{table.read_text()}")
 
 
+def cmd_search_report(args) -> None:
+    from canao.search_report import write_report
+
+    print(write_report(args.student, resolve_path(args.benchmarks)), end="")
+
+
 def cmd_deploy(args) -> None:
     from canao.stages import Context, execute
 
@@ -401,6 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", required=True, help="a `canao search` output")
     p.add_argument("--out", required=True, help="student model directory to write")
     p.set_defaults(func=cmd_finalize)
+
+    p = sub.add_parser("search-report", help="a finalize output's chain figures -> BENCHMARKS.md's search section")
+    p.add_argument("--student", required=True, help="a `canao finalize` output (benchmarked)")
+    p.add_argument("--benchmarks", default="BENCHMARKS.md", help="Markdown file whose section to write")
+    p.set_defaults(func=cmd_search_report)
 
     p = sub.add_parser("eval-qa", help="EM/F1 of a QA model on a SQuAD v1.1 file")
     _add_predictor_args(p)

@@ -8,6 +8,7 @@ import yaml
 
 from canao import device_lab
 from canao.apps.qa import QAPredictor
+from canao.bench import SEARCH_SECTION, markdown_section
 from canao.cli import main
 from canao.config import load_config
 from canao.data.squad import SquadExample
@@ -27,7 +28,7 @@ def lab(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory, lab):
+def stages(tmp_path_factory, lab, litert_env):
     root = tmp_path_factory.mktemp("canao")
     teacher = root / "teacher"
     train_teacher(load_config("teacher", "tiny"), teacher)
@@ -41,7 +42,9 @@ def stages(tmp_path_factory, lab):
     search(load_config("search", "tiny"), supernet, latency, found,
            on_trial=lambda number, params, metrics: trials.append((number, params, metrics)))
     student = root / "student"
-    finalize(load_config("finalize", "tiny"), teacher, supernet, found, student)
+    # Timed on LiteRT fp32 too: the speed-up and the search report are against the teacher on it.
+    finalize(load_config("finalize", "tiny", overrides=["bench_backends=[tvm, litert]"]), teacher, supernet, found,
+             student)
     return {"root": root, "teacher": teacher, "supernet": supernet, "latency": latency, "search": found,
             "student": student, "trials": trials}
 
@@ -82,7 +85,8 @@ def test_finalize_writes_a_student_that_predicts_compiles_and_is_benchmarked(sta
     manifest = verify_manifest(stages["student"])
     m = manifest["metrics"]
     assert m["questions"] == 8 and 0 <= m["f1"] <= 100 and "teacher_f1" in m
-    assert set(m["student_ms"]) == set(m["teacher_ms"]) == {"tvm", "onnxruntime"}
+    assert set(m["student_ms"]) == set(m["teacher_ms"]) == {"tvm", "litert"}
+    assert m["speedup_vs_teacher_litert"] == m["teacher_ms"]["litert"] / min(m["student_ms"].values())
     assert not (stages["student"] / "teacher-compiled").exists()
     assert verify_manifest(stages["student"] / "compiled")["config"]["device"] == "x86-1t"
     predictor = QAPredictor.from_dir(stages["student"])
@@ -122,6 +126,29 @@ def test_cli_names_a_wrong_input(stages, tmp_path, capsys):
     assert "a 'search' artifact, not a latency model" in capsys.readouterr().err
     code = main(["finalize", "--profile", "tiny", "--teacher", str(stages["teacher"]), "--supernet",
                  str(stages["supernet"]), "--search", str(stages["search"]), "--out", str(stages["student"]),
-                 "--set", "train.epochs=2"])
+                 "--set", "bench_backends=[tvm, litert]", "--set", "train.epochs=2"])
     assert code == 2
     assert "holds a student made with another config" in capsys.readouterr().err
+
+
+def test_search_report_writes_the_chain_figures_into_its_section_and_keeps_the_rest(stages, tmp_path, capsys):
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    benchmarks.write_text(f"# Benchmarks\n\n{SEARCH_SECTION}\n\nan older run\n\n## Serving load test\n\nkept\n")
+    assert main(["search-report", "--student", str(stages["student"]), "--benchmarks", str(benchmarks)]) == 0
+    document = benchmarks.read_text()
+    section = markdown_section(document, SEARCH_SECTION)
+    assert "an older run" not in document and "## Serving load test\n\nkept" in document
+    assert section.strip() in document and section.strip().splitlines()[-1] in capsys.readouterr().out
+    m = verify_manifest(stages["student"])["metrics"]
+    front = json.loads((stages["search"] / FRONT_JSON).read_text())
+    assert f"**{m['speedup_vs_teacher_litert']:.2f}x** on {m['student_best_backend']}" in section
+    assert all(f"| {p['label']} |" in section for p in front["front"])
+    error = verify_manifest(stages["latency"])["metrics"]["error"]
+    assert all(f"| {b} | {e['fitted_on']} | {e['heldout']} | {e['model']['mape_pct']} |" in section
+               for b, e in error.items())
+    assert "Goal (>= 8x within 1.5 F1): **" in section
+
+
+def test_search_report_names_a_wrong_input(stages, capsys):
+    assert main(["search-report", "--student", str(stages["search"])]) == 2
+    assert "a 'search' artifact, not a student" in capsys.readouterr().err
