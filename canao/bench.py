@@ -16,7 +16,7 @@ import json
 import multiprocessing
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -367,8 +367,10 @@ def bench_generation(model_dir: str | Path | None, artifact_dir: str | Path | No
                      backends: tuple[str, ...], cfg: GenBenchConfig) -> list[GenRecord]:
     """Time greedy generation at each of `cfg.contexts` on `device_key` (a local device: every
     backend runs here, pinned to its cores with its thread count): `tvm` runs the compile-lm
-    artifact, `torch` the model directory with transformers' generate, `llama.cpp` the teacher's
-    GGUF file (the issue's peer: llama.cpp on the very file the teacher comes from)."""
+    artifact, `torch` the model directory with transformers' generate, `llama.cpp` the model
+    directory's GGUF export (canao.models.gguf_export) if it has one, else the teacher's GGUF file
+    (the issue's peer: llama.cpp on the very file the teacher comes from)."""
+    from canao.models.gguf_export import GGUF_FILE
     from canao.models.llama_lm import teacher_gguf
 
     unknown = sorted(set(backends) - set(GEN_BACKENDS))
@@ -379,7 +381,8 @@ def bench_generation(model_dir: str | Path | None, artifact_dir: str | Path | No
         raise ValueError(f"device {device.key}: generation is timed on this machine; pick a local device")
     if cfg.new_tokens < 2:
         raise ValueError(f"new_tokens: must be >= 2 (ms/token is measured after the first), got {cfg.new_tokens}")
-    paths = {"llama.cpp": teacher_gguf()}
+    exported = Path(model_dir) / GGUF_FILE if model_dir is not None else None
+    paths = {"llama.cpp": exported if exported is not None and exported.is_file() else teacher_gguf()}
     if "torch" in backends:
         if model_dir is None:
             raise ValueError("--model: needed for the torch backend")
@@ -411,10 +414,16 @@ def bench_generation(model_dir: str | Path | None, artifact_dir: str | Path | No
     return records
 
 
-def generation_table(records: list[GenRecord]) -> str:
-    """Markdown: each backend's ms/token and time to first token, and its speedup per token over llama.cpp."""
-    base = {(r.device, r.context): r.ms_per_token for r in records if r.backend == "llama.cpp"}
-    lines = ["| device | context | backend | ms/token | time to first token ms | vs llama.cpp per token |",
+def generation_table(records: list[GenRecord], peer: list[GenRecord] | None = None) -> str:
+    """Markdown: each backend's ms/token and time to first token, and its speedup per token over
+    llama.cpp: `peer`, llama.cpp on the teacher's GGUF, shown last (default: the llama.cpp rows of
+    `records`, which are then the teacher's own)."""
+    if peer is None:
+        peer = [r for r in records if r.backend == "llama.cpp"]
+    else:
+        records = records + [replace(r, backend="llama.cpp, teacher GGUF") for r in peer]
+    base = {(r.device, r.context): r.ms_per_token for r in peer}
+    lines = ["| device | context | backend | ms/token | time to first token ms | vs llama.cpp on the teacher |",
              "|---|---|---|---|---|---|"]
     for r in records:
         ref = base.get((r.device, r.context))
@@ -448,6 +457,7 @@ def generation_suite(teacher_dir: Path, heldout_file: Path, student_dir: Path | 
     PyTorch, at the profile's contexts on its devices; every model's held-out perplexity (one
     protocol, canao.data.text). Markdown and the records."""
     from canao.data.text import perplexity, read_text_file
+    from canao.models.gguf_export import GGUF_FILE
     from canao.models.llama_lm import load_causal_lm
     from canao.models.llama_lm import load_tokenizer as load_lm_tokenizer
 
@@ -461,18 +471,21 @@ def generation_suite(teacher_dir: Path, heldout_file: Path, student_dir: Path | 
         scored = perplexity(model, load_lm_tokenizer(model_dir), heldout, cfg.perplexity_tokens, progress=False)
         quality.append(f"| {name} | {model_dir} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M | "
                        f"{scored['perplexity']:.2f} | {scored['tokens']} |")
-        backends = GEN_BACKENDS if name == "teacher" else tuple(b for b in GEN_BACKENDS if b != "llama.cpp")
+        # llama.cpp runs a student only as its own GGUF export (finalize-lm writes one).
+        has_gguf = name == "teacher" or (model_dir / GGUF_FILE).is_file()
+        backends = tuple(b for b in GEN_BACKENDS if has_gguf or b != "llama.cpp")
         records[name] = [r for device_key in cfg.devices for r in bench_generation(
             model_dir, compiled(model_dir, device_key, compile_cfg), device_key, backends, cfg)]
     peer = [r for r in records["teacher"] if r.backend == "llama.cpp"]
-    sections = [f"### Generation: {name}\n\n{generation_table(rows + (peer if name != 'teacher' else []))}"
+    sections = [f"### Generation: {name}\n\n{generation_table(rows, None if name == 'teacher' else peer)}"
                 for name, rows in records.items()]
     if student_dir is None:
         sections.append("No student given (`canao bench-suite --lm-student DIR`): the teacher only.")
     intro = (f"## Text generation\n\nGreedy decoding, EOS ignored: time to first token after a prompt of each "
              f"context length, then the mean ms per token of {cfg.new_tokens} tokens; medians over {cfg.repeats} "
              f"runs. TVM runs the compile-lm artifact ({compile_cfg.max_context}-token KV cache, "
-             f"{compile_cfg.trials} tuning trials); llama.cpp runs the teacher's own GGUF file (Q4_1); `vs "
-             f"llama.cpp` is llama.cpp's ms/token on the teacher divided by the row's. Perplexity: held-out "
+             f"{compile_cfg.trials} tuning trials); llama.cpp runs the teacher's own GGUF file (Q4_1) and a "
+             f"student's GGUF export at the teacher file's precision; `vs llama.cpp on the teacher` is llama.cpp's "
+             f"ms/token on the teacher's file divided by the row's. Perplexity: held-out "
              f"text ({heldout_file.name}) under one protocol for every model.\n\n" + "\n".join(quality))
     return intro + "\n\n" + "\n\n".join(sections), [r for rows in records.values() for r in rows]

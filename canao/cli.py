@@ -318,6 +318,13 @@ def cmd_compile_lm(args) -> None:
     print(json.dumps({"out": str(Path(args.out).resolve()), "backends": manifest["backends"], **manifest["metrics"]}))
 
 
+def cmd_export_gguf(args) -> None:
+    from canao.models.gguf_export import GGUF_FILE, export_gguf
+
+    out = export_gguf(args.model, args.out or Path(args.model) / GGUF_FILE, args.precision)
+    print(json.dumps({"out": str(out.resolve()), "bytes": out.stat().st_size, "precision": args.precision}))
+
+
 def cmd_generate(args) -> None:
     from canao.apps import generate
 
@@ -550,6 +557,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, help="MetaSchedule trials for kernels not yet tuned (default: profile's)")
     p.add_argument("--out", required=True, help="artifact directory to write")
     p.set_defaults(func=cmd_compile_lm)
+
+    p = sub.add_parser("export-gguf", help="a decoder as a GGUF file for llama.cpp (the teacher file's tokenizer)")
+    p.add_argument("--model", required=True, help="model directory (save_pretrained layout)")
+    p.add_argument("--precision", choices=("teacher", "f32"), default="teacher",
+                   help="teacher: stored as the teacher GGUF stores each tensor (Q4_1 matmuls); f32: float32")
+    p.add_argument("--out", help="GGUF file to write (default: <model>/model.gguf, which bench-lm's llama.cpp runs)")
+    p.set_defaults(func=cmd_export_gguf)
 
     p = sub.add_parser("generate", help="generate text, streamed, then ms/token and time to first token")
     p.add_argument("--model", required=True, help="a `canao compile-lm` artifact (TVM) or a model directory (PyTorch)")

@@ -386,16 +386,17 @@ class LMLatencyConfig:
     space: DecoderSpaceConfig = field(default_factory=DecoderSpaceConfig)
     samples: int = 12  # subnets compiled and timed (the largest and the smallest among them)
     holdout: int = 3  # of those, timed but not fitted on: the model's reported error is on these
-    backends: tuple[str, ...] = ("tvm",)  # "tvm" (compile-lm) and/or "torch" (eager); the search uses the fastest
+    # "tvm" (compile-lm), "torch" (eager) and/or "llama.cpp" (GGUF export); the search uses the fastest
+    backends: tuple[str, ...] = ("tvm",)
     compile: LMCompileConfig = field(default_factory=LMCompileConfig)  # max_context: the context the latency is for
     new_tokens: int = 16  # tokens timed per measurement, after a prompt that fills the rest of the cache
     repeats: int = 3  # measurements per subnet and backend; the median is kept
 
     def __post_init__(self):
         _check_samples(self.samples, self.holdout)
-        bad = sorted(set(self.backends) - {"tvm", "torch"})
+        bad = sorted(set(self.backends) - {"tvm", "torch", "llama.cpp"})
         if bad or not self.backends:
-            raise ConfigError(f"backends: {bad or 'none'}: every backend must be tvm or torch")
+            raise ConfigError(f"backends: {bad or 'none'}: every backend must be tvm, torch or llama.cpp")
         if not 2 <= self.new_tokens < self.compile.max_context:
             raise ConfigError(f"new_tokens: must be in [2, compile.max_context ({self.compile.max_context})), "
                               f"got {self.new_tokens}")

@@ -32,6 +32,7 @@ from canao.distill import IMPORTANCE_FILE, SUPERNET_DIR, fit, hidden_mse, import
 from canao.manifest import reusable, sha256_file, verify_manifest, verify_stage, write_manifest
 from canao.models.elastic import extract
 from canao.models.elastic_decoder import DecoderSupernet, importance, sort_by_importance
+from canao.models.gguf_export import GGUF_FILE, export_gguf
 from canao.models.llama_lm import load_causal_lm, load_tokenizer
 from canao.space import DecoderSpace, DecoderSubnet, decoder_shape
 
@@ -196,6 +197,7 @@ def finalize_student(cfg: LMFinalizeConfig, supernet_dir: str | Path, search_dir
     shutil.rmtree(work_dir, ignore_errors=True)
     student.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    export_gguf(out_dir, out_dir / GGUF_FILE)  # what llama.cpp runs: the fastest CPU runtime for a decoder
     heldout = read_text_file(heldout_file)
     scored, reference = (perplexity(net, tokenizer, heldout, cfg.eval_tokens, progress=False, top1=True)
                          for net in (student, teacher))

@@ -271,7 +271,8 @@ def fit_latency_model(cfg: LatencyConfig, device_key: str, out_dir: str | Path, 
 def measure_decoder(subnet: DecoderSubnet, teacher_dir: Path, device_key: str, backends: tuple[str, ...],
                     compile_cfg: LMCompileConfig, new_tokens: int, repeats: int, work_dir: Path) -> dict[str, float]:
     """ms per generated token of `subnet` on the (local) device for each backend: a random-weight
-    decoder of its shape, compiled by compile-lm (shared tuning database) for "tvm", timed by the
+    decoder of its shape, compiled by compile-lm (shared tuning database) for "tvm", exported to
+    GGUF at the teacher file's precision for "llama.cpp", timed by the
     generation benchmark after a prompt that fills the cache but `new_tokens`. `work_dir` is
     scratch space, removed afterwards."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -279,6 +280,7 @@ def measure_decoder(subnet: DecoderSubnet, teacher_dir: Path, device_key: str, b
     from canao import bench
     from canao.compile import compile_lm
     from canao.models import elastic_decoder, llama_lm
+    from canao.models.gguf_export import GGUF_FILE, export_gguf
 
     shutil.rmtree(work_dir, ignore_errors=True)
     model_dir, artifact = work_dir / "model", None
@@ -290,6 +292,8 @@ def measure_decoder(subnet: DecoderSubnet, teacher_dir: Path, device_key: str, b
         if "tvm" in backends:
             artifact = work_dir / "compiled"
             compile_lm(model_dir, device_key, compile_cfg, artifact)
+        if "llama.cpp" in backends:
+            export_gguf(model_dir, model_dir / GGUF_FILE)
         timing = GenBenchConfig(contexts=(compile_cfg.max_context - new_tokens,), new_tokens=new_tokens,
                                 repeats=repeats, devices=(device_key,))
         records = bench.bench_generation(model_dir, artifact, device_key, backends, timing)

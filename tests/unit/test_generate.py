@@ -163,6 +163,7 @@ def test_generation_suite_times_teacher_peers_and_student(tmp_path, monkeypatch)
     from canao import bench, config, device_lab
     from canao.models.elastic import extract
     from canao.models.elastic_decoder import DecoderSupernet
+    from canao.models.gguf_export import GGUF_FILE, export_gguf
     from canao.models.llama_lm import load_tokenizer
     from canao.space import DecoderSubnet
 
@@ -173,13 +174,16 @@ def test_generation_suite_times_teacher_peers_and_student(tmp_path, monkeypatch)
     student = tmp_path / "student"
     extract(DecoderSupernet(load_causal_lm(teacher)), DecoderSubnet(1, 1, 64)).save_pretrained(student)
     load_tokenizer(teacher).save_pretrained(student)
+    export_gguf(student, student / GGUF_FILE)
     monkeypatch.setenv("CANAO_DEVICES", str(device_lab.devices_file(device_lab.DEVICES_FILE)))
     monkeypatch.setattr(config, "PROJECT_ROOT", tmp_path)  # compiled artifacts and tuning records land here
     markdown, records = bench.generation_suite(teacher, heldout, student, "tiny")
-    assert [r.backend for r in records] == ["tvm", "torch", "llama.cpp", "tvm", "torch"]
+    assert [r.backend for r in records] == ["tvm", "torch", "llama.cpp", "tvm", "torch", "llama.cpp"]
     compiled_root = tmp_path / "outputs" / "compiled" / "x86-1t"
     assert Path(records[0].model).parent == compiled_root and records[1].model == str(teacher)
     assert records[2].model.endswith(".gguf") and records[4].model == str(student)
+    assert records[5].model == str(student / GGUF_FILE)  # the student's own export, not the teacher's file
     assert "### Generation: teacher" in markdown and "### Generation: student" in markdown
-    assert markdown.count("| x86-1t | 16 | llama.cpp |") == 2  # the student's table keeps the peer to compare with
+    assert markdown.count("| x86-1t | 16 | llama.cpp |") == 2  # the teacher's file; the student's export
+    assert markdown.count("| x86-1t | 16 | llama.cpp, teacher GGUF |") == 1  # the student's table keeps the peer
     assert "| teacher |" in markdown and "| student |" in markdown and "| 63 |" in markdown  # 64 tokens, 63 scored

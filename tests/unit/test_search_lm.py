@@ -35,12 +35,12 @@ def test_decode_latency_model_round_trips_through_its_artifact(stages):
     model = LatencyModel.load(stages / "latency")
     assert model.family == "decoder" and model.device == "x86-1t" and model.seq_len == 48
     assert len(model.measurements) == 4 and sum(m["heldout"] for m in model.measurements) == 1
-    assert all(set(m["ms"]) == {"tvm"} and m["ms"]["tvm"] > 0 for m in model.measurements)
+    assert all(set(m["ms"]) == {"tvm", "llama.cpp"} and min(m["ms"].values()) > 0 for m in model.measurements)
     refit = LatencyModel.fit(model.device, model.seq_len, model.teacher, model.measurements, "decoder")
     assert refit.coefficients == model.coefficients and refit.error == model.error
     subnet = DecoderSubnet.from_dict(model.measurements[0]["subnet"])
-    assert model.fastest(subnet) == (model.predict(subnet, "tvm"), "tvm")
-    assert set(manifest["metrics"]["error"]["tvm"]) == {"model", "flops_proxy", "fitted_on", "heldout"}
+    assert model.fastest(subnet) == min((model.predict(subnet, b), b) for b in ("tvm", "llama.cpp"))
+    assert set(manifest["metrics"]["error"]["llama.cpp"]) == {"model", "flops_proxy", "fitted_on", "heldout"}
 
 
 def test_generation_search_returns_a_non_dominated_front(stages):
@@ -59,7 +59,7 @@ def test_generation_search_returns_a_non_dominated_front(stages):
     teacher = result["teacher"]
     assert teacher["subnet"] == {"num_layers": 2, "kv_heads": 2, "ffn_size": 128}
     assert teacher["teacher_perplexity"] > 1 and 0 <= teacher["greedy_agreement"] <= 1
-    assert set(result["teacher"]["measured_ms_by_backend"]) == {"tvm"}
+    assert set(result["teacher"]["measured_ms_by_backend"]) == {"tvm", "llama.cpp"}
     assert (stages / "search" / FRONT_PNG).read_bytes()[:4] == b"\x89PNG"
     assert verify_manifest(stages / "search")["stage"] == "search-lm"
 
@@ -86,6 +86,7 @@ def test_finalize_lm_writes_the_chosen_student_fine_tuned(stages, capsys):
     decoder = generate.TorchDecoder(stages / "student", max_context=16)
     assert len([t for t, _ in generate.stream(decoder, [5, 6, 7], 4, stop_at_eos=False)]) == 4
     assert not (stages / "student" / "checkpoints").exists()
+    assert "model.gguf" in manifest["files"]  # what llama.cpp runs, at the teacher file's precision
     args = ["finalize-lm", "--profile", "tiny", "--supernet", str(stages / "supernet"), "--search"]
     assert main([*args, str(stages / "search"), "--out", str(stages / "student")]) == 0
     assert "already made; reusing it" in capsys.readouterr().out
