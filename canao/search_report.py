@@ -80,7 +80,7 @@ def search_report(student_dir: str | Path) -> str:
 
     sm = search["metrics"]
     lines += ["", f"**Search** (`canao search`): {sm['trials']} NSGA-II trials ({sm['distinct_subnets']} distinct "
-              f"subnets) scored on {sm['val_questions']} held-out training questions in "
+              f"subnets) scored on the last {sm['val_questions']} training questions, which the supernet never saw, in "
               f"{_minutes(sm['search_seconds'])}, then {_minutes(sm['remeasure_seconds'])} re-measuring the front. "
               f"{_budget(front)} The teacher's shape scores F1 {front['teacher']['f1']:.2f} on that slice. "
               "The front:", "",
