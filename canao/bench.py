@@ -23,6 +23,7 @@ import numpy as np
 
 from canao import device_lab
 from canao.config import (
+    GEN_BACKENDS,
     BenchConfig,
     BertShape,
     CompileConfig,
@@ -257,7 +258,6 @@ def suite(teacher_dir: Path, profile: str, out: Path, command: str, lm_teacher_d
 
 # ---- text generation ----------------------------------------------------------------------------
 
-GEN_BACKENDS = ("tvm", "torch", "llama.cpp")
 
 
 @dataclass(frozen=True)
@@ -370,7 +370,7 @@ def bench_generation(model_dir: str | Path | None, artifact_dir: str | Path | No
     artifact, `torch` the model directory with transformers' generate, `llama.cpp` the model
     directory's GGUF export (canao.models.gguf_export) if it has one, else the teacher's GGUF file
     (the issue's peer: llama.cpp on the very file the teacher comes from)."""
-    from canao.models.gguf_export import GGUF_FILE
+    from canao.models.gguf_export import exported_gguf
     from canao.models.llama_lm import teacher_gguf
 
     unknown = sorted(set(backends) - set(GEN_BACKENDS))
@@ -381,8 +381,7 @@ def bench_generation(model_dir: str | Path | None, artifact_dir: str | Path | No
         raise ValueError(f"device {device.key}: generation is timed on this machine; pick a local device")
     if cfg.new_tokens < 2:
         raise ValueError(f"new_tokens: must be >= 2 (ms/token is measured after the first), got {cfg.new_tokens}")
-    exported = Path(model_dir) / GGUF_FILE if model_dir is not None else None
-    paths = {"llama.cpp": exported if exported is not None and exported.is_file() else teacher_gguf()}
+    paths = {"llama.cpp": (model_dir is not None and exported_gguf(model_dir)) or teacher_gguf()}
     if "torch" in backends:
         if model_dir is None:
             raise ValueError("--model: needed for the torch backend")
@@ -457,7 +456,7 @@ def generation_suite(teacher_dir: Path, heldout_file: Path, student_dir: Path | 
     PyTorch, at the profile's contexts on its devices; every model's held-out perplexity (one
     protocol, canao.data.text). Markdown and the records."""
     from canao.data.text import perplexity, read_text_file
-    from canao.models.gguf_export import GGUF_FILE
+    from canao.models.gguf_export import exported_gguf
     from canao.models.llama_lm import load_causal_lm
     from canao.models.llama_lm import load_tokenizer as load_lm_tokenizer
 
@@ -472,7 +471,7 @@ def generation_suite(teacher_dir: Path, heldout_file: Path, student_dir: Path | 
         quality.append(f"| {name} | {model_dir} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M | "
                        f"{scored['perplexity']:.2f} | {scored['tokens']} |")
         # llama.cpp runs a student only as its own GGUF export (finalize-lm writes one).
-        has_gguf = name == "teacher" or (model_dir / GGUF_FILE).is_file()
+        has_gguf = name == "teacher" or exported_gguf(model_dir) is not None
         backends = tuple(b for b in GEN_BACKENDS if has_gguf or b != "llama.cpp")
         records[name] = [r for device_key in cfg.devices for r in bench_generation(
             model_dir, compiled(model_dir, device_key, compile_cfg), device_key, backends, cfg)]

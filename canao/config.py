@@ -378,6 +378,10 @@ class SearchConfig:
             raise ConfigError(f"min_speedup: must be >= 0 (0 = none), got {self.min_speedup}")
 
 
+# The generation backends: TVM (compile-lm), PyTorch eager, llama.cpp (a GGUF file).
+GEN_BACKENDS = ("tvm", "torch", "llama.cpp")
+
+
 @dataclass(frozen=True)
 class LMLatencyConfig:
     """The per-device decode latency model: decoder subnets compiled and timed generating on a local device."""
@@ -394,9 +398,9 @@ class LMLatencyConfig:
 
     def __post_init__(self):
         _check_samples(self.samples, self.holdout)
-        bad = sorted(set(self.backends) - {"tvm", "torch", "llama.cpp"})
+        bad = sorted(set(self.backends) - set(GEN_BACKENDS))
         if bad or not self.backends:
-            raise ConfigError(f"backends: {bad or 'none'}: every backend must be tvm, torch or llama.cpp")
+            raise ConfigError(f"backends: {bad or 'none'}: every backend must be one of {', '.join(GEN_BACKENDS)}")
         if not 2 <= self.new_tokens < self.compile.max_context:
             raise ConfigError(f"new_tokens: must be in [2, compile.max_context ({self.compile.max_context})), "
                               f"got {self.new_tokens}")

@@ -30,11 +30,8 @@ def _label(subnet: dict) -> str:
     return SubnetConfig.from_dict(subnet).label()
 
 
-def _rho(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"  # None: one held-out subnet has no rank order
-
-
-def _ms(value: float | None) -> str:
+def _figure(value: float | None) -> str:
+    """Two decimals; "-" for none (a point not re-measured, a rank order of one held-out subnet)."""
     return "-" if value is None else f"{value:.2f}"
 
 
@@ -76,7 +73,7 @@ def search_report(student_dir: str | Path) -> str:
     for backend, e in lm["error"].items():
         model, proxy = e["model"], e["flops_proxy"]
         lines.append(f"| {backend} | {e['fitted_on']} | {e['heldout']} | {model['mape_pct']} | "
-                     f"{_rho(model['spearman'])} | {proxy['mape_pct']} | {_rho(proxy['spearman'])} |")
+                     f"{_figure(model['spearman'])} | {proxy['mape_pct']} | {_figure(proxy['spearman'])} |")
 
     sm = search["metrics"]
     lines += ["", f"**Search** (`canao search`): {sm['trials']} NSGA-II trials ({sm['distinct_subnets']} distinct "
@@ -87,7 +84,7 @@ def search_report(student_dir: str | Path) -> str:
               "| subnet | params M | val F1 | predicted ms | measured ms | backend |", "|---|---|---|---|---|---|"]
     for p in front["front"]:
         lines.append(f"| {p['label']} | {p['params'] / 1e6:.1f} | {p['f1']:.2f} | {p['predicted_ms']:.2f} | "
-                     f"{_ms(p['measured_ms'])} | {p['measured_backend'] or p['predicted_backend']} |")
+                     f"{_figure(p['measured_ms'])} | {p['measured_backend'] or p['predicted_backend']} |")
 
     best = m["student_best_backend"]
     speedup = m["speedup_vs_teacher_litert"]
@@ -103,7 +100,7 @@ def search_report(student_dir: str | Path) -> str:
               f"{m['student_best_backend_f1']:.2f} |", "",
               "Both compiled alike and timed back to back (p50 ms):", "",
               "| backend | teacher | student | LiteRT fp32 on the teacher / student |", "|---|---|---|---|"]
-    lines += [f"| {b} | {_ms(m['teacher_ms'].get(b))} | {_ms(ms)} | {teacher_litert / ms:.2f}x |"
+    lines += [f"| {b} | {_figure(m['teacher_ms'].get(b))} | {_figure(ms)} | {teacher_litert / ms:.2f}x |"
               for b, ms in m["student_ms"].items()]
     met = speedup >= GOAL_SPEEDUP and f1_drop <= GOAL_F1_DROP
     lines += ["", f"Speed-up over LiteRT fp32 on the teacher: **{speedup:.2f}x** on {best}, at a dev-a F1 "

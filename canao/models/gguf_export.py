@@ -4,9 +4,10 @@ fastest CPU runtime for this model, exactly as the teacher is.
 
 The file copies the teacher GGUF's tokenizer metadata (vocabulary, merges, chat template,
 special tokens: every decoder of the family shares them) and describes the exported model's
-own shape, RoPE base and norm epsilon. Weights are written as the teacher file stores them ("teacher": Q8_0 token
-embeddings, Q4_1 matmul weights, float32 norms), so teacher and student compare at the same
-precision, or all in float32 ("f32"), which reproduces PyTorch's logits (the tests' check).
+own shape, RoPE base and norm epsilon. Weights are written as the teacher file stores them
+("teacher": Q8_0 token embeddings, Q4_1 matmul weights, float32 norms), so teacher and student
+compare at the same precision, or all in float32 ("f32"), which reproduces PyTorch's logits
+(the tests' check).
 Query and key projections are permuted from Hugging Face's rotate-half RoPE layout to GGML's
 interleaved one, as llama.cpp's own converter does.
 """
@@ -57,9 +58,20 @@ def _tensors(model) -> dict[str, np.ndarray]:
     return out
 
 
+def exported_gguf(model_dir: str | Path) -> Path | None:
+    """The model directory's own GGUF export (GGUF_FILE), if it has one."""
+    path = Path(model_dir) / GGUF_FILE
+    return path if path.is_file() else None
+
+
+def _role(name: str) -> str:
+    """A tensor's name without its block: what it is in every block ("attn_q.weight")."""
+    return name.split(".", 2)[-1] if name.startswith("blk.") else name
+
+
 def _teacher_types(reader: GGUFReader) -> dict[str, GGMLQuantizationType]:
     """Storage type by tensor role ("token_embd.weight", "attn_q.weight", ...) in the teacher file."""
-    return {t.name.split(".", 2)[-1] if t.name.startswith("blk.") else t.name: t.tensor_type for t in reader.tensors}
+    return {_role(t.name): t.tensor_type for t in reader.tensors}
 
 
 def _copy_metadata(reader: GGUFReader, writer: GGUFWriter) -> None:
@@ -82,7 +94,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, precision: str = "t
     if int(reader.fields["llama.vocab_size"].contents()) != c.vocab_size:
         raise ValueError(f"{model_dir}: vocabulary of {c.vocab_size}, not the teacher tokenizer's; cannot share "
                          "its GGUF tokenizer")
-    stored_as = _teacher_types(reader)
+    stored_as = _teacher_types(reader) if precision == "teacher" else {}  # role -> type; the rest float32
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     out_file.parent.mkdir(parents=True, exist_ok=True)
     partial = out_file.with_name(out_file.name + ".partial")
@@ -104,8 +116,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, precision: str = "t
     writer.add_file_type(int(reader.fields["general.file_type"].contents()) if precision == "teacher" else 0)
     _copy_metadata(reader, writer)
     for name, array in _tensors(model).items():
-        role = name.split(".", 2)[-1] if name.startswith("blk.") else name
-        qtype = stored_as.get(role, GGMLQuantizationType.F32) if precision == "teacher" else GGMLQuantizationType.F32
+        qtype = stored_as.get(_role(name), GGMLQuantizationType.F32)
         if qtype == GGMLQuantizationType.F32 or array.ndim == 1:
             writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
         else:
@@ -116,4 +127,3 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, precision: str = "t
     writer.close()
     partial.replace(out_file)
     return out_file
-
