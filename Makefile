@@ -7,7 +7,7 @@ PROFILE ?= quick
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup litert-env test run up down pipelines image bench bench-serve serve lint clean
+.PHONY: setup litert-env test run up down pipelines image bench bench-lm bench-serve serve lint clean
 
 setup: $(STAMP)
 
@@ -67,6 +67,13 @@ LM_STUDENT ?=
 bench: setup litert-env
 	$(BIN)/canao device-lab up
 	$(BIN)/canao bench-suite --profile full $(if $(LM_STUDENT),--lm-student $(LM_STUDENT)) --out BENCHMARKS.md; \
+	status=$$?; $(BIN)/canao device-lab down; exit $$status
+
+# The generation section of BENCHMARKS.md alone (the teacher and LM_STUDENT in TVM, PyTorch and
+# llama.cpp); the other sections stay as they are.
+bench-lm: setup
+	$(BIN)/canao device-lab up
+	$(BIN)/canao bench-suite --profile full --generation-only $(if $(LM_STUDENT),--lm-student $(LM_STUDENT)) --out BENCHMARKS.md; \
 	status=$$?; $(BIN)/canao device-lab down; exit $$status
 
 # The server for a QA model and a generation model (directories or compiled artifacts; empty: none),

@@ -39,6 +39,7 @@ from canao.models.bert_qa import example_inputs, init_qa_model, load_tokenizer
 BACKENDS = ("tvm", "litert", "litert-int8", "onnxruntime", "onnxruntime-int8", "torch")
 SERVING_SECTION = "## Serving load test"  # written by `canao loadtest --benchmarks`, kept by bench-suite
 SEARCH_SECTION = "## CANAO search and student"  # written by `canao search-report`, kept by bench-suite
+GENERATION_SECTION = "## Text generation"  # written by bench-suite, alone with --generation-only
 BASELINE = "litert"  # speedups are relative to LiteRT fp32, the strongest fp32 peer on CPUs
 COMPILED_DIR = "outputs/compiled"  # compiled artifacts by device and content hash, relative to the project root
 
@@ -218,9 +219,20 @@ def cpu_model() -> str:
 
 
 def suite(teacher_dir: Path, profile: str, out: Path, command: str, lm_teacher_dir: Path, lm_data_dir: Path,
-          lm_student_dir: Path | None = None) -> None:
+          lm_student_dir: Path | None = None, generation_only: bool = False) -> None:
     """Every suite model at every length on every device, all backends, then the generation
-    table (`generation_suite`); writes `out` (Markdown) and its records beside it (.json)."""
+    table (`generation_suite`); writes `out` (Markdown) and its records beside it (.json). With
+    `generation_only`, the generation section and its records alone are replaced; the rest stays."""
+    generation, gen_records = generation_suite(*suite_lm_inputs(lm_teacher_dir, lm_data_dir, profile),
+                                               lm_student_dir, profile, command)
+    if generation_only:
+        put_section(out, GENERATION_SECTION, generation)
+        records = out.with_suffix(".json")
+        kept = [r for r in json.loads(records.read_text())["records"] if "ms_per_token" not in r] \
+            if records.is_file() else []
+        write_text_atomic(records, json.dumps({"host": cpu_model(), "records": kept + [asdict(r) for r in gen_records]},
+                                              indent=1))
+        return
     bench_cfg = load_config("bench", profile)
     sections, raw = [], []
     for name, model_dir in suite_models(teacher_dir).items():
@@ -245,13 +257,11 @@ def suite(teacher_dir: Path, profile: str, out: Path, command: str, lm_teacher_d
               "(tracker on 127.0.0.1); the peers run pinned to the same cores with the same thread count. "
               "`vs LiteRT fp32` is LiteRT fp32's p50 divided by the backend's p50 on the same device and "
               "length; `max abs diff` is against PyTorch fp32 start/end logits.\n")
-    generation, gen_records = generation_suite(*suite_lm_inputs(lm_teacher_dir, lm_data_dir, profile),
-                                               lm_student_dir, profile)
     # The serving and search figures come from their own commands; a re-run of the suite keeps them.
     document = out.read_text() if out.is_file() else ""
     kept = [section for heading in (SEARCH_SECTION, SERVING_SECTION)
             if (section := markdown_section(document, heading))]
-    write_text_atomic(out, header + "\n" + "\n\n".join(sections) + "\n\n" + generation + "\n"
+    write_text_atomic(out, header + "\n" + "\n\n".join(sections) + f"\n\n{GENERATION_SECTION}\n\n{generation}\n"
                       + "".join(f"\n{section}" for section in kept))
     write_records(raw + gen_records, out.with_suffix(".json"))
 
@@ -304,17 +314,21 @@ def _generator(backend: str, path: Path, threads: int):
     """(generate_times(prompt ids, n) -> ms since start of each of n greedy tokens, version, vocab size)."""
     import time as clock
 
-    if backend == "tvm":
-        import tvm
+    if backend in ("tvm", "litert"):
+        from canao.apps.generate import LiteRTDecoder, TVMDecoder, stream
 
-        from canao.apps.generate import TVMDecoder, stream
+        if backend == "tvm":
+            import tvm
 
-        decoder = TVMDecoder(path)
+            decoder, version = TVMDecoder(path), f"tvm {tvm.__version__}"
+        else:
+            decoder = LiteRTDecoder(path, threads)
+            version = f"litert {decoder.version} (float32, XNNPACK)"
 
-        def tvm_times(prompt, n):
+        def step_times(prompt, n):
             return [ms for _, ms in stream(decoder, prompt, n, stop_at_eos=False)]
 
-        return tvm_times, f"tvm {tvm.__version__}", len(decoder.tokenizer)
+        return step_times, version, len(decoder.tokenizer)
     if backend == "torch":
         import torch
         from transformers.generation.streamers import BaseStreamer
@@ -364,12 +378,17 @@ def _generator(backend: str, path: Path, threads: int):
 
 
 def bench_generation(model_dir: str | Path | None, artifact_dir: str | Path | None, device_key: str,
-                     backends: tuple[str, ...], cfg: GenBenchConfig) -> list[GenRecord]:
+                     backends: tuple[str, ...], cfg: GenBenchConfig, step_cfg: LMCompileConfig | None = None,
+                     litert_root: str | Path | None = None) -> list[GenRecord]:
     """Time greedy generation at each of `cfg.contexts` on `device_key` (a local device: every
     backend runs here, pinned to its cores with its thread count): `tvm` runs the compile-lm
     artifact, `torch` the model directory with transformers' generate, `llama.cpp` the model
     directory's GGUF export (canao.models.gguf_export) if it has one, else the teacher's GGUF file
-    (the issue's peer: llama.cpp on the very file the teacher comes from)."""
+    (the issue's peer: llama.cpp on the very file the teacher comes from), `litert` the model
+    directory's KV-cache steps converted to LiteRT with `step_cfg`'s cache (the TVM artifact's
+    shape, so the two compiled runtimes do the same work), kept under `litert_root` (default:
+    canao.apps.generate.LITERT_STEPS_DIR)."""
+    from canao.apps.generate import LITERT_STEPS_DIR, litert_steps
     from canao.models.gguf_export import exported_gguf
     from canao.models.llama_lm import teacher_gguf
 
@@ -386,6 +405,10 @@ def bench_generation(model_dir: str | Path | None, artifact_dir: str | Path | No
         if model_dir is None:
             raise ValueError("--model: needed for the torch backend")
         paths["torch"] = Path(model_dir)
+    if "litert" in backends:
+        if model_dir is None or step_cfg is None:
+            raise ValueError("--model and the compile-lm config: needed for the litert backend")
+        paths["litert"] = litert_steps(model_dir, step_cfg, litert_root or LITERT_STEPS_DIR)
     if "tvm" in backends:
         if artifact_dir is None:
             raise ValueError("--artifact: needed for the tvm backend (a `canao compile-lm` output)")
@@ -449,7 +472,7 @@ def suite_lm_inputs(teacher_dir: Path, data_dir: Path, profile: str) -> tuple[Pa
     return teacher_dir, data_dir / HELDOUT_FILE
 
 
-def generation_suite(teacher_dir: Path, heldout_file: Path, student_dir: Path | None, profile: str
+def generation_suite(teacher_dir: Path, heldout_file: Path, student_dir: Path | None, profile: str, command: str
                      ) -> tuple[str, list[GenRecord]]:
     """`make bench`'s generation section: the teacher decoder in TVM (compile-lm, the profile's
     config), PyTorch and llama.cpp (its own GGUF file), and the student (if given) in TVM and
@@ -474,16 +497,18 @@ def generation_suite(teacher_dir: Path, heldout_file: Path, student_dir: Path | 
         has_gguf = name == "teacher" or exported_gguf(model_dir) is not None
         backends = tuple(b for b in GEN_BACKENDS if has_gguf or b != "llama.cpp")
         records[name] = [r for device_key in cfg.devices for r in bench_generation(
-            model_dir, compiled(model_dir, device_key, compile_cfg), device_key, backends, cfg)]
+            model_dir, compiled(model_dir, device_key, compile_cfg), device_key, backends, cfg, compile_cfg)]
     peer = [r for r in records["teacher"] if r.backend == "llama.cpp"]
     sections = [f"### Generation: {name}\n\n{generation_table(rows, None if name == 'teacher' else peer)}"
                 for name, rows in records.items()]
     if student_dir is None:
         sections.append("No student given (`canao bench-suite --lm-student DIR`): the teacher only.")
-    intro = (f"## Text generation\n\nGreedy decoding, EOS ignored: time to first token after a prompt of each "
+    intro = (f"Generated by `{command}` on {datetime.date.today().isoformat()}, CPU: {cpu_model()}. "
+             f"Greedy decoding, EOS ignored: time to first token after a prompt of each "
              f"context length, then the mean ms per token of {cfg.new_tokens} tokens; medians over {cfg.repeats} "
              f"runs. TVM runs the compile-lm artifact ({compile_cfg.max_context}-token KV cache, "
-             f"{compile_cfg.trials} tuning trials); llama.cpp runs the teacher's own GGUF file (Q4_1) and a "
+             f"{compile_cfg.trials} tuning trials); LiteRT runs the same KV-cache steps converted by litert-torch "
+             f"(float32, the same cache); llama.cpp runs the teacher's own GGUF file (Q4_1) and a "
              f"student's GGUF export at the teacher file's precision; `vs llama.cpp on the teacher` is llama.cpp's "
              f"ms/token on the teacher's file divided by the row's. Perplexity: held-out "
              f"text ({heldout_file.name}) under one protocol for every model.\n\n" + "\n".join(quality))

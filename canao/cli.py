@@ -188,10 +188,12 @@ def cmd_bench_suite(args) -> None:
     from canao import bench
 
     student = f" --lm-student {args.lm_student}" if args.lm_student else ""
+    only = " --generation-only" if args.generation_only else ""
     bench.suite(resolve_path(args.teacher), args.profile, Path(args.out),
-                command=f"canao bench-suite --profile {args.profile}{student} --out {args.out}",
+                command=f"canao bench-suite --profile {args.profile}{only}{student} --out {args.out}",
                 lm_teacher_dir=resolve_path(args.lm_teacher), lm_data_dir=resolve_path(args.lm_data),
-                lm_student_dir=resolve_path(args.lm_student) if args.lm_student else None)
+                lm_student_dir=resolve_path(args.lm_student) if args.lm_student else None,
+                generation_only=args.generation_only)
 
 
 def cmd_serve(args) -> None:
@@ -355,7 +357,8 @@ def cmd_bench_lm(args) -> None:
     cfg = load_config("bench-lm", args.profile, args.config, args.overrides)
     records = []
     for device_key in [args.device] if args.device else cfg.devices:
-        records += bench.bench_generation(args.model, args.artifact, device_key, backends, cfg)
+        records += bench.bench_generation(args.model, args.artifact, device_key, backends, cfg,
+                                          load_config("compile-lm", args.profile))
     bench.write_records(records, args.out)
     print(bench.generation_table(records))
 
@@ -478,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the generation teacher (`canao lm-teacher`); made if absent")
     p.add_argument("--lm-data", default="outputs/lm-data", help="the LM corpus (`canao lm-data`); made if absent")
     p.add_argument("--lm-student", help="a student decoder directory for the generation table (default: none)")
+    p.add_argument("--generation-only", action="store_true",
+                   help="`make bench-lm`: replace the generation section (and its records) alone, keep the rest")
     p.add_argument("--out", default="BENCHMARKS.md", help="Markdown report (records beside it as .json)")
     p.set_defaults(func=cmd_bench_suite)
 

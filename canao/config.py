@@ -286,6 +286,9 @@ class DistillConfig:
         _check_features(self.features)
 
 
+TORCH_DEVICES = ("cpu", "cuda")  # where the decoder stages run their torch work; the math is the same on both
+
+
 @dataclass(frozen=True)
 class LMDistillConfig:
     """The elastic decoder trained by distillation from the generation teacher on the lm-data corpus."""
@@ -299,14 +302,21 @@ class LMDistillConfig:
     max_windows: int = 0  # train on the first N windows only; 0 = all
     eval_tokens: int = 0  # held-out tokens scored for the manifest's perplexities and KL; 0 = all of heldout.txt
     train: TrainConfig = field(default_factory=TrainConfig)
+    device: str = "cpu"  # where the teacher and the trained decoder run: "cpu", or "cuda" (a GPU torch sees)
 
     def __post_init__(self):
         if self.random_subnets < 0:
             raise ConfigError(f"random_subnets: must be >= 0, got {self.random_subnets}")
-        _check_lm_windows(self)
+        _check_lm_training(self)
 
 
-def _check_lm_windows(cfg) -> None:
+def _check_device(device: str) -> None:
+    if device not in TORCH_DEVICES:
+        raise ConfigError(f"device: must be one of {', '.join(TORCH_DEVICES)}, got {device!r}")
+
+
+def _check_lm_training(cfg) -> None:
+    _check_device(cfg.device)
     for name in ("max_windows", "eval_tokens"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name}: must be >= 0, got {getattr(cfg, name)}")
@@ -324,9 +334,10 @@ class LMFinalizeConfig:
     max_windows: int = 0  # train on the first N windows only; 0 = all
     eval_tokens: int = 0  # held-out tokens scored for the student's and the teacher's perplexity; 0 = all
     train: TrainConfig = field(default_factory=TrainConfig)
+    device: str = "cpu"  # where the teacher and the student run: "cpu", or "cuda" (a GPU torch sees)
 
     def __post_init__(self):
-        _check_lm_windows(self)
+        _check_lm_training(self)
 
 
 def _check_samples(samples: int, holdout: int) -> None:
@@ -378,8 +389,9 @@ class SearchConfig:
             raise ConfigError(f"min_speedup: must be >= 0 (0 = none), got {self.min_speedup}")
 
 
-# The generation backends: TVM (compile-lm), PyTorch eager, llama.cpp (a GGUF file).
-GEN_BACKENDS = ("tvm", "torch", "llama.cpp")
+# The generation backends: TVM (compile-lm), PyTorch eager, llama.cpp (a GGUF file), LiteRT (the
+# KV-cache step converted by litert-torch, float32).
+GEN_BACKENDS = ("tvm", "torch", "llama.cpp", "litert")
 
 
 @dataclass(frozen=True)
@@ -417,15 +429,22 @@ class LMSearchConfig:
     trials: int = 100  # subnets evaluated (the decoder space is small: 7 x 3 x 6 = 126 subnets by default)
     population_size: int = 16  # NSGA-II generation size
     latency_budget_ms: float = 0.0  # predicted ms per token must not exceed this; 0 = no budget
+    # ...nor the teacher's shape in llama.cpp (the peer to beat, as latency-lm timed it on this
+    # device) divided by this; 0 = none. The tighter one applies.
+    min_speedup: float = 0.0
     params_budget: int = 0  # parameters must not exceed this; 0 = no budget
     eval_tokens: int = 4096  # held-out tokens scored per subnet (the supernet's heldout.txt); 0 = all
     remeasure: int = 4  # front points compiled and timed on the device again (lowest perplexity first)
+    device: str = "cpu"  # where the subnets are scored: "cpu", or "cuda" (a GPU torch sees)
 
     def __post_init__(self):
         if self.trials < 1 or self.population_size < 2:
             raise ConfigError("trials: must be >= 1; population_size: >= 2")
         if self.eval_tokens < 0 or self.remeasure < 0:
             raise ConfigError("eval_tokens, remeasure: must be >= 0")
+        if not self.min_speedup >= 0:
+            raise ConfigError(f"min_speedup: must be >= 0 (0 = none), got {self.min_speedup}")
+        _check_device(self.device)
 
 
 @dataclass(frozen=True)

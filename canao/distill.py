@@ -45,7 +45,8 @@ def fit(model: torch.nn.Module, features: Sized, loss_fn: LossFn, cfg: TrainConf
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     decay, no_decay = [], []
     for param in model.parameters():
-        (no_decay if param.ndim == 1 else decay).append(param)
+        if param.requires_grad:
+            (no_decay if param.ndim == 1 else decay).append(param)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.learning_rate,
@@ -54,7 +55,7 @@ def fit(model: torch.nn.Module, features: Sized, loss_fn: LossFn, cfg: TrainConf
     step, seconds, loss_ema = 0, 0.0, None
     checkpoint = work_dir / CHECKPOINT
     if checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, weights_only=False, map_location="cpu")
         if state["fingerprint"] != fingerprint:
             raise ValueError(
                 f"{checkpoint}: a checkpoint of another config or input; remove it or choose another --out"
@@ -66,6 +67,7 @@ def fit(model: torch.nn.Module, features: Sized, loss_fn: LossFn, cfg: TrainConf
         step, seconds, loss_ema = state["step"], state["seconds"], state["loss_ema"]
         print(f"resuming from {checkpoint} at step {step}/{total_steps}", flush=True)
 
+    device_type = next(model.parameters()).device.type  # autocast where the model lives: cpu or cuda
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True)
     started = time.perf_counter() - seconds
@@ -75,7 +77,7 @@ def fit(model: torch.nn.Module, features: Sized, loss_fn: LossFn, cfg: TrainConf
         if in_epoch == 0 or order is None:
             order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed + epoch))
         index = order[in_epoch * cfg.batch_size : (in_epoch + 1) * cfg.batch_size]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
             loss = loss_fn(model, features, index)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

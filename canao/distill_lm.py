@@ -65,6 +65,23 @@ def heldout_kl(supernet: DecoderSupernet, teacher, subnet: DecoderSubnet, window
     return total / len(windows)
 
 
+def torch_device(name: str) -> torch.device:
+    """The torch device of a config's `device` field, refused clearly where torch has none."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda, but torch sees no GPU here (torch.cuda.is_available() is False); "
+                         "set device: cpu")
+    return torch.device(name)
+
+
+def trainable(model):
+    """`model` with its token embedding (tied to the output layer) frozen: the teacher's, kept.
+    The corpus holds a small share of the 49,152 tokens, and AdamW's decoupled weight decay
+    would shrink every row it never sees; the residual stream is not elastic, so the
+    teacher's embedding is already in every subnet's space."""
+    model.get_input_embeddings().requires_grad_(False)
+    return model
+
+
 def train_decoder_supernet(cfg: LMDistillConfig, teacher_dir: str | Path, data_dir: str | Path,
                            out_dir: str | Path) -> dict:
     """The teacher decoder's weights, sorted by importance, trained as an elastic supernet by
@@ -78,15 +95,16 @@ def train_decoder_supernet(cfg: LMDistillConfig, teacher_dir: str | Path, data_d
     existing = reusable(out_dir, fingerprint, "decoder supernet")
     if existing is not None:
         return existing
+    device = torch_device(cfg.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(teacher_dir)
-    windows = token_windows(tokenizer, read_text_file(data_dir / TRAIN_FILE), cfg.seq_len, cfg.max_windows)
+    windows = token_windows(tokenizer, read_text_file(data_dir / TRAIN_FILE), cfg.seq_len, cfg.max_windows).to(device)
     heldout_text = read_text_file(data_dir / HELDOUT_FILE)
     probe_windows = -(-cfg.eval_tokens // cfg.seq_len) if cfg.eval_tokens else 0
-    probe = token_windows(tokenizer, heldout_text, cfg.seq_len, probe_windows)
-    model = load_causal_lm(teacher_dir)
+    probe = token_windows(tokenizer, heldout_text, cfg.seq_len, probe_windows).to(device)
+    model = trainable(load_causal_lm(teacher_dir).to(device))
     space = DecoderSpace(cfg.space, decoder_shape(model.config))
     smallest = space.smallest()
 
@@ -94,7 +112,7 @@ def train_decoder_supernet(cfg: LMDistillConfig, teacher_dir: str | Path, data_d
     scores = importance_once(work_dir, lambda: importance(model, windows, cfg.importance_batches,
                                                           cfg.train.batch_size))
     sort_by_importance(model, scores)
-    teacher = load_causal_lm(teacher_dir).requires_grad_(False)
+    teacher = load_causal_lm(teacher_dir).to(device).requires_grad_(False)
     supernet = DecoderSupernet(model)
     batch = cfg.train.eval_batch_size
     supernet.eval()  # `fit` switches it to training mode
@@ -117,8 +135,8 @@ def train_decoder_supernet(cfg: LMDistillConfig, teacher_dir: str | Path, data_d
         "after": round(heldout_kl(supernet, teacher, smallest, probe, cfg.kd.temperature, batch), 4)})
     stats["heldout_perplexity"] = {
         name: round(perplexity(net, tokenizer, heldout_text, cfg.eval_tokens, progress=False)["perplexity"], 3)
-        for name, net in (("teacher", teacher), ("largest", extract(supernet, space.largest())),
-                          ("smallest", extract(supernet, smallest)))}
+        for name, net in (("teacher", teacher), ("largest", extract(supernet, space.largest()).to(device)),
+                          ("smallest", extract(supernet, smallest).to(device)))}
     model.save_pretrained(out_dir / SUPERNET_DIR)
     tokenizer.save_pretrained(out_dir / SUPERNET_DIR)
     shutil.move(work_dir / IMPORTANCE_FILE, out_dir / IMPORTANCE_FILE)
@@ -172,15 +190,16 @@ def finalize_student(cfg: LMFinalizeConfig, supernet_dir: str | Path, search_dir
     existing = reusable(out_dir, fingerprint, "student")
     if existing is not None:
         return existing
+    device = torch_device(cfg.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)
     supernet, supernet_manifest = load_decoder_supernet(supernet_dir)
     tokenizer = load_tokenizer(supernet_dir / SUPERNET_DIR)
     train_file, heldout_file = (corpus_file(supernet_manifest, name) for name in (TRAIN_FILE, HELDOUT_FILE))
-    windows = token_windows(tokenizer, read_text_file(train_file), cfg.seq_len, cfg.max_windows)
-    teacher = load_causal_lm(distilled_teacher(supernet_manifest)).requires_grad_(False)
-    student = extract(supernet, subnet)
+    windows = token_windows(tokenizer, read_text_file(train_file), cfg.seq_len, cfg.max_windows).to(device)
+    teacher = load_causal_lm(distilled_teacher(supernet_manifest)).to(device).requires_grad_(False)
+    student = trainable(extract(supernet, subnet).to(device))
     layer_map = subnet.layer_indices(supernet.shape.num_layers)
     hidden = cfg.kd.hidden_weight > 0
 

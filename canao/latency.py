@@ -296,7 +296,8 @@ def measure_decoder(subnet: DecoderSubnet, teacher_dir: Path, device_key: str, b
             export_gguf(model_dir, model_dir / GGUF_FILE)
         timing = GenBenchConfig(contexts=(compile_cfg.max_context - new_tokens,), new_tokens=new_tokens,
                                 repeats=repeats, devices=(device_key,))
-        records = bench.bench_generation(model_dir, artifact, device_key, backends, timing)
+        records = bench.bench_generation(model_dir, artifact, device_key, backends, timing, compile_cfg,
+                                         litert_root=work_dir / "litert")
         return {r.backend: round(r.ms_per_token, 4) for r in records}
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)

@@ -70,15 +70,26 @@ def export_litert(model_dir: str | os.PathLike, seq_len: int, path: str | os.Pat
     """The model of `model_dir` as LiteRT with static [1, seq_len] int32 inputs (dynamic-range
     int8 weights if `int8`), converted in the converter's own environment: litert-torch cannot
     be installed beside TVM (TOOLCHAIN.md)."""
+    return _convert_litert(model_dir, path, ["--seq-len", str(seq_len)] + (["--int8"] if int8 else []))
+
+
+def export_litert_step(model_dir: str | os.PathLike, max_context: int, tokens: int, path: str | os.PathLike) -> Path:
+    """One KV-cache step of the decoder of `model_dir` (canao.models.llama_lm.KVCacheStep: `tokens`
+    tokens over a cache of `max_context` positions) as LiteRT, float32, in the converter's environment."""
+    return _convert_litert(model_dir, path, ["--decoder", "--max-context", str(max_context), "--seq-len", str(tokens)])
+
+
+def _convert_litert(model_dir: str | os.PathLike, path: str | os.PathLike, options: list[str]) -> Path:
     python = litert_python()
     if not python.is_file():
         raise FileNotFoundError(
             f"{python}: no LiteRT converter environment; run `make litert-env` (or set CANAO_LITERT_PYTHON)"
         )
     path = Path(path)
-    command = [str(python), str(LITERT_CONVERT_SCRIPT), "--model", str(model_dir), "--seq-len", str(seq_len)]
-    command += ["--out", str(path)] + (["--int8"] if int8 else [])
-    done = subprocess.run(command, capture_output=True, text=True)
+    command = [str(python), str(LITERT_CONVERT_SCRIPT), "--model", str(model_dir), *options, "--out", str(path)]
+    # The decoder step comes from canao.models.llama_lm: the project on the converter's path.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         stderr_tail = "\n".join(done.stderr.strip().splitlines()[-30:])
         raise RuntimeError(
@@ -133,12 +144,14 @@ class OnnxRunner:
 
 
 class LiteRTRunner:
-    """A .tflite from export_litert on the LiteRT interpreter (XNNPACK for the float and int8 ops).
+    """A .tflite from export_litert (or export_litert_step) on the LiteRT interpreter (XNNPACK for
+    the float and int8 ops): numpy arrays in the order of `inputs`, those of `outputs` back.
 
     Tensors are found through the model's signature, whose names the converter takes from
     litert_convert.py (the raw tensor names carry prefixes such as serving_default_)."""
 
-    def __init__(self, path: str | os.PathLike, threads: int, name: str = "litert"):
+    def __init__(self, path: str | os.PathLike, threads: int, name: str = "litert",
+                 inputs: tuple[str, ...] = INPUT_NAMES, outputs: tuple[str, ...] = OUTPUT_NAMES):
         self.name, self.version = name, ai_edge_litert.__version__
         self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
         # Once, and before the signature runner exists (the interpreter refuses to allocate while
@@ -146,23 +159,22 @@ class LiteRTRunner:
         # __call__ would resize and re-allocate every time.
         self.interpreter.allocate_tensors()
         signatures = self.interpreter.get_signature_list()
-        expected = {"inputs": sorted(INPUT_NAMES), "outputs": sorted(OUTPUT_NAMES)}
+        expected = {"inputs": sorted(inputs), "outputs": sorted(outputs)}
         if [{k: sorted(names) for k, names in s.items()} for s in signatures.values()] != [expected]:
             raise ValueError(
                 f"{path}: signatures {signatures}, expected one with {expected}; "
-                "convert it with canao.peers.export_litert"
+                "convert it with canao.peers.export_litert or export_litert_step"
             )
         signature = self.interpreter.get_signature_runner(next(iter(signatures)))
-        inputs, outputs = signature.get_input_details(), signature.get_output_details()
-        self.inputs = [(inputs[n]["index"], inputs[n]["dtype"]) for n in INPUT_NAMES]
-        self.output_indices = [outputs[n]["index"] for n in OUTPUT_NAMES]
+        details_in, details_out = signature.get_input_details(), signature.get_output_details()
+        self.inputs = [(details_in[n]["index"], details_in[n]["dtype"]) for n in inputs]
+        self.output_indices = [details_out[n]["index"] for n in outputs]
 
-    def __call__(self, input_ids, token_type_ids, attention_mask):
-        for (index, dtype), x in zip(self.inputs, (input_ids, token_type_ids, attention_mask), strict=True):
+    def __call__(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        for (index, dtype), x in zip(self.inputs, arrays, strict=True):
             self.interpreter.set_tensor(index, x.astype(dtype, copy=False))
         self.interpreter.invoke()
-        start, end = (self.interpreter.get_tensor(index) for index in self.output_indices)
-        return start, end
+        return tuple(self.interpreter.get_tensor(index) for index in self.output_indices)
 
 
 class TVMRunner:

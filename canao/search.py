@@ -82,12 +82,13 @@ class Objectives:
     maximize: bool  # whether a higher accuracy value is better
     accuracy_label: str  # the plot's y axis
     latency_label: str  # the plot's x axis, formatted with the result (device, seq_len)
+    baseline: str  # the backend whose time of the teacher's shape `min_speedup` divides: the peer to beat
 
 
 QA = Objectives("f1", True, "F1 on the held-out training slice (supernet weights)",
-                "latency on {device}, seq {seq_len} (ms, log scale)")
+                "latency on {device}, seq {seq_len} (ms, log scale)", BASELINE)
 GENERATION = Objectives("perplexity", False, "held-out perplexity (supernet weights)",
-                        "ms per generated token on {device}, context {seq_len} (log scale)")
+                        "ms per generated token on {device}, context {seq_len} (log scale)", "llama.cpp")
 
 
 def pareto_search(cfg, objectives: Objectives, suggest: Callable[[optuna.Trial], object],
@@ -183,7 +184,7 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
         )
 
     teacher_ms = next(m["ms"] for m in latency.measurements if m["subnet"] == space.largest().to_dict())
-    budget = latency_budget(cfg, teacher_ms)
+    budget = latency_budget(cfg, teacher_ms, QA.baseline)
     started = time.perf_counter()
     # The teacher's shape first: the reference point, and a seed for the population.
     study = pareto_search(dataclasses.replace(cfg, latency_budget_ms=budget), QA, suggest,
@@ -220,15 +221,15 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
                           config_hash=config_hash(cfg))
 
 
-def latency_budget(cfg: SearchConfig, teacher_ms: dict[str, float]) -> float:
+def latency_budget(cfg: SearchConfig | LMSearchConfig, teacher_ms: dict[str, float], baseline: str) -> float:
     """The search's budget in ms: the tighter of `latency_budget_ms` and the teacher's measured
-    LiteRT fp32 latency (`teacher_ms`: ms by backend) over `min_speedup`; 0 = none."""
+    latency on `baseline` (`teacher_ms`: ms by backend) over `min_speedup`; 0 = none."""
     budgets = [cfg.latency_budget_ms] if cfg.latency_budget_ms else []
     if cfg.min_speedup:
-        if BASELINE not in teacher_ms:
-            raise ValueError(f"min_speedup: the latency model holds no {BASELINE} timing of the teacher's shape "
-                             f"(only {', '.join(teacher_ms)}); add {BASELINE} to the latency stage's backends")
-        budgets.append(teacher_ms[BASELINE] / cfg.min_speedup)
+        if baseline not in teacher_ms:
+            raise ValueError(f"min_speedup: the latency model holds no {baseline} timing of the teacher's shape "
+                             f"(only {', '.join(teacher_ms)}); add {baseline} to the latency stage's backends")
+        budgets.append(teacher_ms[baseline] / cfg.min_speedup)
     return min(budgets, default=0.0)
 
 
@@ -325,7 +326,7 @@ def search_lm(cfg: LMSearchConfig, supernet_dir: str | Path, latency_dir: str | 
     and timed again. Output as `search`'s."""
     from canao.config import DecoderSpaceConfig, LMCompileConfig
     from canao.data.text import HELDOUT_FILE, perplexity, read_text_file
-    from canao.distill_lm import corpus_file, distilled_teacher, load_decoder_supernet
+    from canao.distill_lm import corpus_file, distilled_teacher, load_decoder_supernet, torch_device
     from canao.latency import measure_decoder
     from canao.models.llama_lm import load_causal_lm
     from canao.models.llama_lm import load_tokenizer as load_lm_tokenizer
@@ -337,18 +338,20 @@ def search_lm(cfg: LMSearchConfig, supernet_dir: str | Path, latency_dir: str | 
     supernet, supernet_manifest, latency, latency_manifest = _inputs(supernet_dir, latency_dir,
                                                                      load_decoder_supernet, "decoder")
     space = DecoderSpace(from_dict(DecoderSpaceConfig, supernet_manifest["config"]["space"], "space."), supernet.shape)
+    device = torch_device(cfg.device)
+    supernet.to(device)
     heldout_file = corpus_file(supernet_manifest, HELDOUT_FILE)
     heldout = read_text_file(heldout_file)
     tokenizer = load_lm_tokenizer(supernet_dir / SUPERNET_DIR)
     config = supernet.model.config
-    teacher = perplexity(load_causal_lm(distilled_teacher(supernet_manifest)), tokenizer, heldout, cfg.eval_tokens,
-                         progress=False, top1=True)
+    teacher = perplexity(load_causal_lm(distilled_teacher(supernet_manifest)).to(device), tokenizer, heldout,
+                         cfg.eval_tokens, progress=False, top1=True)
     scores: dict[DecoderSubnet, dict] = {}
 
     def score(subnet: DecoderSubnet) -> dict:
         if subnet not in scores:
-            scored = perplexity(extract(supernet, subnet), tokenizer, heldout, cfg.eval_tokens, progress=False,
-                                top1=True)
+            scored = perplexity(extract(supernet, subnet).to(device), tokenizer, heldout, cfg.eval_tokens,
+                                progress=False, top1=True)
             scores[subnet] = {"perplexity": scored["perplexity"],
                               "greedy_agreement": float((scored["top1"] == teacher["top1"]).double().mean())}
         return scores[subnet]
@@ -363,14 +366,15 @@ def search_lm(cfg: LMSearchConfig, supernet_dir: str | Path, latency_dir: str | 
     def count_params(subnet: DecoderSubnet) -> int:
         return decoder_params(subnet, space.teacher, config.vocab_size, config.tie_word_embeddings)
 
+    teacher_ms = next(m["ms"] for m in latency.measurements if m["subnet"] == space.largest().to_dict())
+    budget = latency_budget(cfg, teacher_ms, GENERATION.baseline)
     started = time.perf_counter()
-    study = pareto_search(cfg, GENERATION, suggest, score, latency, count_params,
-                          lambda s: decoder_flops(s, space.teacher, latency.seq_len), space.largest().to_dict(),
-                          on_trial)
+    study = pareto_search(dataclasses.replace(cfg, latency_budget_ms=budget), GENERATION, suggest, score, latency,
+                          count_params, lambda s: decoder_flops(s, space.teacher, latency.seq_len),
+                          space.largest().to_dict(), on_trial)
     search_seconds = time.perf_counter() - started
 
     front = _front(study, DecoderSubnet)
-    teacher_ms = next(m["ms"] for m in latency.measurements if m["subnet"] == space.largest().to_dict())
     timing = latency_manifest["config"]
     compile_cfg = from_dict(LMCompileConfig, timing["compile"], "compile.")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -381,7 +385,7 @@ def search_lm(cfg: LMSearchConfig, supernet_dir: str | Path, latency_dir: str | 
     largest = space.largest()
     result = {
         "device": latency.device, "seq_len": latency.seq_len,
-        "latency_budget_ms": cfg.latency_budget_ms, "params_budget": cfg.params_budget,
+        "latency_budget_ms": budget, "min_speedup": cfg.min_speedup, "params_budget": cfg.params_budget,
         # The largest subnet with the supernet's weights stands for the teacher, as in `search`; the
         # teacher's own perplexity is beside it.
         "teacher": {"subnet": largest.to_dict(), **score(largest), "measured_ms_by_backend": teacher_ms,

@@ -1,8 +1,9 @@
 """Text generation with a KV cache: greedy, top-k and top-p sampling, streamed token by token.
 
-One loop drives two kinds of decoder: a `canao compile-lm` artifact (the TVM prefill and
-decode steps) and a plain model directory (PyTorch eager, the same KVCacheStep), so the
-compiled model is checked against PyTorch token for token and both are timed alike.
+One loop drives three kinds of decoder: a `canao compile-lm` artifact (the TVM prefill and
+decode steps), a plain model directory (PyTorch eager, the same KVCacheStep) and that step
+converted to LiteRT (`litert_steps`), so the compiled models are checked against PyTorch token
+for token and all are timed alike.
 
 The prompt is fed in chunks of the decoder's prefill length (the last one padded for the
 static compiled step), then one token per step. Time to first token counts from the first
@@ -11,6 +12,8 @@ prefill call to the first sampled token; ms/token is the mean time of each later
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -20,8 +23,8 @@ import numpy as np
 import torch
 from transformers import AutoConfig
 
-from canao.config import LMCompileConfig
-from canao.manifest import read_manifest, verify_stage
+from canao.config import LMCompileConfig, resolve_path
+from canao.manifest import read_manifest, sha256_file, verify_stage
 from canao.models import llama_lm
 
 
@@ -116,9 +119,69 @@ class TVMDecoder:
         return logits.numpy()[0], keys, values
 
 
+LITERT_STEPS_DIR = "outputs/compiled/litert-lm"  # converted decoders, one directory per weights and cache shape
+LITERT_STEPS_FILE = "steps.json"  # in each: the model directory, the cache's shape, the EOS ids
+
+
+def litert_steps(model_dir: str | Path, cfg: LMCompileConfig, root: str | Path = LITERT_STEPS_DIR) -> Path:
+    """The decode step and the prefill chunk of `model_dir`'s decoder as LiteRT files over a cache
+    of `cfg.max_context` positions (canao.peers.export_litert_step), in a directory under `root`
+    named by the weights and the shapes; converted once, then reused."""
+    from canao.peers import export_litert_step
+
+    model_dir = Path(model_dir)
+    weights = sha256_file(model_dir / "model.safetensors")[:16]
+    out = resolve_path(root) / f"{weights}-c{cfg.max_context}-p{cfg.prefill_len}"
+    if (out / LITERT_STEPS_FILE).is_file():
+        return out
+    work = out.with_name(out.name + ".partial")  # renamed when complete: a killed conversion leaves no look-alike
+    shutil.rmtree(work, ignore_errors=True)
+    for phase, tokens in (("decode", 1), ("prefill", cfg.prefill_len)):
+        export_litert_step(model_dir, cfg.max_context, tokens, work / f"{phase}.tflite")
+    eos = llama_lm.eos_token_ids(llama_lm.load_causal_lm(model_dir), llama_lm.load_tokenizer(model_dir))
+    (work / LITERT_STEPS_FILE).write_text(json.dumps({
+        "model": str(model_dir.resolve()), "max_context": cfg.max_context, "prefill_len": cfg.prefill_len,
+        "eos_token_ids": list(eos)}, indent=1) + "\n")
+    work.rename(out)
+    return out
+
+
+class LiteRTDecoder:
+    """A `litert_steps` directory on the LiteRT interpreter: the decode step for one token, the
+    prefill step for a chunk. The cache goes in and comes back as numpy arrays on every call."""
+
+    backend = "litert"
+
+    def __init__(self, steps_dir: str | Path, threads: int = 1):
+        from canao.peers import LiteRTRunner
+
+        steps_dir = Path(steps_dir)
+        info = json.loads((steps_dir / LITERT_STEPS_FILE).read_text())
+        self.steps = {phase: LiteRTRunner(steps_dir / f"{phase}.tflite", threads, inputs=llama_lm.STEP_INPUTS,
+                                          outputs=llama_lm.STEP_OUTPUTS) for phase in ("decode", "prefill")}
+        self.version = self.steps["decode"].version
+        self.tokenizer = llama_lm.load_tokenizer(info["model"])
+        self.eos_token_ids = tuple(info["eos_token_ids"])
+        self.max_context, self.prefill_len = info["max_context"], info["prefill_len"]
+        self.pads_chunks = True
+        config = AutoConfig.from_pretrained(info["model"])
+        head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self._cache_shape = (config.num_hidden_layers, config.num_key_value_heads, self.max_context, head_size)
+
+    def empty_cache(self):
+        return np.zeros(self._cache_shape, np.float32), np.zeros(self._cache_shape, np.float32)
+
+    def __call__(self, tokens: np.ndarray, start: int, last: int, keys, values):
+        step = self.steps["decode" if tokens.shape[1] == 1 else "prefill"]
+        logits, keys, values = step(tokens, np.array([start]), np.array([last]), keys, values)
+        return logits[0], keys, values
+
+
 def open_decoder(path: str | Path, max_context: int = LMCompileConfig.max_context):
-    """A compiled artifact (manifest of stage compile-lm) as a TVMDecoder, any other model directory as a
-    TorchDecoder with a cache of `max_context` positions."""
+    """A compiled artifact (manifest of stage compile-lm) as a TVMDecoder, a `litert_steps` directory as a
+    LiteRTDecoder, any other model directory as a TorchDecoder with a cache of `max_context` positions."""
+    if (Path(path) / LITERT_STEPS_FILE).is_file():
+        return LiteRTDecoder(path)
     manifest = read_manifest(path)
     if manifest is not None and manifest.get("stage") == "compile-lm":
         return TVMDecoder(path)

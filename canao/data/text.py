@@ -119,6 +119,7 @@ def perplexity(model, tokenizer, text: str, max_tokens: int = 0, progress: bool 
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     if max_tokens:
         ids = ids[:max_tokens]
+    ids = ids.to(next(model.parameters()).device)
     if len(ids) < 2:
         raise ValueError(f"the text has {len(ids)} token(s); perplexity needs at least 2")
     windows, end = [], 0
@@ -136,5 +137,5 @@ def perplexity(model, tokenizer, text: str, max_tokens: int = 0, progress: bool 
     scored = len(ids) - 1
     result = {"perplexity": math.exp(nll / scored), "tokens": scored, "window": PPL_WINDOW, "stride": PPL_STRIDE}
     if top1:
-        result["top1"] = torch.cat(choices)
+        result["top1"] = torch.cat(choices).cpu()
     return result

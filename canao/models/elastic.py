@@ -103,7 +103,7 @@ def taylor_importance(model: nn.Module, units: dict[str, tuple[list[nn.Linear], 
                 for i in range(len(projections)):
                     act = captured[(kind, i)]  # [batch, seq, units * size]
                     taylor = (act * act.grad).reshape(*act.shape[:-1], -1, size)  # [batch, seq, units, size]
-                    scores[kind][i] += taylor.sum(dim=(0, 1, 3)).abs().detach()
+                    scores[kind][i] += taylor.sum(dim=(0, 1, 3)).abs().detach().cpu()
     finally:
         for h in handles:
             h.remove()

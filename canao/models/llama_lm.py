@@ -114,6 +114,11 @@ def eos_token_ids(model: LlamaForCausalLM, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+# KVCacheStep's inputs and outputs by name: the LiteRT conversion names its signature after them.
+STEP_INPUTS = ("tokens", "start", "last", "keys", "values")
+STEP_OUTPUTS = ("logits", "keys", "values")
+
+
 class KVCacheStep(torch.nn.Module):
     """T tokens of a Llama LM over a static KV cache of `max_context` positions.
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from canao.config import PROFILES, ConfigError, SearchConfig, SpaceConfig, load_config
+from canao.config import PROFILES, ConfigError, LMSearchConfig, SearchConfig, SpaceConfig, load_config
 from canao.latency import LatencyModel, features, sample_subnets
-from canao.search import choose, dominated, latency_budget
+from canao.search import GENERATION, QA, choose, dominated, latency_budget
 from canao.space import SearchSpace, SubnetConfig, TeacherShape
 
 MINILM = TeacherShape(6, 384, 12, 1536)
@@ -69,13 +69,20 @@ def test_front_helpers():
         choose({"latency_budget_ms": 1.0, "front": points})
 
 
-def test_latency_budget_is_the_tighter_of_the_absolute_and_the_speedup_over_litert():
+def test_latency_budget_is_the_tighter_of_the_absolute_and_the_speedup_over_the_peer():
     teacher_ms = {"tvm": 120.0, "litert": 96.0}
-    assert latency_budget(SearchConfig(), teacher_ms) == 0.0
-    assert latency_budget(SearchConfig(latency_budget_ms=20.0), teacher_ms) == 20.0
-    assert latency_budget(SearchConfig(min_speedup=8), teacher_ms) == 12.0
-    assert latency_budget(SearchConfig(latency_budget_ms=10.0, min_speedup=8), teacher_ms) == 10.0
+    assert latency_budget(SearchConfig(), teacher_ms, QA.baseline) == 0.0
+    assert latency_budget(SearchConfig(latency_budget_ms=20.0), teacher_ms, QA.baseline) == 20.0
+    assert latency_budget(SearchConfig(min_speedup=8), teacher_ms, QA.baseline) == 12.0
+    assert latency_budget(SearchConfig(latency_budget_ms=10.0, min_speedup=8), teacher_ms, QA.baseline) == 10.0
     with pytest.raises(ValueError, match="min_speedup: the latency model holds no litert timing"):
-        latency_budget(SearchConfig(min_speedup=8), {"tvm": 120.0})
-    with pytest.raises(ConfigError, match="min_speedup"):
-        SearchConfig(min_speedup=-1)
+        latency_budget(SearchConfig(min_speedup=8), {"tvm": 120.0}, QA.baseline)
+    # Generation's peer is llama.cpp on the teacher's shape.
+    assert latency_budget(LMSearchConfig(min_speedup=4), {"llama.cpp": 10.0, "tvm": 80.0}, GENERATION.baseline) == 2.5
+    with pytest.raises(ValueError, match="min_speedup: the latency model holds no llama.cpp timing"):
+        latency_budget(LMSearchConfig(min_speedup=4), {"tvm": 80.0}, GENERATION.baseline)
+    for bad in (SearchConfig, LMSearchConfig):
+        with pytest.raises(ConfigError, match="min_speedup"):
+            bad(min_speedup=-1)
+    with pytest.raises(ConfigError, match="device: must be one of cpu, cuda"):
+        LMSearchConfig(device="gpu")

@@ -82,3 +82,22 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny_lm, corpus, supernet_dir,
     assert verify_manifest(out)["files"][weights] == verify_manifest(supernet_dir)["files"][weights]
     assert json.loads((out / "manifest.json").read_text())["metrics"]["heldout_kl_smallest"] == \
         verify_manifest(supernet_dir)["metrics"]["heldout_kl_smallest"]
+
+
+def test_the_token_embedding_stays_the_teachers(tiny_lm, supernet_dir):
+    from canao.models.llama_lm import load_causal_lm
+
+    supernet, _ = load_decoder_supernet(supernet_dir)
+    teacher = load_causal_lm(tiny_lm)
+    assert torch.equal(supernet.model.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
+    assert not torch.equal(supernet.model.model.layers[0].mlp.up_proj.weight,
+                           teacher.model.layers[0].mlp.up_proj.weight)
+
+
+def test_a_training_device_torch_lacks_is_refused(tiny_lm, corpus, tmp_path, capsys):
+    assert distill(tiny_lm, corpus, tmp_path / "tpu", "device=tpu") == 2
+    assert "device: must be one of cpu, cuda, got 'tpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert distill(tiny_lm, corpus, tmp_path / "cuda", "device=cuda") == 2
+        assert "torch sees no GPU here" in capsys.readouterr().err
+        assert not (tmp_path / "cuda").exists()

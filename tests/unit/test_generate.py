@@ -14,6 +14,12 @@ from canao.config import ConfigError, load_config
 from canao.models.llama_lm import KVCacheStep, load_causal_lm
 
 
+@pytest.fixture(scope="module")
+def litert_root(tmp_path_factory, litert_env):
+    """One directory of LiteRT conversions for the module: each decoder is converted once."""
+    return tmp_path_factory.mktemp("litert-lm")
+
+
 def _prompt(n, seed=0):
     return torch.randint(3, 49152, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -54,6 +60,23 @@ def test_compiled_greedy_output_equals_pytorch(tiny_lm, compiled_lm):
     torch_tokens = [t for t, _ in generate.stream(generate.TorchDecoder(tiny_lm, 48), prompt, new, stop_at_eos=False)]
     assert tvm_tokens == reference
     assert torch_tokens == reference
+
+
+def test_litert_steps_greedy_output_equals_pytorch(tiny_lm, litert_root):
+    # The same KV-cache step converted to LiteRT: 20 prompt tokens (a full and a padded prefill chunk).
+    prompt, new = _prompt(20, seed=1), 12
+    steps = generate.litert_steps(tiny_lm, load_config("compile-lm", "tiny"), litert_root)
+    assert generate.litert_steps(tiny_lm, load_config("compile-lm", "tiny"), litert_root) == steps  # reused
+    decoder = generate.open_decoder(steps)
+    assert isinstance(decoder, generate.LiteRTDecoder) and decoder.eos_token_ids == (2,)
+    litert_tokens = [t for t, _ in generate.stream(decoder, prompt, new, stop_at_eos=False)]
+    torch_tokens = [t for t, _ in generate.stream(generate.TorchDecoder(tiny_lm, 48), prompt, new, stop_at_eos=False)]
+    assert litert_tokens == torch_tokens
+    keys, values = decoder.empty_cache()
+    logits, _, _ = decoder(np.array([prompt[:1]]), 0, 0, keys, values)
+    with torch.no_grad():
+        reference = load_causal_lm(tiny_lm)(input_ids=torch.tensor([prompt[:1]])).logits[0, 0].numpy()
+    np.testing.assert_allclose(logits, reference, atol=1e-4, rtol=0)
 
 
 def test_stream_stops_at_eos_or_max_tokens(compiled_lm):
@@ -136,14 +159,16 @@ def test_compile_lm_config_is_checked():
             load_config("compile-lm", "tiny", overrides=[f"prefill_len={bad}"])
 
 
-def test_generation_benchmark_runs_every_backend(tiny_lm, compiled_lm):
+def test_generation_benchmark_runs_every_backend(tiny_lm, compiled_lm, litert_root):
     from canao import bench
 
     cfg = load_config("bench-lm", "tiny")
-    records = bench.bench_generation(tiny_lm, compiled_lm[0], "x86-1t", bench.GEN_BACKENDS, cfg)
+    records = bench.bench_generation(tiny_lm, compiled_lm[0], "x86-1t", bench.GEN_BACKENDS, cfg,
+                                     load_config("compile-lm", "tiny"), litert_root)
     assert [(r.backend, r.context) for r in records] == [(b, 16) for b in bench.GEN_BACKENDS]
     assert all(r.ms_per_token > 0 and r.time_to_first_token_ms > 0 and r.new_tokens == 4 for r in records)
-    assert records[-1].model.endswith(".gguf")  # llama.cpp runs the teacher's own file
+    assert records[2].model.endswith(".gguf")  # llama.cpp runs the teacher's own file
+    assert Path(records[3].model).parent == litert_root and records[3].version.startswith("litert")
     assert "| x86-1t | 16 | tvm |" in bench.generation_table(records)
 
 
@@ -159,7 +184,7 @@ def test_generation_benchmark_bad_input(tiny_lm, compiled_lm):
         bench.bench_generation(tiny_lm, None, "x86-1t", ("tvm",), load_config("bench-lm", "tiny"))
 
 
-def test_generation_suite_times_teacher_peers_and_student(tmp_path, monkeypatch):
+def test_generation_suite_times_teacher_peers_and_student(tmp_path, monkeypatch, litert_root):
     from canao import bench, config, device_lab
     from canao.models.elastic import extract
     from canao.models.elastic_decoder import DecoderSupernet
@@ -177,12 +202,28 @@ def test_generation_suite_times_teacher_peers_and_student(tmp_path, monkeypatch)
     export_gguf(student, student / GGUF_FILE)
     monkeypatch.setenv("CANAO_DEVICES", str(device_lab.devices_file(device_lab.DEVICES_FILE)))
     monkeypatch.setattr(config, "PROJECT_ROOT", tmp_path)  # compiled artifacts and tuning records land here
-    markdown, records = bench.generation_suite(teacher, heldout, student, "tiny")
-    assert [r.backend for r in records] == ["tvm", "torch", "llama.cpp", "tvm", "torch", "llama.cpp"]
+    monkeypatch.setattr(generate, "LITERT_STEPS_DIR", str(litert_root))  # the tiny teacher converted once
+    # `make bench-lm`: the generation section and records are replaced, the rest of the report kept.
+    out = tmp_path / "BENCHMARKS.md"
+    qa = {"backend": "litert", "p50_ms": 1.0}
+    out.write_text("# Benchmarks\n\n### QA teacher\n\nkept\n\n## Text generation\n\nold\n\n## Serving load test\n\nkept too\n")
+    out.with_suffix(".json").write_text(json.dumps({"records": [qa, {"backend": "tvm", "ms_per_token": 9.0}]}))
+    bench.suite(tmp_path / "no-qa-teacher", "tiny", out, "canao bench-suite --generation-only", teacher,
+                heldout.parent, student, generation_only=True)
+    markdown = out.read_text()
+    assert "old" not in markdown and markdown.count("kept") == 2 and markdown.index("### QA teacher") < \
+        markdown.index("## Text generation") < markdown.index("### Generation: student") < \
+        markdown.index("## Serving load test")
+    assert "Generated by `canao bench-suite --generation-only` on" in markdown
+    saved = json.loads(out.with_suffix(".json").read_text())["records"]
+    assert saved[0] == qa
+    records = [bench.GenRecord(**{**r, "cores": tuple(r["cores"])}) for r in saved[1:]]
+    assert [r.backend for r in records] == list(bench.GEN_BACKENDS) * 2
     compiled_root = tmp_path / "outputs" / "compiled" / "x86-1t"
     assert Path(records[0].model).parent == compiled_root and records[1].model == str(teacher)
-    assert records[2].model.endswith(".gguf") and records[4].model == str(student)
-    assert records[5].model == str(student / GGUF_FILE)  # the student's own export, not the teacher's file
+    assert records[2].model.endswith(".gguf") and records[5].model == str(student)
+    assert records[6].model == str(student / GGUF_FILE)  # the student's own export, not the teacher's file
+    assert Path(records[3].model).parent == Path(records[7].model).parent == litert_root
     assert "### Generation: teacher" in markdown and "### Generation: student" in markdown
     assert markdown.count("| x86-1t | 16 | llama.cpp |") == 2  # the teacher's file; the student's export
     assert markdown.count("| x86-1t | 16 | llama.cpp, teacher GGUF |") == 1  # the student's table keeps the peer
