@@ -302,7 +302,7 @@ class LMDistillConfig:
     max_windows: int = 0  # train on the first N windows only; 0 = all
     eval_tokens: int = 0  # held-out tokens scored for the manifest's perplexities and KL; 0 = all of heldout.txt
     train: TrainConfig = field(default_factory=TrainConfig)
-    device: str = "cpu"  # where the teacher and the trained decoder run: "cpu", or "cuda" (a GPU torch sees)
+    torch_device: str = "cpu"  # where the teacher and the trained decoder run: "cpu", or "cuda" (a GPU torch sees)
 
     def __post_init__(self):
         if self.random_subnets < 0:
@@ -310,13 +310,13 @@ class LMDistillConfig:
         _check_lm_training(self)
 
 
-def _check_device(device: str) -> None:
+def _check_torch_device(device: str) -> None:
     if device not in TORCH_DEVICES:
-        raise ConfigError(f"device: must be one of {', '.join(TORCH_DEVICES)}, got {device!r}")
+        raise ConfigError(f"torch_device: must be one of {', '.join(TORCH_DEVICES)}, got {device!r}")
 
 
 def _check_lm_training(cfg) -> None:
-    _check_device(cfg.device)
+    _check_torch_device(cfg.torch_device)
     for name in ("max_windows", "eval_tokens"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name}: must be >= 0, got {getattr(cfg, name)}")
@@ -334,7 +334,7 @@ class LMFinalizeConfig:
     max_windows: int = 0  # train on the first N windows only; 0 = all
     eval_tokens: int = 0  # held-out tokens scored for the student's and the teacher's perplexity; 0 = all
     train: TrainConfig = field(default_factory=TrainConfig)
-    device: str = "cpu"  # where the teacher and the student run: "cpu", or "cuda" (a GPU torch sees)
+    torch_device: str = "cpu"  # where the teacher and the student run: "cpu", or "cuda" (a GPU torch sees)
 
     def __post_init__(self):
         _check_lm_training(self)
@@ -435,7 +435,8 @@ class LMSearchConfig:
     params_budget: int = 0  # parameters must not exceed this; 0 = no budget
     eval_tokens: int = 4096  # held-out tokens scored per subnet (the supernet's heldout.txt); 0 = all
     remeasure: int = 4  # front points compiled and timed on the device again (lowest perplexity first)
-    device: str = "cpu"  # where the subnets are scored: "cpu", or "cuda" (a GPU torch sees)
+    torch_device: str = "cpu"  # where the subnets are scored: "cpu", or "cuda" (a GPU torch sees); not the
+    # device-lab device the latency model times, which the manifest records as `device`
 
     def __post_init__(self):
         if self.trials < 1 or self.population_size < 2:
@@ -444,7 +445,7 @@ class LMSearchConfig:
             raise ConfigError("eval_tokens, remeasure: must be >= 0")
         if not self.min_speedup >= 0:
             raise ConfigError(f"min_speedup: must be >= 0 (0 = none), got {self.min_speedup}")
-        _check_device(self.device)
+        _check_torch_device(self.torch_device)
 
 
 @dataclass(frozen=True)

@@ -66,10 +66,10 @@ def heldout_kl(supernet: DecoderSupernet, teacher, subnet: DecoderSubnet, window
 
 
 def torch_device(name: str) -> torch.device:
-    """The torch device of a config's `device` field, refused clearly where torch has none."""
+    """The torch device of a config's `torch_device` field, refused clearly where torch has none."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: cuda, but torch sees no GPU here (torch.cuda.is_available() is False); "
-                         "set device: cpu")
+        raise ValueError("torch_device: cuda, but torch sees no GPU here (torch.cuda.is_available() is False); "
+                         "set torch_device: cpu")
     return torch.device(name)
 
 
@@ -95,7 +95,7 @@ def train_decoder_supernet(cfg: LMDistillConfig, teacher_dir: str | Path, data_d
     existing = reusable(out_dir, fingerprint, "decoder supernet")
     if existing is not None:
         return existing
-    device = torch_device(cfg.device)
+    device = torch_device(cfg.torch_device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)
@@ -190,7 +190,7 @@ def finalize_student(cfg: LMFinalizeConfig, supernet_dir: str | Path, search_dir
     existing = reusable(out_dir, fingerprint, "student")
     if existing is not None:
         return existing
-    device = torch_device(cfg.device)
+    device = torch_device(cfg.torch_device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)

@@ -338,7 +338,7 @@ def search_lm(cfg: LMSearchConfig, supernet_dir: str | Path, latency_dir: str | 
     supernet, supernet_manifest, latency, latency_manifest = _inputs(supernet_dir, latency_dir,
                                                                      load_decoder_supernet, "decoder")
     space = DecoderSpace(from_dict(DecoderSpaceConfig, supernet_manifest["config"]["space"], "space."), supernet.shape)
-    device = torch_device(cfg.device)
+    device = torch_device(cfg.torch_device)
     supernet.to(device)
     heldout_file = corpus_file(supernet_manifest, HELDOUT_FILE)
     heldout = read_text_file(heldout_file)

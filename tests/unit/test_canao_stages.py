@@ -84,5 +84,5 @@ def test_latency_budget_is_the_tighter_of_the_absolute_and_the_speedup_over_the_
     for bad in (SearchConfig, LMSearchConfig):
         with pytest.raises(ConfigError, match="min_speedup"):
             bad(min_speedup=-1)
-    with pytest.raises(ConfigError, match="device: must be one of cpu, cuda"):
-        LMSearchConfig(device="gpu")
+    with pytest.raises(ConfigError, match="torch_device: must be one of cpu, cuda"):
+        LMSearchConfig(torch_device="gpu")

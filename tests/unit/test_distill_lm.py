@@ -95,9 +95,9 @@ def test_the_token_embedding_stays_the_teachers(tiny_lm, supernet_dir):
 
 
 def test_a_training_device_torch_lacks_is_refused(tiny_lm, corpus, tmp_path, capsys):
-    assert distill(tiny_lm, corpus, tmp_path / "tpu", "device=tpu") == 2
-    assert "device: must be one of cpu, cuda, got 'tpu'" in capsys.readouterr().err
+    assert distill(tiny_lm, corpus, tmp_path / "tpu", "torch_device=tpu") == 2
+    assert "torch_device: must be one of cpu, cuda, got 'tpu'" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        assert distill(tiny_lm, corpus, tmp_path / "cuda", "device=cuda") == 2
+        assert distill(tiny_lm, corpus, tmp_path / "cuda", "torch_device=cuda") == 2
         assert "torch sees no GPU here" in capsys.readouterr().err
         assert not (tmp_path / "cuda").exists()
