@@ -8,7 +8,8 @@ canao.models.llama_lm (which needs nothing more; canao.peers puts the project on
 canao calls it by file path through `canao.peers.export_litert` and `export_litert_step`.
 
     .venv-litert/bin/python canao/litert_convert.py --model DIR --seq-len 128 --out model.tflite [--int8]
-    .venv-litert/bin/python canao/litert_convert.py --model DIR --decoder --max-context 640 --seq-len 1 --out decode.tflite
+    .venv-litert/bin/python canao/litert_convert.py --model DIR --decoder --max-context 640 --seq-len 1 \
+        --out decode.tflite
 """
 
 import argparse

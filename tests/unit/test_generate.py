@@ -206,7 +206,8 @@ def test_generation_suite_times_teacher_peers_and_student(tmp_path, monkeypatch,
     # `make bench-lm`: the generation section and records are replaced, the rest of the report kept.
     out = tmp_path / "BENCHMARKS.md"
     qa = {"backend": "litert", "p50_ms": 1.0}
-    out.write_text("# Benchmarks\n\n### QA teacher\n\nkept\n\n## Text generation\n\nold\n\n## Serving load test\n\nkept too\n")
+    out.write_text("# Benchmarks\n\n### QA teacher\n\nkept\n\n## Text generation\n\nold\n\n"
+                   "## Serving load test\n\nkept too\n")
     out.with_suffix(".json").write_text(json.dumps({"records": [qa, {"backend": "tvm", "ms_per_token": 9.0}]}))
     bench.suite(tmp_path / "no-qa-teacher", "tiny", out, "canao bench-suite --generation-only", teacher,
                 heldout.parent, student, generation_only=True)
