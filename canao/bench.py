@@ -156,9 +156,11 @@ def table(records: list[Record]) -> str:
     return "\n".join(lines)
 
 
-def write_records(records: list[Record] | list[GenRecord], path: str | Path) -> None:
-    """Write atomically: a benchmark cut short leaves no file that looks complete."""
-    write_text_atomic(path, json.dumps({"host": cpu_model(), "records": [asdict(r) for r in records]}, indent=1))
+def write_records(records: list[Record] | list[GenRecord], path: str | Path, kept: list[dict] = ()) -> None:
+    """Write atomically: a benchmark cut short leaves no file that looks complete. `kept`: records
+    (as read back) of another run to write first."""
+    write_text_atomic(path, json.dumps({"host": cpu_model(), "records": [*kept, *(asdict(r) for r in records)]},
+                                       indent=1))
 
 
 # `make bench`: the models of the suite. The QA teacher's shape (all-MiniLM-L6-v2) and a
@@ -230,8 +232,7 @@ def suite(teacher_dir: Path, profile: str, out: Path, command: str, lm_teacher_d
         records = out.with_suffix(".json")
         kept = [r for r in json.loads(records.read_text())["records"] if "ms_per_token" not in r] \
             if records.is_file() else []
-        write_text_atomic(records, json.dumps({"host": cpu_model(), "records": kept + [asdict(r) for r in gen_records]},
-                                              indent=1))
+        write_records(gen_records, records, kept)
         return
     bench_cfg = load_config("bench", profile)
     sections, raw = [], []
@@ -267,7 +268,6 @@ def suite(teacher_dir: Path, profile: str, out: Path, command: str, lm_teacher_d
 
 
 # ---- text generation ----------------------------------------------------------------------------
-
 
 
 @dataclass(frozen=True)
@@ -475,9 +475,10 @@ def suite_lm_inputs(teacher_dir: Path, data_dir: Path, profile: str) -> tuple[Pa
 def generation_suite(teacher_dir: Path, heldout_file: Path, student_dir: Path | None, profile: str, command: str
                      ) -> tuple[str, list[GenRecord]]:
     """`make bench`'s generation section: the teacher decoder in TVM (compile-lm, the profile's
-    config), PyTorch and llama.cpp (its own GGUF file), and the student (if given) in TVM and
-    PyTorch, at the profile's contexts on its devices; every model's held-out perplexity (one
-    protocol, canao.data.text). Markdown and the records."""
+    config), PyTorch, llama.cpp (its own GGUF file) and LiteRT, and the student (if given) in the
+    same (llama.cpp only on its own GGUF export), at the profile's contexts on its devices; every
+    model's held-out perplexity (one protocol, canao.data.text). Markdown (the section's body,
+    `command` named in it) and the records."""
     from canao.data.text import perplexity, read_text_file
     from canao.models.gguf_export import exported_gguf
     from canao.models.llama_lm import load_causal_lm

@@ -120,6 +120,10 @@ class LatencyModel:
         x = FAMILIES[self.family].features(subnet, self.teacher, self.seq_len)
         return float(x @ np.asarray(self.coefficients[backend]))
 
+    def measured(self, subnet) -> dict[str, float]:
+        """The ms by backend measured for `subnet` (one of the timed samples, e.g. the teacher's shape)."""
+        return next(m["ms"] for m in self.measurements if m["subnet"] == subnet.to_dict())
+
     def fastest(self, subnet) -> tuple[float, str]:
         """The predicted latency of what would be deployed: the fastest backend for this subnet."""
         return min((self.predict(subnet, b), b) for b in self.coefficients)

@@ -183,7 +183,7 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
             [trial.suggest_categorical(f"ffn_{i}", c.ffn_sizes) for i in range(deepest)],
         )
 
-    teacher_ms = next(m["ms"] for m in latency.measurements if m["subnet"] == space.largest().to_dict())
+    teacher_ms = latency.measured(space.largest())
     budget = latency_budget(cfg, teacher_ms, QA.baseline)
     started = time.perf_counter()
     # The teacher's shape first: the reference point, and a seed for the population.
@@ -366,7 +366,7 @@ def search_lm(cfg: LMSearchConfig, supernet_dir: str | Path, latency_dir: str | 
     def count_params(subnet: DecoderSubnet) -> int:
         return decoder_params(subnet, space.teacher, config.vocab_size, config.tie_word_embeddings)
 
-    teacher_ms = next(m["ms"] for m in latency.measurements if m["subnet"] == space.largest().to_dict())
+    teacher_ms = latency.measured(space.largest())
     budget = latency_budget(cfg, teacher_ms, GENERATION.baseline)
     started = time.perf_counter()
     study = pareto_search(dataclasses.replace(cfg, latency_budget_ms=budget), GENERATION, suggest, score, latency,

@@ -105,9 +105,7 @@ class TVMDecoder:
         self.max_context = manifest["config"]["max_context"]
         self.prefill_len = manifest["config"]["prefill_len"]
         self.pads_chunks = True
-        config = AutoConfig.from_pretrained(artifact_dir)
-        head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self._cache_shape = (config.num_hidden_layers, config.num_key_value_heads, self.max_context, head_size)
+        self._cache_shape = llama_lm.cache_shape(AutoConfig.from_pretrained(artifact_dir), self.max_context)
 
     def empty_cache(self):
         return tuple(self._tensor(np.zeros(self._cache_shape, np.float32), self._device) for _ in range(2))
@@ -164,9 +162,7 @@ class LiteRTDecoder:
         self.eos_token_ids = tuple(info["eos_token_ids"])
         self.max_context, self.prefill_len = info["max_context"], info["prefill_len"]
         self.pads_chunks = True
-        config = AutoConfig.from_pretrained(info["model"])
-        head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self._cache_shape = (config.num_hidden_layers, config.num_key_value_heads, self.max_context, head_size)
+        self._cache_shape = llama_lm.cache_shape(AutoConfig.from_pretrained(info["model"]), self.max_context)
 
     def empty_cache(self):
         return np.zeros(self._cache_shape, np.float32), np.zeros(self._cache_shape, np.float32)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
 
-from canao.models.llama_lm import load_causal_lm, teacher_gguf
+from canao.models.llama_lm import head_size, load_causal_lm, teacher_gguf
 
 GGUF_FILE = "model.gguf"  # where a model directory keeps its llama.cpp export
 PRECISIONS = ("teacher", "f32")
@@ -95,7 +95,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, precision: str = "t
         raise ValueError(f"{model_dir}: vocabulary of {c.vocab_size}, not the teacher tokenizer's; cannot share "
                          "its GGUF tokenizer")
     stored_as = _teacher_types(reader) if precision == "teacher" else {}  # role -> type; the rest float32
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    head_dim = head_size(c)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     partial = out_file.with_name(out_file.name + ".partial")
     writer = GGUFWriter(partial, "llama")

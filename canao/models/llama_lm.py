@@ -114,6 +114,17 @@ def eos_token_ids(model: LlamaForCausalLM, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def head_size(config) -> int:
+    """Channels per attention head: the config's explicit `head_dim` (students keep the teacher's), else
+    hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def cache_shape(config, max_context: int) -> tuple[int, int, int, int]:
+    """KVCacheStep's keys (or values) for `config`: [layers, KV heads, max_context, head size]."""
+    return config.num_hidden_layers, config.num_key_value_heads, max_context, head_size(config)
+
+
 # KVCacheStep's inputs and outputs by name: the LiteRT conversion names its signature after them.
 STEP_INPUTS = ("tokens", "start", "last", "keys", "values")
 STEP_OUTPUTS = ("logits", "keys", "values")
@@ -138,7 +149,7 @@ class KVCacheStep(torch.nn.Module):
         self.model = model
         c = model.config
         self.num_heads, self.num_kv_heads = c.num_attention_heads, c.num_key_value_heads
-        self.head_size = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.head_size = head_size(c)
         self.max_context = max_context
         # RoPE tables of every cache position, looked up by position: no trigonometry at run time.
         positions = torch.arange(max_context)[None]
@@ -149,7 +160,7 @@ class KVCacheStep(torch.nn.Module):
         self.register_buffer("sin", sin[0], persistent=False)
 
     def empty_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (len(self.model.model.layers), self.num_kv_heads, self.max_context, self.head_size)
+        shape = cache_shape(self.model.config, self.max_context)
         return torch.zeros(shape), torch.zeros(shape)
 
     def forward(self, tokens, start, last, keys, values):
