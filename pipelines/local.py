@@ -3,8 +3,8 @@
 Starts what the pipeline needs and is not running yet (the MLflow server and SeaweedFS S3
 store of canao/services.py, the device lab), runs the pipeline (each task a subprocess in
 this environment, the image's content), writes the summary to `outputs/latest/summary.json`
-and stops what it started. Finished stages are reused from the content-hash cache
-(outputs/cache/), so running it again after a failure resumes.
+and stops what it started, also when stopped by Ctrl-C or SIGTERM. Finished stages are reused
+from the content-hash cache (outputs/cache/), so running it again after a failure resumes.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -47,6 +48,12 @@ def running_services(mlflow_port: int = services.MLFLOW_PORT, s3_port: int = ser
             device_lab.down()
         if started_services:
             services.down()
+
+
+def _exit_on_sigterm(signum: int, _frame) -> None:
+    # SIGTERM (`kill`, a scheduler's stop) would end the process without unwinding; as SystemExit
+    # it goes through running_services' `finally`, like Ctrl-C, and the services it started stop.
+    raise SystemExit(128 + signum)
 
 
 def run(profile: str, device: str, latency_budgets_ms: list[float], overrides: dict[str, list[str]],
@@ -116,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             parser.error(f"--set {item}: expected STAGE:KEY=VALUE")
         overrides.setdefault(stage, []).append(override)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         with running_services(args.mlflow_port, args.s3_port, args.lab_port):
             summary = run(args.profile, args.device, args.budgets or [10.0, 25.0], overrides,

@@ -3,7 +3,14 @@ SeaweedFS S3 store and device lab on 127.0.0.1: teacher -> distill -> latency ->
 finalize -> compile and benchmark (student and teacher) -> deploy; a failed run resumes from
 its finished stages, and MLflow's REST API and the S3 bucket hold what the summary says."""
 
+import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 import urllib.parse
 import urllib.request
 from collections import Counter
@@ -12,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from canao import device_lab, tracking
+from canao import device_lab, services, tracking
+from canao.config import PROJECT_ROOT
 from canao.registry import Registry
 from pipelines import local
 from tests.integration.conftest import running_lab, running_services
@@ -123,3 +131,50 @@ def test_front_and_candidates_are_logged_for_comparison(workspace, tmp_path):
     assert [a["path"] for a in artifacts] == ["front/front.json"]
     experiment = rest("runs/get", run_id=parent)["run"]["info"]["experiment_id"]
     assert dict(child_runs(parent, experiment))["candidate-0"]["stage"] == "search"
+
+
+def test_sigterm_while_starting_stops_what_make_run_started(tmp_path):
+    """`make run` stopped with SIGTERM as the device lab comes up exits, and leaves no MLflow,
+    SeaweedFS or device-lab process behind (they run in sessions of their own, so only the
+    pipeline's own `finally` can stop them)."""
+    project = yaml.safe_load(device_lab.devices_file(device_lab.DEVICES_FILE).read_text())
+    (tmp_path / "devices.yaml").write_text(yaml.safe_dump({"x86-1t": project["x86-1t"]}))
+    env = {k: v for k, v in os.environ.items() if k != "CANAO_TRACKER"} | {
+        "CANAO_SERVICES_DIR": str(tmp_path / "services"), "CANAO_LAB_DIR": str(tmp_path / "lab"),
+        "CANAO_DEVICES": str(tmp_path / "devices.yaml"), "CANAO_CACHE_DIR": str(tmp_path / "cache")}
+    mlflow_port, s3_port, lab_port = services.free_ports(3)
+    process = subprocess.Popen([sys.executable, "-m", "pipelines.local", "--profile", "tiny",
+                                "--mlflow-port", str(mlflow_port), "--s3-port", str(s3_port),
+                                "--lab-port", str(lab_port)], cwd=PROJECT_ROOT, env=env)
+    services_state = tmp_path / "services" / services.state_file().name
+    try:
+        deadline = time.monotonic() + 180
+        while not services_state.exists():  # MLflow and SeaweedFS answer; the lab starts next
+            assert process.poll() is None and time.monotonic() < deadline, "make run ended before its services were up"
+            time.sleep(0.05)
+        started = json.loads(services_state.read_text())
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:  # whatever the outcome, nothing of this test outlives it
+        process.kill()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("CANAO_SERVICES_DIR", env["CANAO_SERVICES_DIR"])
+            mp.setenv("CANAO_LAB_DIR", env["CANAO_LAB_DIR"])
+            leftovers = services.down()["stopped"] + device_lab.down()["stopped"]
+    assert leftovers == []  # no state file was left: make run removed both
+    for port in (mlflow_port, s3_port, lab_port):
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    live = _live_command_lines()
+    assert not [cmd for cmd in live.values() if str(tmp_path) in cmd or f"127.0.0.1:{lab_port}" in cmd]
+    assert not {started["mlflow"]["pid"], started["s3"]["pid"]} & set(live)
+
+
+def _live_command_lines() -> dict[int, str]:
+    """pid -> command line of every process on this machine that is not a zombie."""
+    lines = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                lines[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    return lines
