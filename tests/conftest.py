@@ -1,5 +1,8 @@
 import json
+import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,27 @@ from canao.data.squad import SquadExample
 SQUAD_DIR = resolve_path("../shared/data/squad")
 TRAIN_FILE = SQUAD_DIR / "train-subset-v1.1.json"
 DEV_FILE = SQUAD_DIR / "dev-a-v1.1.json"
+
+# What a run writes, measured on a fresh clone (GB): pytest's temporary directory holds 0.85 at
+# the end; the LiteRT converter's environment (.venv-litert), built by the first test that needs
+# it, is 2.1.
+TMP_NEEDS_GB = 1.0
+LITERT_ENV_NEEDS_GB = 2.5
+
+
+def pytest_sessionstart(session):
+    """A full disk fails tests all over the suite with errors that do not say why (a truncated
+    file, a venv that does not install): refuse to start instead, naming the folder."""
+    needs: dict[int, list] = {}  # filesystem -> [a folder on it, GB the run writes there]
+    litert_env = PROJECT_ROOT / ".venv-litert"
+    for folder, gb in ((Path(tempfile.gettempdir()), TMP_NEEDS_GB),
+                       (PROJECT_ROOT, 0.0 if litert_env.is_dir() else LITERT_ENV_NEEDS_GB)):
+        needs.setdefault(os.stat(folder).st_dev, [folder, 0.0])[1] += gb
+    for folder, gb in needs.values():
+        free = shutil.disk_usage(folder).free / 1e9
+        if free < gb:
+            pytest.exit(f"{folder}: {free:.1f} GB free on its disk; the tests need about {gb:.1f} GB "
+                        "(pytest's temporary files, and .venv-litert if it is not built yet)", returncode=3)
 
 
 def squad_file(path: Path, articles: list) -> Path:
