@@ -88,20 +88,17 @@ def _teacher(args) -> str:
 
 
 def _predictor(args):
-    from canao.apps.qa import QAPredictor, load_artifact
+    from canao.apps.qa import open_predictor
 
-    manifest = read_manifest(args.model) or {}
+    model_dir = Path(args.model)
+    manifest = read_manifest(model_dir) or {}
     if "backends" in manifest:  # a compiled artifact: what serving runs, at its compiled length
         if args.overrides:
-            raise ValueError(f"--set: {args.model} is a compiled artifact; its windowing is its compiled length")
-        threads = args.threads or len(os.sched_getaffinity(0))
-        predictor, backend, _ = load_artifact(Path(args.model), verify_manifest(args.model), args.backend, threads)
-        print(f"{args.model}: backend {backend}", file=sys.stderr)
-        return predictor
-    if args.backend not in ("auto", "torch"):
-        raise ValueError(f"--backend: {args.backend!r} needs a compiled artifact; {args.model} is a model directory")
-    _set_threads(args.threads)
-    predictor = QAPredictor.from_dir(args.model, batch_size=args.batch_size)
+            raise ValueError(f"--set: {model_dir} is a compiled artifact; its windowing is its compiled length")
+        manifest = verify_manifest(model_dir)
+    predictor, backend, _ = open_predictor(model_dir, manifest, args.backend,
+                                           args.threads or len(os.sched_getaffinity(0)), args.batch_size, "--backend")
+    print(f"{model_dir}: backend {backend}", file=sys.stderr)
     if args.overrides:
         merged = apply_overrides(to_dict(predictor.features_cfg), args.overrides)
         predictor.features_cfg = from_dict(SquadFeatureConfig, merged, "features.")

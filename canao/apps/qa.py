@@ -129,6 +129,21 @@ def load_artifact(artifact_dir: Path, manifest: dict, backend: str, threads: int
     return StaticShapePredictor(runners[fastest], load_tokenizer(artifact_dir), features), fastest, timings
 
 
+def open_predictor(model_dir: Path, manifest: dict, backend: str, threads: int, batch_size: int = 64,
+                   field: str = "backend") -> tuple[SpanPredictor, str, dict[str, float]]:
+    """A QA model directory (its verified `manifest`) as a predictor: a compiled artifact through
+    `load_artifact`, a model directory in PyTorch on `threads` threads with the windowing it was
+    trained with. Also the backend that runs it and the start-up timing of each candidate. `field`
+    names the setting that chose `backend` in the error for a backend the directory cannot run."""
+    if "backends" in manifest:
+        return load_artifact(model_dir, manifest, backend, threads)
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"{field}: {backend!r} needs a compiled artifact; {model_dir} is a model directory "
+                         "(it runs in PyTorch)")
+    torch.set_num_threads(threads)
+    return QAPredictor.from_dir(model_dir, batch_size=batch_size), "torch", {}
+
+
 def evaluate(predictor: SpanPredictor, examples: list[SquadExample],
              progress: bool = True) -> tuple[dict, dict[str, Prediction]]:
     """Official EM/F1 (percent) of `predictor` on `examples`, and its predictions."""

@@ -34,7 +34,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from canao.apps import generate
-from canao.apps.qa import QAPredictor, SpanPredictor, load_artifact
+from canao.apps.qa import SpanPredictor, open_predictor
 from canao.config import ServeConfig, resolve_path, to_dict
 from canao.data.squad import SquadExample
 from canao.manifest import MANIFEST, read_manifest, sha256_file, verify_manifest
@@ -107,22 +107,17 @@ def load_model(model_dir: Path, cfg: ServeConfig) -> tuple[SpanPredictor, ModelI
     configured) backend; a QA model directory runs in PyTorch with the windowing it was trained with."""
     manifest = verify_manifest(model_dir)
     version = sha256_file(model_dir / MANIFEST)[:12]
-    threads = cfg.threads or len(os.sched_getaffinity(0))
+    predictor, backend, timings = open_predictor(model_dir, manifest, cfg.backend,
+                                                 cfg.threads or len(os.sched_getaffinity(0)))
     if "backends" in manifest:
-        predictor, backend, timings = load_artifact(model_dir, manifest, cfg.backend, threads)
         compiled = manifest["config"]
         return predictor, ModelInfo(model_dir.name, version, manifest["stage"], backend, compiled["device"],
                                     compiled["target"], compiled["seq_len"], timings)
-    if cfg.backend not in ("auto", "torch"):
-        raise ValueError(f"backend: {cfg.backend!r} needs a compiled artifact; {model_dir} is a model directory "
-                         "(it runs in PyTorch)")
     import torch
 
-    torch.set_num_threads(threads)
-    predictor = QAPredictor.from_dir(model_dir)
-    return predictor, ModelInfo(model_dir.name, version, manifest["stage"], "torch", "cpu",
+    return predictor, ModelInfo(model_dir.name, version, manifest["stage"], backend, "cpu",
                                 {"kind": "pytorch", "version": torch.__version__},
-                                predictor.features_cfg.max_seq_len, {})
+                                predictor.features_cfg.max_seq_len, timings)
 
 
 def load_lm(model_dir: Path, cfg: ServeConfig) -> tuple[generate.TVMDecoder | generate.TorchDecoder, ModelInfo]:
