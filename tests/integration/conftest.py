@@ -2,6 +2,7 @@ import contextlib
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -9,6 +10,20 @@ import uvicorn
 import yaml
 
 from canao import device_lab
+
+
+def live_processes() -> dict[int, tuple[int, str]]:
+    """pid -> (process group, command line) of every live (not zombie) process on this machine."""
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            state, _, group = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            if state != "Z":
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found[int(proc.name)] = (int(group), command)
+        except OSError:
+            continue  # exited while we looked
+    return found
 
 
 def free_port() -> int:

@@ -22,22 +22,14 @@ import yaml
 
 from canao import device_lab
 from canao.device_lab import DeviceLabError, get_device, load_devices, run_remote, time_remote, tvm_target
-from tests.integration.conftest import free_port, running_lab
+from tests.integration.conftest import free_port, live_processes, running_lab
 
 PAIR = "x86-1t-pair"
 
 
 def _live_processes(groups: set[int]) -> list[int]:
     """Pids of live (non-zombie) processes in the given process groups."""
-    live = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
-        except OSError:
-            continue
-        if state != "Z" and int(group) in groups:
-            live.append(int(stat.parent.name))
-    return live
+    return [pid for pid, (group, _) in live_processes().items() if group in groups]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ SeaweedFS S3 store and device lab on 127.0.0.1: teacher -> distill -> latency ->
 finalize -> compile and benchmark (student and teacher) -> deploy; a failed run resumes from
 its finished stages, and MLflow's REST API and the S3 bucket hold what the summary says."""
 
-import contextlib
 import json
 import os
 import signal
@@ -23,7 +22,7 @@ from canao import device_lab, services, tracking
 from canao.config import PROJECT_ROOT
 from canao.registry import Registry
 from pipelines import local
-from tests.integration.conftest import running_lab, running_services
+from tests.integration.conftest import live_processes, running_lab, running_services
 
 
 @pytest.fixture(scope="module")
@@ -165,16 +164,6 @@ def test_sigterm_while_starting_stops_what_make_run_started(tmp_path):
     for port in (mlflow_port, s3_port, lab_port):
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    live = _live_command_lines()
-    assert not [cmd for cmd in live.values() if str(tmp_path) in cmd or f"127.0.0.1:{lab_port}" in cmd]
-    assert not {started["mlflow"]["pid"], started["s3"]["pid"]} & set(live)
-
-
-def _live_command_lines() -> dict[int, str]:
-    """pid -> command line of every process on this machine that is not a zombie."""
-    lines = {}
-    for proc in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError):
-            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                lines[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    return lines
+    services_groups = {started["mlflow"]["pid"], started["s3"]["pid"]}  # each started in a session of its own
+    assert not [cmd for group, cmd in live_processes().values()
+                if group in services_groups or str(tmp_path) in cmd or f"127.0.0.1:{lab_port}" in cmd]
