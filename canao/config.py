@@ -385,8 +385,12 @@ class SearchConfig:
     def __post_init__(self):
         if self.trials < 1 or self.population_size < 2 or self.val_questions < 1:
             raise ConfigError("trials, val_questions: must be >= 1; population_size: >= 2")
-        if not self.min_speedup >= 0:
-            raise ConfigError(f"min_speedup: must be >= 0 (0 = none), got {self.min_speedup}")
+        _check_min_speedup(self.min_speedup)
+
+
+def _check_min_speedup(min_speedup: float) -> None:
+    if not min_speedup >= 0:  # also refuses NaN
+        raise ConfigError(f"min_speedup: must be >= 0 (0 = none), got {min_speedup}")
 
 
 # The generation backends: TVM (compile-lm), PyTorch eager, llama.cpp (a GGUF file), LiteRT (the
@@ -443,8 +447,7 @@ class LMSearchConfig:
             raise ConfigError("trials: must be >= 1; population_size: >= 2")
         if self.eval_tokens < 0 or self.remeasure < 0:
             raise ConfigError("eval_tokens, remeasure: must be >= 0")
-        if not self.min_speedup >= 0:
-            raise ConfigError(f"min_speedup: must be >= 0 (0 = none), got {self.min_speedup}")
+        _check_min_speedup(self.min_speedup)
         _check_torch_device(self.torch_device)
 
 
