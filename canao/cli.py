@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from canao import device_lab, registry, services
+from canao import device_lab, hardware, registry, services
 from canao.bench import BACKENDS, GEN_BACKENDS
 from canao.config import (
     PROFILES,
@@ -96,20 +95,13 @@ def _predictor(args):
         if args.overrides:
             raise ValueError(f"--set: {model_dir} is a compiled artifact; its windowing is its compiled length")
         manifest = verify_manifest(model_dir)
-    predictor, backend, _ = open_predictor(model_dir, manifest, args.backend,
-                                           args.threads or len(os.sched_getaffinity(0)), args.batch_size, "--backend")
+    predictor, backend, _ = open_predictor(model_dir, manifest, args.backend, hardware.threads(args.threads),
+                                           args.batch_size, "--backend")
     print(f"{model_dir}: backend {backend}", file=sys.stderr)
     if args.overrides:
         merged = apply_overrides(to_dict(predictor.features_cfg), args.overrides)
         predictor.features_cfg = from_dict(SquadFeatureConfig, merged, "features.")
     return predictor
-
-
-def _set_threads(threads: int) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 def cmd_eval_qa(args) -> None:
@@ -303,7 +295,7 @@ def cmd_eval_lm(args) -> None:
     from canao.models.llama_lm import load_causal_lm, load_tokenizer
 
     text = read_text_file(args.data)
-    _set_threads(args.threads)
+    hardware.torch_threads(args.threads)
     result = perplexity(load_causal_lm(args.model), load_tokenizer(args.model), text, args.max_tokens)
     print(json.dumps({"perplexity": round(result["perplexity"], 4), "tokens": result["tokens"]}))
 
@@ -328,7 +320,7 @@ def cmd_generate(args) -> None:
     from canao.apps import generate
 
     sampling = generate.Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    _set_threads(args.threads)
+    hardware.torch_threads(args.threads)
     decoder = generate.open_decoder(args.model, args.max_context)
     ids = generate.encode_prompt(decoder.tokenizer, args.prompt, chat=not args.no_chat)
     ids, dropped = generate.fit_prompt(ids, args.max_new_tokens, decoder)

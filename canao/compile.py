@@ -28,10 +28,12 @@ import torch
 
 from canao import device_lab, tvm_cpu_intrinsics
 from canao.config import CompileConfig, LMCompileConfig, resolve_path, to_dict
-from canao.manifest import staged_dir, write_manifest
+from canao.hardware import Hardware, check_same
+from canao.manifest import staged_dir, write_manifest, write_text_atomic
 from canao.models.bert_qa import example_inputs, load_for_export, load_tokenizer
 
 TVM_LIBRARY = "tvm/model.so"
+TUNING_HARDWARE = "hardware.json"  # in a tuning database's directory: the Hardware it was tuned on
 
 
 class NumericsError(ValueError):
@@ -83,7 +85,22 @@ def _locked(directory: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def tune_and_build(mod, target, cfg: CompileConfig, tuning_dir: Path) -> tuple[object, dict]:
+def open_tuning_database(tuning_dir: Path, hardware: Hardware, reuse_other_hardware: bool) -> None:
+    """Check that the tuning database in `tuning_dir` was tuned on `hardware` (kernels tuned for
+    another CPU are slow or wrong on this one), recording it in a new database; the caller holds
+    the directory's lock."""
+    record = tuning_dir / TUNING_HARDWARE
+    if record.is_file():
+        recorded = json.loads(record.read_text())
+    elif any(tuning_dir.glob("database_*.json")):
+        recorded = None  # tuned before canao recorded the hardware
+    else:
+        write_text_atomic(record, json.dumps(hardware.to_dict(), indent=1) + "\n")
+        return
+    check_same(recorded, hardware, f"{tuning_dir}: tuning database", reuse_other_hardware)
+
+
+def tune_and_build(mod, target, cfg: CompileConfig, tuning_dir: Path, hardware: Hardware) -> tuple[object, dict]:
     """Fuse, tune the kernels the database lacks, apply the database, build. Returns the
     executable and what tuning did (tasks, tasks reused from the database, seconds)."""
     import tvm
@@ -100,6 +117,7 @@ def tune_and_build(mod, target, cfg: CompileConfig, tuning_dir: Path) -> tuple[o
         ])(mod)
     started = time.perf_counter()
     with _locked(tuning_dir):
+        open_tuning_database(tuning_dir, hardware, cfg.reuse_other_hardware)
         database = ms.database.JSONDatabase(work_dir=str(tuning_dir))
         tasks = ms.relax_integration.extract_tasks(mod, target)
         # A kernel the database has seen is not tuned again, even when none of its candidates
@@ -144,7 +162,7 @@ def build_checked(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], refe
     if cfg.fast_math:
         mod = fast_math(mod)
     executable, tuning = tune_and_build(mod, device_lab.tvm_target(device), cfg,
-                                        resolve_path(cfg.tuning_dir) / device.key)
+                                        resolve_path(cfg.tuning_dir) / device.key, device.hardware())
     library.parent.mkdir(parents=True, exist_ok=True)
     executable.export_library(str(library))
     diff = max_abs_diff(_run_tvm(library, [t.numpy() for t in inputs], device), reference)
@@ -167,6 +185,7 @@ def compile_model(model_dir: str | Path, device_key: str, cfg: CompileConfig, ou
     from canao import peers
 
     device = device_lab.get_device(device_key)
+    hardware = device.hardware()
     out_dir, model_dir = _new_out_dir(out_dir), Path(model_dir)
     model = load_for_export(model_dir)
     inputs = example_inputs(cfg.seq_len)
@@ -180,7 +199,7 @@ def compile_model(model_dir: str | Path, device_key: str, cfg: CompileConfig, ou
         backends = {"tvm": TVM_LIBRARY}
         numpy_inputs = [t.numpy() for t in inputs]
         for name in cfg.peers:
-            path = peers.export(name, model_dir, model, cfg.seq_len, staging)
+            path = peers.export(name, model_dir, model, cfg.seq_len, staging, hardware.int8_dot)
             backends[name] = path.relative_to(staging).as_posix()
             numerics[name] = max_abs_diff(peers.runner(name, path, threads=1)(*numpy_inputs), reference)
         load_tokenizer(model_dir).save_pretrained(staging)
@@ -190,7 +209,7 @@ def compile_model(model_dir: str | Path, device_key: str, cfg: CompileConfig, ou
             config={"device": device.key, "target": json.loads(str(device_lab.tvm_target(device))), **to_dict(cfg)},
             metrics={"numerics_max_abs_diff": numerics, "tuning": tuning},
             inputs={"model": str(model_dir.resolve())},
-            backends=backends,
+            backends=backends, hardware=hardware.to_dict(),
         )
     return manifest
 
@@ -229,7 +248,7 @@ def compile_lm(model_dir: str | Path, device_key: str, cfg: LMCompileConfig, out
             config={"device": device.key, "target": json.loads(str(device_lab.tvm_target(device))), **to_dict(cfg)},
             metrics={"numerics_max_abs_diff": numerics, "tuning": tuning},
             inputs={"model": str(model_dir.resolve())},
-            backends=dict(LM_LIBRARIES),
+            backends=dict(LM_LIBRARIES), hardware=device.hardware().to_dict(),
             eos_token_ids=list(llama_lm.eos_token_ids(model, tokenizer)),
         )
     return manifest

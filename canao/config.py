@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,10 +67,18 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW decay, not applied to biases and LayerNorm
     warmup_ratio: float = 0.1  # fraction of steps with a linear warm-up, then linear decay
     max_grad_norm: float = 1.0  # gradient clipping
-    bf16: bool = True  # bfloat16 autocast for the encoder's forward (weights stay fp32)
+    # bfloat16 autocast of the forward pass (weights stay fp32): "auto" only where the CPU or GPU computes
+    # bfloat16 natively (emulated it is ~20x slower than fp32), true or false to force it (canao.hardware)
+    bf16: bool | str = "auto"
     eval_batch_size: int = 64  # features per forward pass during evaluation
     checkpoint_every: int = 200  # optimizer steps between resumable checkpoints
-    threads: int = 0  # torch intra-op threads; 0 = torch's default (all cores)
+    threads: int = 0  # torch intra-op threads; 0 = one per core this process may run on
+
+    def __post_init__(self):
+        if self.bf16 not in (True, False, "auto"):
+            raise ConfigError(f"train.bf16: must be auto, true or false, got {self.bf16!r}")
+        if self.threads < 0:
+            raise ConfigError(f"train.threads: must be >= 0, got {self.threads}")
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,12 @@ def _check_features(f: SquadFeatureConfig) -> None:
         )
 
 
+# A tuning database, a latency model or a latency stage's measurements made on other hardware than
+# the device's is refused (canao.hardware.check_same); true uses it anyway, priced and tuned for
+# that other CPU (a what-if, or a machine known to be alike).
+REUSE_OTHER_HARDWARE = False
+
+
 @dataclass(frozen=True)
 class CompileConfig:
     seq_len: int = 128  # static sequence length of the compiled module (one bucket)
@@ -104,6 +119,7 @@ class CompileConfig:
     numerics_tol: float = 1e-3  # max abs difference of start/end logits vs PyTorch fp32
     peers: tuple[str, ...] = ("onnxruntime", "onnxruntime-int8", "litert", "litert-int8")  # peer exports
     tuning_dir: str = "outputs/tuning"  # per-device tuning databases live in <tuning_dir>/<device key>/
+    reuse_other_hardware: bool = REUSE_OTHER_HARDWARE  # see REUSE_OTHER_HARDWARE
 
 
 @dataclass(frozen=True)
@@ -219,6 +235,7 @@ class LMCompileConfig:
     fast_math: bool = True  # TVM's polynomial exp (softmax, SiLU); held to `numerics_tol`
     numerics_tol: float = 1e-3  # max abs difference of next-token logits vs PyTorch fp32
     tuning_dir: str = "outputs/tuning"  # per-device tuning databases live in <tuning_dir>/<device key>/
+    reuse_other_hardware: bool = REUSE_OTHER_HARDWARE  # see REUSE_OTHER_HARDWARE
 
     def __post_init__(self):
         # A padded last prefill chunk must stay inside the cache (its positions index the RoPE tables).
@@ -381,6 +398,7 @@ class SearchConfig:
     val_questions: int = 500  # the LAST N training questions: held out of distillation, scored each trial
     eval_batch_size: int = 64  # windows per forward pass
     remeasure: int = 8  # front points compiled and measured on the device (highest F1 first)
+    reuse_other_hardware: bool = REUSE_OTHER_HARDWARE  # see REUSE_OTHER_HARDWARE (here: the latency model)
 
     def __post_init__(self):
         if self.trials < 1 or self.population_size < 2 or self.val_questions < 1:
@@ -441,6 +459,7 @@ class LMSearchConfig:
     remeasure: int = 4  # front points compiled and timed on the device again (lowest perplexity first)
     torch_device: str = "cpu"  # where the subnets are scored: "cpu", or "cuda" (a GPU torch sees); not the
     # device-lab device the latency model times, which the manifest records as `device`
+    reuse_other_hardware: bool = REUSE_OTHER_HARDWARE  # see REUSE_OTHER_HARDWARE (here: the latency model)
 
     def __post_init__(self):
         if self.trials < 1 or self.population_size < 2:
@@ -495,6 +514,11 @@ def from_dict(cls: type, data: dict, where: str = "") -> typing.Any:
 def _coerce(tp, value, where: str):
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where + ".")
+    if isinstance(tp, types.UnionType):  # e.g. bool | str: the value must be one of them as it is
+        if type(value) not in typing.get_args(tp):
+            names = " or ".join(t.__name__ for t in typing.get_args(tp))
+            raise ConfigError(f"{where}: expected {names}, got {value!r}")
+        return value
     if typing.get_origin(tp) is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")

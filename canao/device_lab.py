@@ -32,7 +32,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from canao import hardware
 from canao.config import resolve_path
+from canao.hardware import Hardware
 from canao.manifest import write_text_atomic
 
 DEVICES_FILE = "device_lab/devices.yaml"  # relative to the project root; env CANAO_DEVICES overrides
@@ -64,6 +66,13 @@ class Device:
     description: str  # what the profile stands for
     local: bool  # `up` starts its servers on this machine; otherwise the device joins the tracker itself
     servers: int = 1  # RPC servers `up` starts for the key; a measurement moves to another if one dies
+
+    def hardware(self) -> Hardware:
+        """The machine the key stands for: this machine's CPU on the profile's cores if it is local,
+        else the CPU its profile declares (a remote device's own cannot be read from here)."""
+        if self.local:
+            return hardware.host(len(self.cores))
+        return hardware.declared(self.target, self.description, self.threads)
 
 
 def devices_file(path: str | os.PathLike | None = None) -> Path:

@@ -24,6 +24,7 @@ from transformers import get_linear_schedule_with_warmup
 from canao.apps.qa import QAPredictor, evaluate
 from canao.config import DistillConfig, KDConfig, TeacherConfig, TrainConfig, config_hash, resolve_path, to_dict
 from canao.data.squad import Features, build_features, load_squad
+from canao.hardware import autocast_bf16, torch_threads
 from canao.manifest import reusable, sha256_file, verify_manifest, verify_stage, write_atomic, write_manifest
 from canao.models.bert_qa import MINILM_NAME, init_qa_model, load_qa_model, load_tokenizer, minilm_dir
 from canao.models.supernet import Supernet, importance, sort_by_importance
@@ -68,8 +69,11 @@ def fit(model: torch.nn.Module, features: Sized, loss_fn: LossFn, cfg: TrainConf
         print(f"resuming from {checkpoint} at step {step}/{total_steps}", flush=True)
 
     device_type = next(model.parameters()).device.type  # autocast where the model lives: cpu or cuda
+    bf16, why = autocast_bf16(cfg.bf16, device_type)
+    precision = "bf16" if bf16 else "fp32"
+    print(f"{desc}: {precision} autocast, {torch.get_num_threads()} threads ({why})", flush=True)
     model.train()
-    bar = tqdm(total=total_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc=f"{desc} [{precision}]", unit="step", dynamic_ncols=True)
     started = time.perf_counter() - seconds
     order = None
     while step < total_steps:
@@ -77,7 +81,7 @@ def fit(model: torch.nn.Module, features: Sized, loss_fn: LossFn, cfg: TrainConf
         if in_epoch == 0 or order is None:
             order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed + epoch))
         index = order[in_epoch * cfg.batch_size : (in_epoch + 1) * cfg.batch_size]
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(model, features, index)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -97,7 +101,8 @@ def fit(model: torch.nn.Module, features: Sized, loss_fn: LossFn, cfg: TrainConf
     bar.close()
     model.eval()
     return {"steps": total_steps, "train_seconds": round(time.perf_counter() - started, 1),
-            "final_loss": round(loss_ema, 4)}
+            "final_loss": round(loss_ema, 4), "precision": {"bf16": cfg.bf16, "autocast": precision, "why": why},
+            "threads": torch.get_num_threads()}
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -125,8 +130,7 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path) -> dict:
     train_file, eval_file = resolve_path(cfg.data.train_file), resolve_path(cfg.data.eval_file)
     train_examples = load_squad(train_file, cfg.data.train_questions)
     eval_examples = load_squad(eval_file, cfg.data.eval_questions)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    torch_threads(cfg.train.threads)
 
     tokenizer = load_tokenizer()
     model = init_qa_model(cfg.init, cfg.random_shape, cfg.seed)
@@ -231,8 +235,7 @@ def train_supernet(cfg: DistillConfig, teacher_dir: str | Path, out_dir: str | P
     existing = reusable(out_dir, fingerprint, "supernet")
     if existing is not None:
         return existing
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    torch_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)
     train_file = resolve_path(cfg.data.train_file)
     tokenizer = load_tokenizer(teacher_dir)

@@ -29,6 +29,7 @@ import torch
 from canao.config import KDConfig, LMDistillConfig, LMFinalizeConfig, config_hash, to_dict
 from canao.data.text import HELDOUT_FILE, TRAIN_FILE, perplexity, read_text_file, token_windows
 from canao.distill import IMPORTANCE_FILE, SUPERNET_DIR, fit, hidden_mse, importance_once, sandwich, soft_kl
+from canao.hardware import torch_threads
 from canao.manifest import reusable, sha256_file, verify_manifest, verify_stage, write_manifest
 from canao.models.elastic import extract
 from canao.models.elastic_decoder import DecoderSupernet, importance, sort_by_importance
@@ -96,8 +97,7 @@ def train_decoder_supernet(cfg: LMDistillConfig, teacher_dir: str | Path, data_d
     if existing is not None:
         return existing
     device = torch_device(cfg.torch_device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    torch_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(teacher_dir)
     windows = token_windows(tokenizer, read_text_file(data_dir / TRAIN_FILE), cfg.seq_len, cfg.max_windows).to(device)
@@ -191,8 +191,7 @@ def finalize_student(cfg: LMFinalizeConfig, supernet_dir: str | Path, search_dir
     if existing is not None:
         return existing
     device = torch_device(cfg.torch_device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    torch_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)
     supernet, supernet_manifest = load_decoder_supernet(supernet_dir)
     tokenizer = load_tokenizer(supernet_dir / SUPERNET_DIR)

@@ -40,6 +40,7 @@ from scipy.optimize import nnls
 from scipy.stats import spearmanr
 from transformers import BertConfig
 
+from canao import device_lab
 from canao.config import (
     BenchConfig,
     CompileConfig,
@@ -51,7 +52,8 @@ from canao.config import (
     config_hash,
     to_dict,
 )
-from canao.manifest import reusable, write_manifest
+from canao.hardware import check_same
+from canao.manifest import read_manifest, reusable, write_manifest
 from canao.models.bert_qa import load_tokenizer
 from canao.models.modeling_canao_bert import CanaoBertForQuestionAnswering
 from canao.models.supernet import subnet_config
@@ -113,6 +115,7 @@ class LatencyModel:
     measurements: list[dict]  # {"subnet": {...}, "ms": {backend: p50 ms (decoder: ms/token)}, "heldout": bool}
     error: dict  # backend -> held-out MAPE and Spearman of this model and of the FLOPs proxy
     family: str = "bert-qa"  # FAMILIES key: which subnets, features and FLOPs proxy
+    hardware: dict | None = None  # canao.hardware.Hardware of the device when measured; None in older models
 
     def predict(self, subnet, backend: str) -> float:
         if backend not in self.coefficients:
@@ -148,7 +151,8 @@ class LatencyModel:
         return cls(**data)
 
     @classmethod
-    def fit(cls, device: str, seq_len: int, teacher, measurements: list[dict], family: str = "bert-qa") -> LatencyModel:
+    def fit(cls, device: str, seq_len: int, teacher, measurements: list[dict], family: str = "bert-qa",
+            hardware: dict | None = None) -> LatencyModel:
         """Fit every backend on the measurements not held out; score on those held out."""
         kind = FAMILIES[family]
         train = [m for m in measurements if not m["heldout"]]
@@ -171,7 +175,7 @@ class LatencyModel:
             error[backend] = {"model": _error(x_test @ (solution / scale), y_test),
                               "flops_proxy": _error(flops_test * per_flop, y_test),
                               "fitted_on": len(train), "heldout": len(test)}
-        return cls(device, seq_len, teacher, coefficients, measurements, error, family)
+        return cls(device, seq_len, teacher, coefficients, measurements, error, family, hardware)
 
 
 def _error(predicted: np.ndarray, measured: np.ndarray) -> dict:
@@ -217,59 +221,66 @@ def sample_subnets(space: SearchSpace | DecoderSpace, samples: int, seed: int) -
     raise ValueError(f"samples: the space holds fewer than {samples} distinct subnets")
 
 
-def _measure_and_fit(out_dir: Path, fingerprint: str, device_key: str, seq_len: int, teacher, family: str,
+def _measure_and_fit(out_dir: Path, fingerprint: str, device: device_lab.Device, seq_len: int, teacher, family: str,
                      subnets: list, holdout: int, measure_one: Callable[[object, Path], dict[str, float]],
-                     config: dict, inputs: dict) -> dict:
+                     config: dict, inputs: dict, reuse_other_hardware: bool) -> dict:
     """Measure `subnets` (the last `holdout` held out) with `measure_one(subnet, scratch dir)`,
     fit the latency model of every backend and write it, its measurements and a manifest to
     `out_dir`. Measurements are appended to `out_dir/measurements.jsonl` as they are taken: a
-    run that is cut short resumes where it stopped."""
+    run that is cut short resumes where it stopped. A finished model or measurements taken on
+    other hardware than `device`'s are refused unless `reuse_other_hardware`."""
+    hardware = device.hardware()
+    existing = read_manifest(out_dir)
+    if existing is not None:
+        check_same(existing.get("hardware"), hardware, f"{out_dir}: latency model", reuse_other_hardware)
+    existing = reusable(out_dir, fingerprint, "latency model")
+    if existing is not None:
+        return existing
     heldout = set(range(len(subnets) - holdout, len(subnets)))
     out_dir.mkdir(parents=True, exist_ok=True)
     log = out_dir / MEASUREMENTS_FILE
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     if done and done[0].get("fingerprint") != fingerprint:
         raise FileExistsError(f"{log}: measurements of another config; choose another --out")
+    if done:
+        check_same(done[0].get("hardware"), hardware, f"{log}: measurements", reuse_other_hardware)
     started = time.perf_counter()
     for i, subnet in enumerate(subnets[len(done):], start=len(done)):
         t0 = time.perf_counter()
         ms = measure_one(subnet, out_dir / "work")
-        row = {"fingerprint": fingerprint, "subnet": subnet.to_dict(), "ms": ms, "heldout": i in heldout}
+        row = {"fingerprint": fingerprint, "hardware": hardware.to_dict(), "subnet": subnet.to_dict(), "ms": ms,
+               "heldout": i in heldout}
         with open(log, "a") as f:
             f.write(json.dumps(row) + "\n")
         done.append(row)
         print(f"latency {i + 1}/{len(subnets)}: {subnet.label()}: "
               f"{', '.join(f'{b} {v:.2f} ms' for b, v in ms.items())} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    model = LatencyModel.fit(device_key, seq_len, teacher,
-                             [{k: m[k] for k in ("subnet", "ms", "heldout")} for m in done], family)
+    model = LatencyModel.fit(device.key, seq_len, teacher,
+                             [{k: m[k] for k in ("subnet", "ms", "heldout")} for m in done], family, hardware.to_dict())
     model.save(out_dir)
     log.unlink()
     metrics = {"error": model.error, "measure_seconds": round(time.perf_counter() - started, 1),
                "samples": len(subnets)}
-    return write_manifest(out_dir, "latency", {"device": device_key, **config}, metrics, inputs,
-                          config_hash=fingerprint, family=family)
+    return write_manifest(out_dir, "latency", {"device": device.key, **config}, metrics, inputs,
+                          config_hash=fingerprint, family=family, hardware=hardware.to_dict())
 
 
 def fit_latency_model(cfg: LatencyConfig, device_key: str, out_dir: str | Path, teacher_dir: str | Path) -> dict:
     """Measure `cfg.samples` subnets of the QA teacher on `device_key` (the device lab must be up),
     fit the latency model of every backend, and write it with its measurements to `out_dir`
     (resumable: see `_measure_and_fit`)."""
-    from canao import device_lab
-
     out_dir, teacher_dir = Path(out_dir), Path(teacher_dir)
     device = device_lab.get_device(device_key)
     teacher = TeacherShape.of(BertConfig.from_pretrained(teacher_dir))
     fingerprint = config_hash(cfg) + f"-{device.key}-" + config_hash(teacher)
-    existing = reusable(out_dir, fingerprint, "latency model")
-    if existing is not None:
-        return existing
     subnets = sample_subnets(SearchSpace(cfg.space, teacher), cfg.samples, cfg.seed)
 
     def measure_one(subnet: SubnetConfig, work_dir: Path) -> dict[str, float]:
         return measure(subnet, teacher_dir, device.key, cfg.backends, cfg.compile, cfg.bench, work_dir)
 
-    return _measure_and_fit(out_dir, fingerprint, device.key, cfg.compile.seq_len, teacher, "bert-qa", subnets,
-                            cfg.holdout, measure_one, to_dict(cfg), {"teacher": str(teacher_dir.resolve())})
+    return _measure_and_fit(out_dir, fingerprint, device, cfg.compile.seq_len, teacher, "bert-qa", subnets,
+                            cfg.holdout, measure_one, to_dict(cfg), {"teacher": str(teacher_dir.resolve())},
+                            cfg.compile.reuse_other_hardware)
 
 
 def measure_decoder(subnet: DecoderSubnet, teacher_dir: Path, device_key: str, backends: tuple[str, ...],
@@ -314,22 +325,18 @@ def fit_decoder_latency_model(cfg: LMLatencyConfig, device_key: str, out_dir: st
     `cfg.compile.max_context`, and write it with its measurements to `out_dir` (resumable)."""
     from transformers import LlamaConfig
 
-    from canao import device_lab
-
     out_dir, teacher_dir = Path(out_dir), Path(teacher_dir)
     device = device_lab.get_device(device_key)
     if not device.local:
         raise ValueError(f"device {device.key}: generation is timed on this machine; pick a local device")
     teacher = decoder_shape(LlamaConfig.from_pretrained(teacher_dir))
     fingerprint = config_hash(cfg) + f"-{device.key}-" + config_hash(teacher)
-    existing = reusable(out_dir, fingerprint, "latency model")
-    if existing is not None:
-        return existing
     subnets = sample_subnets(DecoderSpace(cfg.space, teacher), cfg.samples, cfg.seed)
 
     def measure_one(subnet: DecoderSubnet, work_dir: Path) -> dict[str, float]:
         return measure_decoder(subnet, teacher_dir, device.key, cfg.backends, cfg.compile, cfg.new_tokens,
                                cfg.repeats, work_dir)
 
-    return _measure_and_fit(out_dir, fingerprint, device.key, cfg.compile.max_context, teacher, "decoder", subnets,
-                            cfg.holdout, measure_one, to_dict(cfg), {"teacher": str(teacher_dir.resolve())})
+    return _measure_and_fit(out_dir, fingerprint, device, cfg.compile.max_context, teacher, "decoder", subnets,
+                            cfg.holdout, measure_one, to_dict(cfg), {"teacher": str(teacher_dir.resolve())},
+                            cfg.compile.reuse_other_hardware)

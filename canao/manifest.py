@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import canao
+from canao.hardware import host_cpu
 
 MANIFEST = "manifest.json"
 
@@ -75,7 +76,8 @@ def write_manifest(directory: str | Path, stage: str, config: dict, metrics: dic
         "stage": stage,
         "canao_version": canao.__version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "host": {"machine": platform.machine(), "python": platform.python_version()},
+        "host": {"machine": platform.machine(), "python": platform.python_version(), "cpu": host_cpu()[0],
+                 "isa": list(host_cpu()[1])},
         "inputs": inputs or {},
         "config": config,
         "config_hash": config_hash,

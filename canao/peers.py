@@ -52,12 +52,16 @@ def export_onnx(model: SpanLogits, seq_len: int, path: str | os.PathLike) -> Pat
     return path
 
 
-def quantize_onnx_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLike) -> Path:
-    """Dynamic int8 of an fp32 ONNX model. Per-channel weight scales: per-tensor ones dropped the
-    output cosine to 0.90 on MiniLM, per-channel keeps it at 0.986+ (TOOLCHAIN.md)."""
+def quantize_onnx_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, int8_dot: bool) -> Path:
+    """Dynamic int8 of an fp32 ONNX model for a CPU with (`int8_dot`) or without int8 dot-product
+    instructions (VNNI, ARM dotprod). Per-channel weight scales: per-tensor ones dropped the
+    output cosine to 0.90 on MiniLM, per-channel keeps it at 0.986+ (TOOLCHAIN.md). Without them
+    ONNX Runtime multiplies u8 x s8 pairs into saturating 16-bit sums (AVX2's vpmaddubsw), so its
+    weights keep 7 bits there (reduce_range), as ONNX Runtime advises for such CPUs."""
     int8_path = Path(int8_path)
     int8_path.parent.mkdir(parents=True, exist_ok=True)
-    quantize_dynamic(Path(fp32_path), int8_path, per_channel=True, weight_type=QuantType.QInt8)
+    quantize_dynamic(Path(fp32_path), int8_path, per_channel=True, weight_type=QuantType.QInt8,
+                     reduce_range=not int8_dot)
     return int8_path
 
 
@@ -211,10 +215,11 @@ RUNNERS = {
 }
 
 
-def export(name: str, model_dir: str | os.PathLike, model: SpanLogits, seq_len: int, out_dir: str | os.PathLike
-           ) -> Path:
+def export(name: str, model_dir: str | os.PathLike, model: SpanLogits, seq_len: int, out_dir: str | os.PathLike,
+           int8_dot: bool) -> Path:
     """Peer `name`'s file for the model of `model_dir` (`model`: the same, from load_for_export),
-    written to out_dir/PEER_FILES[name]. onnxruntime-int8 quantizes the fp32 ONNX file, exporting
+    written to out_dir/PEER_FILES[name], for a CPU with or without int8 dot products (`int8_dot`:
+    canao.hardware.Hardware.int8_dot). onnxruntime-int8 quantizes the fp32 ONNX file, exporting
     it first if it is not there yet (it then stays beside the int8 one)."""
     if name not in PEER_FILES:
         raise ValueError(f"peer {name!r}: unknown; one of {list(PEER_FILES)}")
@@ -225,7 +230,7 @@ def export(name: str, model_dir: str | os.PathLike, model: SpanLogits, seq_len: 
         fp32 = Path(out_dir) / PEER_FILES["onnxruntime"]
         if not fp32.is_file():
             export_onnx(model, seq_len, fp32)
-        return quantize_onnx_int8(fp32, path)
+        return quantize_onnx_int8(fp32, path, int8_dot)
     return export_litert(model_dir, seq_len, path, int8=name == "litert-int8")
 
 

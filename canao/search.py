@@ -30,6 +30,7 @@ import optuna
 import torch
 from safetensors.torch import load_file
 
+from canao import device_lab
 from canao.apps.qa import QAPredictor, evaluate, load_artifact
 from canao.bench import BASELINE
 from canao.config import (
@@ -48,6 +49,7 @@ from canao.config import (
 from canao.data import squad_metric
 from canao.data.squad import build_features, load_squad, postprocess
 from canao.distill import IMPORTANCE_FILE, SUPERNET_DIR, fit, kd_loss, load_supernet, sorted_teacher
+from canao.hardware import check_same, torch_threads
 from canao.latency import LatencyModel, measure
 from canao.manifest import read_manifest, reusable, sha256_file, verify_manifest, verify_stage, write_manifest
 from canao.models.bert_qa import load_tokenizer
@@ -61,11 +63,14 @@ FRONT_PNG = "front.png"
 TrialHook = Callable[[int, dict, dict], None]
 
 
-def _inputs(supernet_dir: Path, latency_dir: Path, load: Callable, family: str) -> tuple:
-    """The supernet (`load(dir)` -> supernet, manifest) and a latency model of the same family and teacher."""
+def _inputs(supernet_dir: Path, latency_dir: Path, load: Callable, family: str, reuse_other_hardware: bool) -> tuple:
+    """The supernet (`load(dir)` -> supernet, manifest) and a latency model of the same family and
+    teacher, measured on the hardware its device is now (unless `reuse_other_hardware`)."""
     supernet, supernet_manifest = load(supernet_dir)
     latency_manifest = verify_stage(latency_dir, "latency", "a latency model")
     latency = LatencyModel.load(latency_dir)
+    check_same(latency.hardware, device_lab.get_device(latency.device).hardware(), f"{latency_dir}: latency model",
+               reuse_other_hardware)
     if latency.family != family:
         raise ValueError(f"{latency_dir}: a latency model of {latency.family} subnets, not of {family} subnets")
     if latency.teacher != supernet.shape:
@@ -146,7 +151,7 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
     if read_manifest(out_dir) is not None:
         raise FileExistsError(f"{out_dir}: already holds a search; choose another --out")
     supernet, supernet_manifest, latency, latency_manifest = _inputs(supernet_dir, latency_dir, load_supernet,
-                                                                     "bert-qa")
+                                                                     "bert-qa", cfg.reuse_other_hardware)
     distill_cfg = supernet_manifest["config"]
     space = SearchSpace(from_dict(SpaceConfig, distill_cfg["space"], "space."), supernet.shape)
     features_cfg = from_dict(SquadFeatureConfig, distill_cfg["features"], "features.")
@@ -336,7 +341,8 @@ def search_lm(cfg: LMSearchConfig, supernet_dir: str | Path, latency_dir: str | 
     if read_manifest(out_dir) is not None:
         raise FileExistsError(f"{out_dir}: already holds a search; choose another --out")
     supernet, supernet_manifest, latency, latency_manifest = _inputs(supernet_dir, latency_dir,
-                                                                     load_decoder_supernet, "decoder")
+                                                                     load_decoder_supernet, "decoder",
+                                                                     cfg.reuse_other_hardware)
     space = DecoderSpace(from_dict(DecoderSpaceConfig, supernet_manifest["config"]["space"], "space."), supernet.shape)
     device = torch_device(cfg.torch_device)
     supernet.to(device)
@@ -430,8 +436,7 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
     existing = reusable(out_dir, fingerprint, "student")
     if existing is not None:
         return existing
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    torch_threads(cfg.train.threads)
     supernet, supernet_manifest = load_supernet(supernet_dir)
     features_cfg = from_dict(SquadFeatureConfig, supernet_manifest["config"]["features"], "features.")
     teacher = sorted_teacher(teacher_dir, load_file(supernet_dir / IMPORTANCE_FILE))
@@ -482,7 +487,7 @@ def _benchmark(cfg: FinalizeConfig, out_dir: Path, teacher_dir: Path, search_dir
     comparable, so the speed-up never mixes them. The student's fastest backend is then scored
     on `eval_examples` as compiled (an int8 backend loses accuracy of its own), so the speed-up
     comes with the F1 of what runs at that speed."""
-    from canao import bench, device_lab
+    from canao import bench
     from canao.compile import compile_model
 
     search_manifest = verify_manifest(search_dir)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from canao.bench import SEARCH_SECTION, put_section
+from canao.hardware import Hardware
 from canao.manifest import verify_stage
 from canao.search import FRONT_JSON
 from canao.space import SubnetConfig
@@ -60,7 +61,9 @@ def search_report(student_dir: str | Path) -> str:
     front = json.loads((search_dir / FRONT_JSON).read_text())
 
     dm = supernet["metrics"]
-    lines = [f"Device {m['device']}, {m['seq_len']} tokens. Every figure below is read from the run's manifests by "
+    measured_on = Hardware.from_dict(latency["hardware"]).label() if "hardware" in latency else "unrecorded hardware"
+    lines = [f"Device {m['device']} ({measured_on}), {m['seq_len']} tokens. Every figure below is read from the "
+             f"run's manifests by "
              f"`canao search-report --student {student_dir} --benchmarks BENCHMARKS.md`.", "",
              f"**Supernet** (`canao distill`): {dm['steps']} steps over {dm['train_windows']} training windows "
              f"in {_minutes(dm['train_seconds'])}.", ""]

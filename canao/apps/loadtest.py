@@ -16,7 +16,6 @@ import contextlib
 import ipaddress
 import itertools
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
+from canao import hardware
 from canao.config import LoadtestConfig, resolve_path, to_dict
 from canao.data.squad import load_squad
 from canao.manifest import write_text_atomic
@@ -97,9 +97,7 @@ def run(url: str, cfg: LoadtestConfig) -> dict:
     if "qa" not in info["models"]:
         raise ValueError(f"{url} serves no QA model (only: {', '.join(info['models'])}); start it with --model")
     scenarios = [asyncio.run(_scenario(url, requests, clients, cfg)) for clients in cfg.clients]
-    from canao.bench import cpu_model
-
-    return {"host": cpu_model(), "cores": os.cpu_count(), "url": url,
+    return {"host": hardware.host().label(), "url": url,
             "model": {**info["models"]["qa"], "limits": info["limits"]}, "config": to_dict(cfg), "scenarios": scenarios}
 
 
@@ -139,7 +137,7 @@ def table(result: dict) -> str:
     lines = [
         f"QA serving, {model['name']} version {model['version']}: {model['backend']} on {model['device']}, "
         f"{model['seq_len']} tokens per window; max_pending {model['limits']['max_pending']:.0f}; "
-        f"{result['config']['questions']} dev-a questions round-robin; host {result['host']}, {result['cores']} cores.",
+        f"{result['config']['questions']} dev-a questions round-robin; host {result['host']}.",
         "",
         "| clients | seconds | requests | answers/s | p50 ms | p99 ms | statuses | errors |",
         "|---|---|---|---|---|---|---|---|",

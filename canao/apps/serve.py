@@ -33,6 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from canao import hardware
 from canao.apps import generate
 from canao.apps.qa import SpanPredictor, open_predictor
 from canao.config import ServeConfig, resolve_path, to_dict
@@ -107,8 +108,7 @@ def load_model(model_dir: Path, cfg: ServeConfig) -> tuple[SpanPredictor, ModelI
     configured) backend; a QA model directory runs in PyTorch with the windowing it was trained with."""
     manifest = verify_manifest(model_dir)
     version = sha256_file(model_dir / MANIFEST)[:12]
-    predictor, backend, timings = open_predictor(model_dir, manifest, cfg.backend,
-                                                 cfg.threads or len(os.sched_getaffinity(0)))
+    predictor, backend, timings = open_predictor(model_dir, manifest, cfg.backend, hardware.threads(cfg.threads))
     if "backends" in manifest:
         compiled = manifest["config"]
         return predictor, ModelInfo(model_dir.name, version, manifest["stage"], backend, compiled["device"],
@@ -131,7 +131,7 @@ def load_lm(model_dir: Path, cfg: ServeConfig) -> tuple[generate.TVMDecoder | ge
         import torch
 
         manifest = verify_manifest(model_dir)
-        torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
+        hardware.torch_threads(cfg.threads)
         decoder = generate.TorchDecoder(model_dir)
         device, target = "cpu", {"kind": "pytorch", "version": torch.__version__}
     return decoder, ModelInfo(model_dir.name, sha256_file(model_dir / MANIFEST)[:12], manifest["stage"],

@@ -2,6 +2,7 @@
 
 
 import numpy as np
+import onnx
 import pytest
 
 from canao import peers
@@ -51,7 +52,7 @@ def cosine(outputs, reference) -> float:
 def test_peer_matches_pytorch(name, atol, min_cosine, model_dir, span_model, inputs, reference, tmp_path, request):
     if name.startswith("litert"):
         request.getfixturevalue("litert_env")
-    path = peers.export(name, model_dir, span_model, SEQ_LEN, tmp_path)
+    path = peers.export(name, model_dir, span_model, SEQ_LEN, tmp_path, int8_dot=True)
     outputs = peers.runner(name, path, threads=1)(*inputs)
     assert [(o.dtype, o.shape) for o in outputs] == [(np.float32, (1, SEQ_LEN))] * 2
     if atol is not None:
@@ -62,9 +63,25 @@ def test_peer_matches_pytorch(name, atol, min_cosine, model_dir, span_model, inp
         assert path.stat().st_size < 2 * sum(p.numel() for p in span_model.parameters())
 
 
+def int8_weight_range(path) -> int:
+    return max(int(np.abs(onnx.numpy_helper.to_array(t).astype(np.int32)).max())
+               for t in onnx.load(path).graph.initializer if t.data_type == onnx.TensorProto.INT8)
+
+
+def test_onnx_int8_keeps_7_bit_weights_for_a_cpu_without_int8_dot_products(model_dir, span_model, inputs,
+                                                                              reference, tmp_path):
+    """Without VNNI or dotprod, ONNX Runtime's u8 x s8 products saturate 16-bit sums: 7-bit weights
+    (reduce_range) avoid it; with them the weights use all 8 bits."""
+    with_dot = peers.export("onnxruntime-int8", model_dir, span_model, SEQ_LEN, tmp_path / "dot", int8_dot=True)
+    without = peers.export("onnxruntime-int8", model_dir, span_model, SEQ_LEN, tmp_path / "no-dot", int8_dot=False)
+    assert int8_weight_range(with_dot) == 127
+    assert int8_weight_range(without) <= 64
+    assert cosine(peers.runner("onnxruntime-int8", without, threads=1)(*inputs), reference) > 0.99
+
+
 def test_unknown_backend_is_named(model_dir, span_model, tmp_path):
     with pytest.raises(ValueError, match="'tensorrt': unknown"):
-        peers.export("tensorrt", model_dir, span_model, SEQ_LEN, tmp_path)
+        peers.export("tensorrt", model_dir, span_model, SEQ_LEN, tmp_path, int8_dot=True)
     with pytest.raises(ValueError, match="'tensorrt': unknown"):
         peers.runner("tensorrt", tmp_path, threads=1)
 

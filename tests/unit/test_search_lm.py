@@ -5,8 +5,10 @@ import json
 
 import pytest
 
+from canao import hardware
 from canao.apps import generate
 from canao.cli import main
+from canao.hardware import Hardware
 from canao.latency import LatencyModel
 from canao.manifest import verify_manifest
 from canao.models.llama_lm import load_causal_lm
@@ -71,6 +73,19 @@ def test_search_lm_names_a_wrong_input(stages, tmp_path, capsys):
     code = main(["search-lm", "--profile", "tiny", "--supernet", str(stages / "latency"),
                  "--latency", str(stages / "latency"), "--out", str(tmp_path / "s")])
     assert code == 2 and "not a decoder supernet (distill-lm)" in capsys.readouterr().err
+
+
+def test_a_latency_model_from_other_hardware_is_refused_naming_both(stages, tmp_path, monkeypatch, capsys):
+    """The latency model was measured on this machine; the search now runs where x86-1t is a Zen 3."""
+    made_on = Hardware.from_dict(LatencyModel.load(stages / "latency").hardware)
+    zen3 = Hardware(cpu="AMD EPYC 7B13, family 25 model 1", arch="x86_64", isa=("avx2", "fma"), cores=1,
+                    mcpu="znver3")
+    monkeypatch.setattr(hardware, "host", lambda cores=None: zen3)
+    code = main(["search-lm", "--profile", "tiny", "--supernet", str(stages / "supernet"),
+                 "--latency", str(stages / "latency"), "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"latency model: made on {made_on.label()}, not on this device's {zen3.label()}" in err
+    assert "reuse_other_hardware=true" in err and not (tmp_path / "s").exists()
 
 
 def test_finalize_lm_writes_the_chosen_student_fine_tuned(stages, capsys):
