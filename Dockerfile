@@ -1,4 +1,4 @@
-# The one image every pipeline component runs in (components/stages.py base_image): the canao
+# The one image every pipeline component runs in (components/tasks.py base_image): the canao
 # package, its configs and device profiles, and the LiteRT converter's own environment.
 # Build: `make image` (env CANAO_IMAGE names it). Data is mounted at /shared (k8s PVC).
 FROM python:3.11.14-slim-bookworm

@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # The LiteRT converter's own environment: litert-torch cannot share one with TVM
-# (TOOLCHAIN.md). canao runs canao/litert_convert.py with its python, so it holds only what
+# (TOOLCHAIN.md). canao runs canao/compile/litert_convert.py with its python, so it holds only what
 # that script imports. Its pins live in requirements-litert.txt (the Dockerfile uses them too);
 # reinstalls when that file changes.
 LITERT_VENV := .venv-litert
@@ -56,7 +56,7 @@ down: setup
 
 # The pipeline as a Kubeflow Pipelines package.
 pipelines: setup
-	$(BIN)/python -m pipelines.compile --out build/canao-compress.yaml
+	$(BIN)/python -m pipelines.package --out build/canao-compress.yaml
 
 # The components' image, through a Docker engine (fails clearly where none answers).
 image: setup

@@ -1,8 +1,10 @@
-"""Stage configs: frozen dataclasses loaded from configs/<profile>/<stage>.yaml.
+"""The config machinery every stage uses, and the configs both task families share.
 
-Every value can be overridden with `key=value` (dotted keys reach nested sections,
-values are parsed as YAML), and every unknown key or wrongly typed value is an error
-that names it, so a typo never silently falls back to a default.
+Stage configs are frozen dataclasses loaded from configs/<profile>/<stage>.yaml
+(canao.profiles maps a stage to its class; each wing's `config.py` defines its own). Every
+value can be overridden with `key=value` (dotted keys reach nested sections, values are
+parsed as YAML), and every unknown key or wrongly typed value is an error that names it,
+so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -36,30 +38,6 @@ def resolve_path(path: str | os.PathLike) -> Path:
 
 
 @dataclass(frozen=True)
-class BertShape:
-    num_layers: int = 2  # transformer blocks
-    hidden_size: int = 64  # width of the residual stream
-    num_heads: int = 2  # attention heads per layer (hidden_size % num_heads == 0)
-    ffn_size: int = 128  # intermediate width of each feed-forward block
-
-
-@dataclass(frozen=True)
-class SquadDataConfig:
-    train_file: str = "../shared/data/squad/train-subset-v1.1.json"  # fine-tuning questions
-    eval_file: str = "../shared/data/squad/dev-a-v1.1.json"  # evaluation only, never trained on
-    train_questions: int = 0  # first N training questions in file order; 0 = all
-    eval_questions: int = 0  # first N evaluation questions in file order; 0 = all
-
-
-@dataclass(frozen=True)
-class SquadFeatureConfig:
-    max_seq_len: int = 384  # tokens per window: [CLS] question [SEP] context-slice [SEP]
-    doc_stride: int = 128  # tokens shared by consecutive windows of a long context
-    n_best: int = 20  # start and end candidates kept per window in post-processing
-    max_answer_len: int = 30  # longest answer span, in tokens
-
-
-@dataclass(frozen=True)
 class TrainConfig:
     epochs: float = 2.0  # passes over the training features (fractions allowed)
     batch_size: int = 16  # features per optimizer step
@@ -68,7 +46,7 @@ class TrainConfig:
     warmup_ratio: float = 0.1  # fraction of steps with a linear warm-up, then linear decay
     max_grad_norm: float = 1.0  # gradient clipping
     # bfloat16 autocast of the forward pass (weights stay fp32): "auto" only where the CPU or GPU computes
-    # bfloat16 natively (emulated it is ~20x slower than fp32), true or false to force it (canao.hardware)
+    # bfloat16 natively (emulated it is ~20x slower than fp32), true or false to force it (canao.lab.hardware)
     bf16: bool | str = "auto"
     eval_batch_size: int = 64  # features per forward pass during evaluation
     checkpoint_every: int = 200  # optimizer steps between resumable checkpoints
@@ -82,52 +60,20 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class TeacherConfig:
-    seed: int = 42
-    init: str = "minilm"  # "minilm": all-MiniLM-L6-v2 from its package; "random": random BERT of `random_shape`
-    random_shape: BertShape = field(default_factory=BertShape)
-    data: SquadDataConfig = field(default_factory=SquadDataConfig)
-    features: SquadFeatureConfig = field(default_factory=SquadFeatureConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+class KDConfig:
+    temperature: float = 2.0  # softens the output distributions (QA start/end, LM next token); loss scaled by T^2
+    hidden_weight: float = 1.0  # weight of the hidden-state MSE (each kept layer vs its teacher layer)
+    hard_weight: float = 0.0  # weight of the gold labels' cross-entropy (QA: the span; LM: the next token)
 
     def __post_init__(self):
-        if self.init not in ("minilm", "random"):
-            raise ConfigError(f"init: must be 'minilm' or 'random', got {self.init!r}")
-        _check_features(self.features)
-
-
-def _check_features(f: SquadFeatureConfig) -> None:
-    if not 0 <= f.doc_stride < f.max_seq_len // 2:
-        raise ConfigError(
-            f"features.doc_stride: must be in [0, max_seq_len/2), got {f.doc_stride} "
-            f"with max_seq_len {f.max_seq_len}"
-        )
+        if self.temperature <= 0:
+            raise ConfigError(f"kd.temperature: must be > 0, got {self.temperature}")
 
 
 # A tuning database, a latency model or a latency stage's measurements made on other hardware than
-# the device's is refused (canao.hardware.check_same); true uses it anyway, priced and tuned for
+# the device's is refused (canao.lab.hardware.check_same); true uses it anyway, priced and tuned for
 # that other CPU (a what-if, or a machine known to be alike).
 REUSE_OTHER_HARDWARE = False
-
-
-@dataclass(frozen=True)
-class CompileConfig:
-    seq_len: int = 128  # static sequence length of the compiled module (one bucket)
-    trials: int = 0  # MetaSchedule trials for kernels not yet in the device's tuning database; 0 = reuse only
-    max_trials_per_task: int = 64  # cap per kernel, so every new kernel gets a share of `trials`
-    fast_math: bool = True  # polynomial erf (GELU), exp (softmax); held to `numerics_tol`
-    numerics_tol: float = 1e-3  # max abs difference of start/end logits vs PyTorch fp32
-    peers: tuple[str, ...] = ("onnxruntime", "onnxruntime-int8", "litert", "litert-int8")  # peer exports
-    tuning_dir: str = "outputs/tuning"  # per-device tuning databases live in <tuning_dir>/<device key>/
-    reuse_other_hardware: bool = REUSE_OTHER_HARDWARE  # see REUSE_OTHER_HARDWARE
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    warmup: int = 10  # untimed runs before timing (caches, thread pools, lazy allocation)
-    runs: int = 50  # timed runs; p50/p90/min are over these
-    seq_lens: tuple[int, ...] = (128, 384)  # `make bench`: sequence lengths of the suite
-    devices: tuple[str, ...] = ("x86-1t", "x86-2t")  # `make bench`: device keys of the suite
 
 
 @dataclass(frozen=True)
@@ -193,304 +139,15 @@ class DeployConfig:
     int8_numerics_tol: float = 0.5
 
 
-@dataclass(frozen=True)
-class DecoderShape:
-    num_layers: int = 2  # decoder blocks
-    hidden_size: int = 64  # width of the residual stream
-    num_heads: int = 4  # query heads per layer (hidden_size % num_heads == 0)
-    num_kv_heads: int = 2  # key/value heads per layer, each shared by num_heads / num_kv_heads query heads
-    ffn_size: int = 128  # intermediate width of each gated (SwiGLU) feed-forward block
-
-    def __post_init__(self):
-        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"random_shape: hidden_size ({self.hidden_size}) must be a multiple of num_heads "
-                              f"({self.num_heads}), and num_heads of num_kv_heads ({self.num_kv_heads})")
-
-
-@dataclass(frozen=True)
-class LMTeacherConfig:
-    seed: int = 42
-    init: str = "smollm2"  # "smollm2": SmolLM2-135M-Instruct from its GGUF package; "random": a random Llama
-    random_shape: DecoderShape = field(default_factory=DecoderShape)  # shape of the "random" decoder
-
-    def __post_init__(self):
-        if self.init not in ("smollm2", "random"):
-            raise ConfigError(f"init: must be 'smollm2' or 'random', got {self.init!r}")
-
-
-@dataclass(frozen=True)
-class LMDataConfig:
-    wikitext_file: str = "../shared/data/text/wikitext-2-raw-test-a.txt"  # WikiText-2 raw articles
-    squad_file: str = "../shared/data/squad/train-subset-v1.1.json"  # its paragraphs join the training text
-    heldout_articles: int = 10  # the file's last N WikiText articles: held out for perplexity, never trained on
-    max_train_chars: int = 0  # cut the training text to its first N characters; 0 = all
-
-
-@dataclass(frozen=True)
-class LMCompileConfig:
-    max_context: int = 640  # tokens the static KV cache holds (prompt + generated); attention always spans it
-    prefill_len: int = 64  # tokens per compiled prefill call; longer prompts take several calls
-    trials: int = 0  # MetaSchedule trials for kernels not yet in the device's tuning database; 0 = reuse only
-    max_trials_per_task: int = 64  # cap per kernel, so every new kernel gets a share of `trials`
-    fast_math: bool = True  # TVM's polynomial exp (softmax, SiLU); held to `numerics_tol`
-    numerics_tol: float = 1e-3  # max abs difference of next-token logits vs PyTorch fp32
-    tuning_dir: str = "outputs/tuning"  # per-device tuning databases live in <tuning_dir>/<device key>/
-    reuse_other_hardware: bool = REUSE_OTHER_HARDWARE  # see REUSE_OTHER_HARDWARE
-
-    def __post_init__(self):
-        # A padded last prefill chunk must stay inside the cache (its positions index the RoPE tables).
-        if not 1 <= self.prefill_len <= self.max_context or self.max_context % self.prefill_len:
-            raise ConfigError(f"prefill_len: must divide max_context ({self.max_context}), got {self.prefill_len}")
-
-
-@dataclass(frozen=True)
-class GenBenchConfig:
-    contexts: tuple[int, ...] = (128, 512)  # prompt lengths in tokens: time to first token, then ms/token after it
-    new_tokens: int = 32  # tokens generated (greedy, EOS ignored) per measurement
-    repeats: int = 3  # measurements per backend and context; the table reports medians over them
-    devices: tuple[str, ...] = ("x86-1t",)  # device keys (local ones: every backend runs pinned to its cores)
-    perplexity_tokens: int = 4096  # `make bench`: held-out tokens behind each model's perplexity; 0 = all
-
-
-@dataclass(frozen=True)
-class SpaceConfig:
-    """Allowed subnet values (canao/space.py says why these: shapes the compiler handles well)."""
-
-    layer_counts: tuple[int, ...] = (2, 3, 4, 5, 6)  # kept teacher blocks, evenly spaced
-    hidden_sizes: tuple[int, ...] = (128, 192, 256, 320, 384)  # residual widths
-    head_counts: tuple[int, ...] = (2, 4, 6, 8, 10, 12)  # attention heads per layer (head size stays the teacher's)
-    ffn_sizes: tuple[int, ...] = (256, 512, 768, 1024, 1280, 1536)  # FFN widths per layer
-    align: int = 64  # every hidden and FFN width must be a multiple of this (vector and tile sizes)
-
-
-@dataclass(frozen=True)
-class DecoderSpaceConfig:
-    """Allowed decoder subnets (canao/space.py says why these: shapes the compiler handles well)."""
-
-    layer_counts: tuple[int, ...] = (6, 10, 14, 18, 22, 26, 30)  # kept teacher blocks, evenly spaced
-    kv_head_counts: tuple[int, ...] = (1, 2, 3)  # key/value heads per layer, each with its query heads
-    ffn_sizes: tuple[int, ...] = (256, 512, 768, 1024, 1280, 1536)  # FFN (gated) widths, one for every layer
-    align: int = 64  # FFN widths and key/value widths must be multiples of this (vector and tile sizes)
-
-
-@dataclass(frozen=True)
-class KDConfig:
-    temperature: float = 2.0  # softens the output distributions (QA start/end, LM next token); loss scaled by T^2
-    hidden_weight: float = 1.0  # weight of the hidden-state MSE (each kept layer vs its teacher layer)
-    hard_weight: float = 0.0  # weight of the gold labels' cross-entropy (QA: the span; LM: the next token)
-
-    def __post_init__(self):
-        if self.temperature <= 0:
-            raise ConfigError(f"kd.temperature: must be > 0, got {self.temperature}")
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """pretraining-distill: the elastic supernet trained from the teacher."""
-
-    seed: int = 42
-    space: SpaceConfig = field(default_factory=SpaceConfig)
-    kd: KDConfig = field(default_factory=KDConfig)
-    random_subnets: int = 2  # random subnets per step, besides the largest and the smallest (sandwich rule)
-    importance_batches: int = 16  # training batches that rank heads and neurons before distilling
-    data: SquadDataConfig = field(default_factory=SquadDataConfig)  # train_questions: first N train questions
-    features: SquadFeatureConfig = field(default_factory=SquadFeatureConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def __post_init__(self):
-        if self.random_subnets < 0:
-            raise ConfigError(f"random_subnets: must be >= 0, got {self.random_subnets}")
-        _check_features(self.features)
-
-
-TORCH_DEVICES = ("cpu", "cuda")  # where the decoder stages run their torch work; the math is the same on both
-
-
-@dataclass(frozen=True)
-class LMDistillConfig:
-    """The elastic decoder trained by distillation from the generation teacher on the lm-data corpus."""
-
-    seed: int = 42
-    space: DecoderSpaceConfig = field(default_factory=DecoderSpaceConfig)
-    kd: KDConfig = field(default_factory=KDConfig)
-    random_subnets: int = 2  # random subnets per step, besides the largest and the smallest (sandwich rule)
-    importance_batches: int = 16  # training batches that rank KV-head groups and neurons before distilling
-    seq_len: int = 256  # tokens per training window: train.txt tokenized once, cut into consecutive windows
-    max_windows: int = 0  # train on the first N windows only; 0 = all
-    eval_tokens: int = 0  # held-out tokens scored for the manifest's perplexities and KL; 0 = all of heldout.txt
-    train: TrainConfig = field(default_factory=TrainConfig)
-    torch_device: str = "cpu"  # where the teacher and the trained decoder run: "cpu", or "cuda" (a GPU torch sees)
-
-    def __post_init__(self):
-        if self.random_subnets < 0:
-            raise ConfigError(f"random_subnets: must be >= 0, got {self.random_subnets}")
-        _check_lm_training(self)
-
-
-def _check_torch_device(device: str) -> None:
-    if device not in TORCH_DEVICES:
-        raise ConfigError(f"torch_device: must be one of {', '.join(TORCH_DEVICES)}, got {device!r}")
-
-
-def _check_lm_training(cfg) -> None:
-    _check_torch_device(cfg.torch_device)
-    for name in ("max_windows", "eval_tokens"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"{name}: must be >= 0, got {getattr(cfg, name)}")
-    if cfg.seq_len < 2:
-        raise ConfigError(f"seq_len: must be >= 2 (a window predicts its tokens from earlier ones), got {cfg.seq_len}")
-
-
-@dataclass(frozen=True)
-class LMFinalizeConfig:
-    """The chosen generation front point: extracted, fine-tuned by distillation from the teacher, scored."""
-
-    seed: int = 42
-    kd: KDConfig = field(default_factory=KDConfig)
-    seq_len: int = 256  # tokens per training window: train.txt tokenized once, cut into consecutive windows
-    max_windows: int = 0  # train on the first N windows only; 0 = all
-    eval_tokens: int = 0  # held-out tokens scored for the student's and the teacher's perplexity; 0 = all
-    train: TrainConfig = field(default_factory=TrainConfig)
-    torch_device: str = "cpu"  # where the teacher and the student run: "cpu", or "cuda" (a GPU torch sees)
-
-    def __post_init__(self):
-        _check_lm_training(self)
-
-
-def _check_samples(samples: int, holdout: int) -> None:
+def check_samples(samples: int, holdout: int) -> None:
     if samples < 4 or not 1 <= holdout <= samples - 3:
         raise ConfigError(f"samples/holdout: need samples >= 4 and 1 <= holdout <= samples - 3 "
                           f"(got {samples}, {holdout})")
 
 
-@dataclass(frozen=True)
-class LatencyConfig:
-    """The per-device latency model: subnets compiled and measured on a device of the lab."""
-
-    seed: int = 0
-    space: SpaceConfig = field(default_factory=SpaceConfig)
-    samples: int = 24  # subnets compiled and measured (the largest and the smallest among them)
-    holdout: int = 6  # of those, measured but not fitted on: the model's reported error is on these
-    backends: tuple[str, ...] = ("tvm", "litert")  # one latency model each; the search uses the fastest
-    compile: CompileConfig = field(default_factory=CompileConfig)  # seq_len is the latency's sequence length
-    bench: BenchConfig = field(default_factory=BenchConfig)  # warmup and runs of every measurement
-
-    def __post_init__(self):
-        _check_samples(self.samples, self.holdout)
-        bad = sorted(set(self.backends) - {"tvm", *self.compile.peers})
-        if bad or not self.backends:
-            raise ConfigError(f"backends: {bad or 'none'}: every backend must be tvm or one of compile.peers "
-                              f"({', '.join(self.compile.peers)})")
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """Multi-objective search (NSGA-II): F1 with supernet weights vs predicted latency."""
-
-    seed: int = 0
-    trials: int = 200  # subnets evaluated
-    population_size: int = 24  # NSGA-II generation size
-    latency_budget_ms: float = 0.0  # predicted latency must not exceed this; 0 = no budget
-    # ...nor the teacher's shape on LiteRT fp32 (the peer to beat, as the latency stage measured it on
-    # this device) divided by this: a budget that holds on any machine; 0 = none. The tighter one applies.
-    min_speedup: float = 0.0
-    params_budget: int = 0  # parameters must not exceed this; 0 = no budget
-    val_questions: int = 500  # the LAST N training questions: held out of distillation, scored each trial
-    eval_batch_size: int = 64  # windows per forward pass
-    remeasure: int = 8  # front points compiled and measured on the device (highest F1 first)
-    reuse_other_hardware: bool = REUSE_OTHER_HARDWARE  # see REUSE_OTHER_HARDWARE (here: the latency model)
-
-    def __post_init__(self):
-        if self.trials < 1 or self.population_size < 2 or self.val_questions < 1:
-            raise ConfigError("trials, val_questions: must be >= 1; population_size: >= 2")
-        _check_min_speedup(self.min_speedup)
-
-
-def _check_min_speedup(min_speedup: float) -> None:
+def check_min_speedup(min_speedup: float) -> None:
     if not min_speedup >= 0:  # also refuses NaN
         raise ConfigError(f"min_speedup: must be >= 0 (0 = none), got {min_speedup}")
-
-
-# The generation backends: TVM (compile-lm), PyTorch eager, llama.cpp (a GGUF file), LiteRT (the
-# KV-cache step converted by litert-torch, float32).
-GEN_BACKENDS = ("tvm", "torch", "llama.cpp", "litert")
-
-
-@dataclass(frozen=True)
-class LMLatencyConfig:
-    """The per-device decode latency model: decoder subnets compiled and timed generating on a local device."""
-
-    seed: int = 0
-    space: DecoderSpaceConfig = field(default_factory=DecoderSpaceConfig)
-    samples: int = 12  # subnets compiled and timed (the largest and the smallest among them)
-    holdout: int = 3  # of those, timed but not fitted on: the model's reported error is on these
-    # "tvm" (compile-lm), "torch" (eager) and/or "llama.cpp" (GGUF export); the search uses the fastest
-    backends: tuple[str, ...] = ("tvm",)
-    compile: LMCompileConfig = field(default_factory=LMCompileConfig)  # max_context: the context the latency is for
-    new_tokens: int = 16  # tokens timed per measurement, after a prompt that fills the rest of the cache
-    repeats: int = 3  # measurements per subnet and backend; the median is kept
-
-    def __post_init__(self):
-        _check_samples(self.samples, self.holdout)
-        bad = sorted(set(self.backends) - set(GEN_BACKENDS))
-        if bad or not self.backends:
-            raise ConfigError(f"backends: {bad or 'none'}: every backend must be one of {', '.join(GEN_BACKENDS)}")
-        if not 2 <= self.new_tokens < self.compile.max_context:
-            raise ConfigError(f"new_tokens: must be in [2, compile.max_context ({self.compile.max_context})), "
-                              f"got {self.new_tokens}")
-        if self.repeats < 1:
-            raise ConfigError(f"repeats: must be >= 1, got {self.repeats}")
-
-
-@dataclass(frozen=True)
-class LMSearchConfig:
-    """Multi-objective search (NSGA-II) for generation: held-out perplexity with supernet weights vs
-    predicted ms per generated token."""
-
-    seed: int = 0
-    trials: int = 100  # subnets evaluated (the decoder space is small: 7 x 3 x 6 = 126 subnets by default)
-    population_size: int = 16  # NSGA-II generation size
-    latency_budget_ms: float = 0.0  # predicted ms per token must not exceed this; 0 = no budget
-    # ...nor the teacher's shape in llama.cpp (the peer to beat, as latency-lm timed it on this
-    # device) divided by this; 0 = none. The tighter one applies.
-    min_speedup: float = 0.0
-    params_budget: int = 0  # parameters must not exceed this; 0 = no budget
-    eval_tokens: int = 4096  # held-out tokens scored per subnet (the supernet's heldout.txt); 0 = all
-    remeasure: int = 4  # front points compiled and timed on the device again (lowest perplexity first)
-    torch_device: str = "cpu"  # where the subnets are scored: "cpu", or "cuda" (a GPU torch sees); not the
-    # device-lab device the latency model times, which the manifest records as `device`
-    reuse_other_hardware: bool = REUSE_OTHER_HARDWARE  # see REUSE_OTHER_HARDWARE (here: the latency model)
-
-    def __post_init__(self):
-        if self.trials < 1 or self.population_size < 2:
-            raise ConfigError("trials: must be >= 1; population_size: >= 2")
-        if self.eval_tokens < 0 or self.remeasure < 0:
-            raise ConfigError("eval_tokens, remeasure: must be >= 0")
-        _check_min_speedup(self.min_speedup)
-        _check_torch_device(self.torch_device)
-
-
-@dataclass(frozen=True)
-class FinalizeConfig:
-    """The chosen front point: extracted, fine-tuned by distillation, scored, compiled, benchmarked."""
-
-    seed: int = 42
-    kd: KDConfig = field(default_factory=KDConfig)
-    data: SquadDataConfig = field(default_factory=SquadDataConfig)  # fine-tune and evaluation questions
-    train: TrainConfig = field(default_factory=TrainConfig)
-    benchmark: bool = True  # compile the student for the search's device and time it against the peers
-    bench_backends: tuple[str, ...] = ("tvm", "litert")  # backends timed for the student and the teacher
-
-
-STAGES: dict[str, type] = {
-    "teacher": TeacherConfig, "distill": DistillConfig, "latency": LatencyConfig, "search": SearchConfig,
-    "finalize": FinalizeConfig, "compile": CompileConfig, "bench": BenchConfig, "deploy": DeployConfig,
-    "serve": ServeConfig, "loadtest": LoadtestConfig,
-    "lm-teacher": LMTeacherConfig, "lm-data": LMDataConfig, "distill-lm": LMDistillConfig,
-    "latency-lm": LMLatencyConfig, "search-lm": LMSearchConfig, "finalize-lm": LMFinalizeConfig,
-    "compile-lm": LMCompileConfig,
-    "bench-lm": GenBenchConfig,
-}
 
 
 def from_dict(cls: type, data: dict, where: str = "") -> typing.Any:
@@ -556,24 +213,6 @@ def config_path(stage: str, profile: str) -> Path:
     if profile not in PROFILES:
         raise ConfigError(f"profile: unknown {profile!r} (known: {', '.join(PROFILES)})")
     return CONFIG_DIR / profile / f"{stage}.yaml"
-
-
-def load_config(stage: str, profile: str | None = None, file: str | os.PathLike | None = None,
-                overrides: typing.Iterable[str] = ()):
-    """Load the config of `stage` from an explicit file or the profile's file, then overrides."""
-    if stage not in STAGES:
-        raise ConfigError(f"stage: unknown {stage!r} (known: {', '.join(STAGES)})")
-    path = Path(file) if file else config_path(stage, profile or "quick")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    try:
-        return from_dict(STAGES[stage], apply_overrides(data, overrides))
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
 
 
 def to_dict(cfg) -> dict:

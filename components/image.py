@@ -1,6 +1,6 @@
 """`make image`: build the components' image (Dockerfile) with the Docker engine's SDK.
 
-Tags it env CANAO_IMAGE (components/stages.py's base_image) and records the git commit in
+Tags it env CANAO_IMAGE (components/tasks.py's base_image) and records the git commit in
 it. Where no Docker engine answers it says so and exits non-zero.
 """
 
@@ -12,8 +12,8 @@ import docker
 from docker.errors import BuildError, DockerException
 
 from canao.config import PROJECT_ROOT
-from canao.tracking import git_commit
-from components.stages import IMAGE
+from canao.mlops.tracking import git_commit
+from components.tasks import IMAGE
 
 
 def build(tag: str = IMAGE) -> str:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from canao import tracking
-from canao.stages import DEPLOYMENT, Context, execute
+from canao.lab.devices import get_device
+from canao.mlops import tracking
+from canao.mlops.stages import DEPLOYMENT, Context, execute
 
 
 def run_stage(stage: str, profile: str, overrides: dict, inputs: dict, out, metrics, device: str,
@@ -15,7 +16,8 @@ def run_stage(stage: str, profile: str, overrides: dict, inputs: dict, out, metr
     """`out` and `metrics` are kfp output artifacts; `inputs` maps names to kfp input artifacts."""
     manifest, cached = execute(stage, profile, list(overrides.get(stage, [])),
                                {name: artifact.path for name, artifact in inputs.items()}, out.path,
-                               Context(device=device, parent_run_id=parent_run_id, pipeline_run=pipeline_run))
+                               Context(device=get_device(device), parent_run_id=parent_run_id,
+                                       pipeline_run=pipeline_run))
     out.metadata.update({"stage": stage, "cached": cached, "config_hash": manifest.get("config_hash") or ""})
     for name, value in tracking.numeric(manifest["metrics"]).items():
         metrics.log_metric(name, value)

@@ -16,7 +16,7 @@ data from the PVC `canao-data` at /shared (the image's project root is /app, so 
 
 from kfp import dsl, kubernetes
 
-from components import stages
+from components import tasks
 
 SECRETS = {  # Secret -> its keys, each set as the environment variable of the same name
     "canao-s3": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"),
@@ -38,8 +38,8 @@ def on_cluster(task: dsl.PipelineTask) -> dsl.PipelineTask:
 
 def compile_and_benchmark(model, parent, common: dict) -> tuple:
     """The tasks that compile `model` for the device and time it there: (compiled, records)."""
-    compiled = on_cluster(stages.compile_model(parent_run_id=parent, model=model, **common)).outputs["compiled"]
-    measured = on_cluster(stages.benchmark(parent_run_id=parent, model=model, compiled=compiled, **common))
+    compiled = on_cluster(tasks.compile_model(parent_run_id=parent, model=model, **common)).outputs["compiled"]
+    measured = on_cluster(tasks.benchmark(parent_run_id=parent, model=model, compiled=compiled, **common))
     return compiled, measured.outputs["records"]
 
 
@@ -49,21 +49,21 @@ def canao_compress(device: str = "x86-1t", profile: str = "quick", latency_budge
                    run_name: str = "canao-compress", overrides: dict = {}) -> dsl.Artifact:  # noqa: B006
     """`overrides`: stage -> list of `key=value` config overrides, e.g. {"compile": ["trials=0"]}."""
     common = {"profile": profile, "overrides": overrides, "device": device}
-    run = on_cluster(stages.open_run(run_name=run_name, profile=profile, device=device,
+    run = on_cluster(tasks.open_run(run_name=run_name, profile=profile, device=device,
                                      latency_budgets_ms=latency_budgets_ms))
     parent = run.output
-    teacher = on_cluster(stages.teacher(parent_run_id=parent, **common)).outputs["model"]
-    supernet = on_cluster(stages.distill(parent_run_id=parent, teacher=teacher, **common)).outputs["supernet"]
-    latency = on_cluster(stages.latency(parent_run_id=parent, teacher=teacher, **common)).outputs["latency_model"]
-    front = on_cluster(stages.search(parent_run_id=parent, latency_budgets_ms=latency_budgets_ms, supernet=supernet,
+    teacher = on_cluster(tasks.teacher(parent_run_id=parent, **common)).outputs["model"]
+    supernet = on_cluster(tasks.distill(parent_run_id=parent, teacher=teacher, **common)).outputs["supernet"]
+    latency = on_cluster(tasks.latency(parent_run_id=parent, teacher=teacher, **common)).outputs["latency_model"]
+    front = on_cluster(tasks.search(parent_run_id=parent, latency_budgets_ms=latency_budgets_ms, supernet=supernet,
                                      latency_model=latency, **common)).outputs["front"]
-    finalize = on_cluster(stages.finalize(parent_run_id=parent, teacher=teacher, supernet=supernet, front=front,
+    finalize = on_cluster(tasks.finalize(parent_run_id=parent, teacher=teacher, supernet=supernet, front=front,
                                           **common))
     student = finalize.outputs["model"]
     compiled, records = compile_and_benchmark(student, parent, common)
     _, teacher_records = compile_and_benchmark(teacher, parent, common)
-    deployed = on_cluster(stages.deploy(
+    deployed = on_cluster(tasks.deploy(
         parent_run_id=parent, run_name=run_name, teacher=teacher, model=student, compiled=compiled,
         benchmark=records, teacher_benchmark=teacher_records, front=front, **common))
-    on_cluster(stages.close_run(parent_run_id=parent, deployment=deployed.outputs["deployment"]))
+    on_cluster(tasks.close_run(parent_run_id=parent, deployment=deployed.outputs["deployment"]))
     return deployed.outputs["deployment"]

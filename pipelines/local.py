@@ -1,7 +1,7 @@
 """`make run`: `canao-compress` on this machine with kfp's SubprocessRunner.
 
 Starts what the pipeline needs and is not running yet (the MLflow server and SeaweedFS S3
-store of canao/services.py, the device lab), runs the pipeline (each task a subprocess in
+store of canao/mlops/services.py, the device lab), runs the pipeline (each task a subprocess in
 this environment, the image's content), writes the summary to `outputs/latest/summary.json`
 and stops what it started, also when stopped by Ctrl-C or SIGTERM. Finished stages are reused
 from the content-hash cache (outputs/cache/), so running it again after a failure resumes.
@@ -21,9 +21,10 @@ from pathlib import Path
 
 import kfp.local
 
-from canao import device_lab, services, tracking
 from canao.config import PROFILES, resolve_path
-from canao.stages import DEPLOYMENT
+from canao.lab import devices, rpc
+from canao.mlops import services, tracking
+from canao.mlops.stages import DEPLOYMENT
 from pipelines.canao_compress import canao_compress
 
 SUMMARY = "outputs/latest/summary.json"
@@ -32,20 +33,20 @@ PIPELINE_ROOT = "outputs/pipeline-runs"
 
 @contextlib.contextmanager
 def running_services(mlflow_port: int = services.MLFLOW_PORT, s3_port: int = services.S3_PORT,
-                     lab_port: int = device_lab.DEFAULT_PORT):
+                     lab_port: int = rpc.DEFAULT_PORT):
     """The embedded services and the device lab, with their client environment set; what this
     started is stopped on exit (what was already running stays)."""
     started_services = services.read_state() is None
-    started_lab = device_lab.read_state() is None and not os.environ.get("CANAO_TRACKER")
+    started_lab = rpc.read_state() is None and not os.environ.get("CANAO_TRACKER")
     try:
         state = services.up(mlflow_port, s3_port)
         if started_lab:
-            device_lab.up(port=lab_port)
+            rpc.up(port=lab_port)
         os.environ.update(services.env(state))
         yield state
     finally:
         if started_lab:
-            device_lab.down()
+            rpc.down()
         if started_services:
             services.down()
 
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="latency budget in ms (repeatable; default 10 and 25); the search meets the tightest")
     parser.add_argument("--mlflow-port", type=int, default=services.MLFLOW_PORT, help="if not running yet")
     parser.add_argument("--s3-port", type=int, default=services.S3_PORT, help="if not running yet")
-    parser.add_argument("--lab-port", type=int, default=device_lab.DEFAULT_PORT, help="tracker, if not running")
+    parser.add_argument("--lab-port", type=int, default=rpc.DEFAULT_PORT, help="tracker, if not running")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE:KEY=VALUE",
                         help="override one config value of one stage, e.g. compile:trials=0")
     args = parser.parse_args(argv)
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         with running_services(args.mlflow_port, args.s3_port, args.lab_port):
             summary = run(args.profile, args.device, args.budgets or [10.0, 25.0], overrides,
                           resolve_path(PIPELINE_ROOT), resolve_path(SUMMARY))
-    except (services.ServiceError, device_lab.DeviceLabError, tracking.TrackingError) as e:
+    except (services.ServiceError, devices.DeviceLabError, tracking.TrackingError) as e:
         print(f"canao-compress: error: {e}", file=sys.stderr)
         return 2
     print(describe(summary))

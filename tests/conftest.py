@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from canao.config import PROJECT_ROOT, resolve_path
-from canao.data.squad import SquadExample
+from canao.lab.devices import get_device
+from canao.qa.data import SquadExample
 
 SQUAD_DIR = resolve_path("../shared/data/squad")
 TRAIN_FILE = SQUAD_DIR / "train-subset-v1.1.json"
@@ -51,7 +52,7 @@ def qa(qid: str, question: str, *answers: tuple[str, int]) -> dict:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from canao.models.bert_qa import load_tokenizer
+    from canao.qa.model import load_tokenizer
 
     return load_tokenizer()
 
@@ -67,9 +68,9 @@ def litert_env():
 def memorized_qa(tmp_path_factory) -> tuple[Path, SquadExample]:
     """A tiny random BERT trained by the teacher stage until it answers one SQuAD training
     question right, so serving tests can check the right answer: (model dir, the question)."""
-    from canao.cli import main
-    from canao.data.squad import load_squad
+    from canao.cli.main import main
     from canao.manifest import read_manifest
+    from canao.qa.data import load_squad
 
     first_paragraph = json.loads(TRAIN_FILE.read_text())["data"][0]
     context = first_paragraph["paragraphs"][0]["context"]
@@ -87,8 +88,8 @@ def memorized_qa(tmp_path_factory) -> tuple[Path, SquadExample]:
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory):
     """The tiny profile's random decoder (SmolLM2's tokenizer and special tokens), saved once."""
-    from canao.config import load_config
-    from canao.models.llama_lm import save_teacher
+    from canao.lm.teacher import save_teacher
+    from canao.profiles import load_config
 
     path = tmp_path_factory.mktemp("lm") / "tiny-lm"
     save_teacher(load_config("lm-teacher", "tiny"), path)
@@ -98,10 +99,10 @@ def tiny_lm(tmp_path_factory):
 @pytest.fixture(scope="session")
 def compiled_lm(tiny_lm, tmp_path_factory) -> tuple[Path, dict]:
     """tiny_lm compiled untuned for x86-1t (context window 48, prefill 16): (artifact dir, its manifest)."""
-    from canao.compile import compile_lm
-    from canao.config import load_config
+    from canao.compile.relax import compile_lm
+    from canao.profiles import load_config
 
     tmp = tmp_path_factory.mktemp("compiled-lm")
     cfg = load_config("compile-lm", "tiny", overrides=[f"tuning_dir={tmp / 'tuning'}"])
-    manifest = compile_lm(tiny_lm, "x86-1t", cfg, tmp / "out")
+    manifest = compile_lm(tiny_lm, get_device("x86-1t"), cfg, tmp / "out")
     return tmp / "out", manifest

@@ -26,10 +26,10 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
-from canao import hardware
 from canao.config import LoadtestConfig, resolve_path, to_dict
-from canao.data.squad import load_squad
+from canao.lab import hardware
 from canao.manifest import write_text_atomic
+from canao.qa.data import load_squad
 
 EXPECTED = {"200", "429", "503"}  # answered, or refused under overload as the API documents
 
@@ -107,7 +107,7 @@ def spawned_server(model: str, profile: str, overrides: list[str], ready_timeout
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "canao.cli", "serve", "--model", model, "--profile", profile,
+    command = [sys.executable, "-m", "canao.cli.main", "serve", "--model", model, "--profile", profile,
                "--host", "127.0.0.1", "--port", str(port), *(f"--set={o}" for o in overrides)]
     server = subprocess.Popen(command)
     url = f"http://127.0.0.1:{port}"

@@ -9,7 +9,7 @@ import pytest
 import uvicorn
 import yaml
 
-from canao import device_lab
+from canao.lab import rpc
 
 
 def live_processes() -> dict[int, tuple[int, str]]:
@@ -43,16 +43,16 @@ def running_lab(directory, devices: dict):
         mp.setenv("CANAO_LAB_DIR", str(directory / "state"))
         mp.delenv("CANAO_TRACKER", raising=False)
         try:
-            yield device_lab.up(port=free_port(), timeout=120)
+            yield rpc.up(port=free_port(), timeout=120)
         finally:
-            device_lab.down()
+            rpc.down()
 
 
 @contextlib.contextmanager
 def running_services(directory):
     """The embedded MLflow server and SeaweedFS S3 store on free ports of 127.0.0.1, state in
     `directory`, their client environment set; stopped on exit whatever happens."""
-    from canao import services
+    from canao.mlops import services
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CANAO_SERVICES_DIR", str(directory))

@@ -5,18 +5,18 @@ import json
 import pytest
 import yaml
 
-from canao import device_lab
-from canao.cli import main
-from canao.config import BertShape
-from canao.models.bert_qa import init_qa_model
+from canao.cli.main import main
+from canao.lab import devices
+from canao.qa.config import BertShape
+from canao.qa.model import init_qa_model
 from tests.integration.conftest import running_lab
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    project = yaml.safe_load(device_lab.devices_file(device_lab.DEVICES_FILE).read_text())
-    devices = {"x86-1t": project["x86-1t"], "x86-2t": {**project["x86-2t"], "local": False}}  # known, no server
-    with running_lab(tmp_path_factory.mktemp("lab"), devices) as state:
+    project = yaml.safe_load(devices.devices_file(devices.DEVICES_FILE).read_text())
+    profiles = {"x86-1t": project["x86-1t"], "x86-2t": {**project["x86-2t"], "local": False}}  # known, no server
+    with running_lab(tmp_path_factory.mktemp("lab"), profiles) as state:
         yield state
 
 

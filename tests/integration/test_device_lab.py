@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 import yaml
 
-from canao import device_lab
-from canao.device_lab import DeviceLabError, get_device, load_devices, run_remote, time_remote, tvm_target
+from canao.lab import devices, rpc
+from canao.lab.devices import DeviceLabError, get_device, load_devices, tvm_target
+from canao.lab.rpc import run_remote, time_remote
 from tests.integration.conftest import free_port, live_processes, running_lab
 
 PAIR = "x86-1t-pair"
@@ -34,9 +35,9 @@ def _live_processes(groups: set[int]) -> list[int]:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    project = yaml.safe_load(device_lab.devices_file(device_lab.DEVICES_FILE).read_text())
-    devices = {"x86-1t": project["x86-1t"], PAIR: {**project["x86-1t"], "servers": 2}}
-    with running_lab(tmp_path_factory.mktemp("device_lab"), devices) as state:
+    project = yaml.safe_load(devices.devices_file(devices.DEVICES_FILE).read_text())
+    profiles = {"x86-1t": project["x86-1t"], PAIR: {**project["x86-1t"], "servers": 2}}
+    with running_lab(tmp_path_factory.mktemp("device_lab"), profiles) as state:
         yield state
 
 
@@ -62,15 +63,15 @@ def matmul_relu(lab, tmp_path_factory):
 
 
 def test_project_devices_are_valid_tvm_targets():
-    devices = load_devices(device_lab.DEVICES_FILE)
-    assert {"x86-1t", "x86-2t", "aarch64-linux"} <= set(devices)
-    for device in devices.values():
+    profiles = load_devices(devices.DEVICES_FILE)
+    assert {"x86-1t", "x86-2t", "aarch64-linux"} <= set(profiles)
+    for device in profiles.values():
         target = tvm_target(device)
         assert target.attrs["num-cores"] == device.threads
-    assert str(tvm_target(devices["x86-1t"]).attrs["mcpu"]) != "host"
-    assert str(tvm_target(devices["aarch64-linux"]).attrs["mtriple"]) == "aarch64-linux-gnu"
-    assert devices["x86-2t"].cores == (0, 1) and devices["x86-2t"].local
-    assert not devices["aarch64-linux"].local
+    assert str(tvm_target(profiles["x86-1t"]).attrs["mcpu"]) != "host"
+    assert str(tvm_target(profiles["aarch64-linux"]).attrs["mtriple"]) == "aarch64-linux-gnu"
+    assert profiles["x86-2t"].cores == (0, 1) and profiles["x86-2t"].local
+    assert not profiles["aarch64-linux"].local
 
 
 def test_unknown_key_lists_the_known_keys(monkeypatch):
@@ -90,10 +91,10 @@ def test_tracker_not_running_says_how_to_start_it(monkeypatch, tmp_path):
     monkeypatch.setenv("CANAO_LAB_DIR", str(tmp_path))
     monkeypatch.delenv("CANAO_TRACKER", raising=False)
     with pytest.raises(DeviceLabError, match="device lab not running: start it with `canao device-lab up`"):
-        device_lab.status()
+        rpc.status()
     monkeypatch.setenv("CANAO_TRACKER", f"127.0.0.1:{free_port()}")
     with pytest.raises(DeviceLabError, match="start it with `canao device-lab up`.*does not answer"):
-        device_lab.tracker_address()
+        rpc.tracker_address()
 
 
 def test_up_on_a_port_in_use_names_the_port(monkeypatch, tmp_path):
@@ -103,12 +104,12 @@ def test_up_on_a_port_in_use_names_the_port(monkeypatch, tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(DeviceLabError, match=f"port: 127.0.0.1:{port} is already in use"):
-            device_lab.up(port=port)
-    assert device_lab.read_state() is None
+            rpc.up(port=port)
+    assert rpc.read_state() is None
 
 
 def test_pin_sets_affinity_and_thread_env():
-    code = ("import os; from canao.device_lab import get_device, pin; pin(get_device('x86-1t')); "
+    code = ("import os; from canao.lab.devices import get_device, pin; pin(get_device('x86-1t')); "
             "print(sorted(os.sched_getaffinity(0)), os.environ['TVM_NUM_THREADS'], os.environ['OMP_NUM_THREADS'])")
     env = {k: v for k, v in os.environ.items() if k != "CANAO_DEVICES"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
@@ -116,7 +117,7 @@ def test_pin_sets_affinity_and_thread_env():
 
 
 def test_servers_are_registered_pinned_and_threaded(lab):
-    assert {k: len(v["servers"]) for k, v in device_lab.status()["devices"].items()} == {"x86-1t": 1, PAIR: 2}
+    assert {k: len(v["servers"]) for k, v in rpc.status()["devices"].items()} == {"x86-1t": 1, PAIR: 2}
     for server in lab["servers"]:
         status = Path(f"/proc/{server['pid']}/status").read_text()
         assert "Cpus_allowed_list:\t0\n" in status
@@ -125,12 +126,12 @@ def test_servers_are_registered_pinned_and_threaded(lab):
 
 
 def test_up_when_up_returns_the_running_lab(lab):
-    assert device_lab.up() == lab
+    assert rpc.up() == lab
 
 
 def test_cli_prints_the_status_as_json(lab, capsys):
     parser = argparse.ArgumentParser()
-    device_lab.add_cli(parser.add_subparsers(dest="command"))
+    rpc.add_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["device-lab", "status"])
     args.func(args)
     status = json.loads(capsys.readouterr().out)
@@ -150,7 +151,7 @@ def test_an_error_of_the_model_is_not_retried(matmul_relu):
     path, inputs, _ = matmul_relu
     with pytest.raises(DeviceLabError, match="device x86-1t: .*"):
         run_remote(path, [inputs[0][:8], inputs[1]], "x86-1t")
-    assert len(device_lab.status()["devices"]["x86-1t"]["servers"]) == 1
+    assert len(rpc.status()["devices"]["x86-1t"]["servers"]) == 1
 
 
 def test_time_remote_moves_to_another_server_when_one_dies(lab, matmul_relu):
@@ -186,9 +187,9 @@ def test_time_remote_moves_to_another_server_when_one_dies(lab, matmul_relu):
 def test_down_leaves_no_process_running(lab):
     groups = {s["pid"] for s in lab["servers"]} | {lab["tracker"]["pid"]}
     assert _live_processes(groups)  # the x86-1t server and the tracker, at least
-    stopped = device_lab.down()
+    stopped = rpc.down()
     assert set(stopped["stopped"]) == groups
     assert _live_processes(groups) == []
-    assert not device_lab.state_file().exists()
+    assert not rpc.state_file().exists()
     with pytest.raises(DeviceLabError, match="device lab not running"):
-        device_lab.status()
+        rpc.status()

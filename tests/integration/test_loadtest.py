@@ -2,8 +2,8 @@
 
 import json
 
-from canao.bench import SERVING_SECTION, markdown_section
-from canao.cli import main
+from canao.bench.suite import SERVING_SECTION, markdown_section
+from canao.cli.main import main
 
 
 def test_loadtest_of_a_spawned_server_answers_everything(memorized_qa, tmp_path, capsys):

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from canao import device_lab, services, tracking
 from canao.config import PROJECT_ROOT
-from canao.registry import Registry
+from canao.lab import devices, rpc
+from canao.mlops import services, tracking
+from canao.mlops.registry import Registry
 from pipelines import local
 from tests.integration.conftest import live_processes, running_lab, running_services
 
@@ -28,7 +29,7 @@ from tests.integration.conftest import live_processes, running_lab, running_serv
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    project = yaml.safe_load(device_lab.devices_file(device_lab.DEVICES_FILE).read_text())
+    project = yaml.safe_load(devices.devices_file(devices.DEVICES_FILE).read_text())
     (root / "devices.yaml").write_text(yaml.safe_dump({"x86-1t": project["x86-1t"]}))
     with running_services(root / "services") as state, pytest.MonkeyPatch.context() as mp:
         mp.setenv("CANAO_CACHE_DIR", str(root / "cache"))
@@ -136,7 +137,7 @@ def test_sigterm_while_starting_stops_what_make_run_started(tmp_path):
     """`make run` stopped with SIGTERM as the device lab comes up exits, and leaves no MLflow,
     SeaweedFS or device-lab process behind (they run in sessions of their own, so only the
     pipeline's own `finally` can stop them)."""
-    project = yaml.safe_load(device_lab.devices_file(device_lab.DEVICES_FILE).read_text())
+    project = yaml.safe_load(devices.devices_file(devices.DEVICES_FILE).read_text())
     (tmp_path / "devices.yaml").write_text(yaml.safe_dump({"x86-1t": project["x86-1t"]}))
     env = {k: v for k, v in os.environ.items() if k != "CANAO_TRACKER"} | {
         "CANAO_SERVICES_DIR": str(tmp_path / "services"), "CANAO_LAB_DIR": str(tmp_path / "lab"),
@@ -159,7 +160,7 @@ def test_sigterm_while_starting_stops_what_make_run_started(tmp_path):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("CANAO_SERVICES_DIR", env["CANAO_SERVICES_DIR"])
             mp.setenv("CANAO_LAB_DIR", env["CANAO_LAB_DIR"])
-            leftovers = services.down()["stopped"] + device_lab.down()["stopped"]
+            leftovers = services.down()["stopped"] + rpc.down()["stopped"]
     assert leftovers == []  # no state file was left: make run removed both
     for port in (mlflow_port, s3_port, lab_port):
         with pytest.raises(ConnectionRefusedError):

@@ -11,9 +11,9 @@ import time
 import httpx
 import pytest
 
-from canao import services
-from canao.cli import main
-from canao.registry import Registry, RegistryError, VersionExistsError, content_version, parse_uri, pull_cached
+from canao.cli.main import main
+from canao.mlops import services
+from canao.mlops.registry import Registry, RegistryError, VersionExistsError, content_version, parse_uri, pull_cached
 from tests.integration.conftest import running_services
 
 
@@ -119,9 +119,9 @@ def test_store_killed_during_a_push_leaves_no_version_and_a_retry_succeeds(store
 
 def deploy_inputs(root, records):
     """A tiny model, a compile artifact and benchmark records for it, as the stages write them."""
-    from canao.config import BertShape
     from canao.manifest import write_manifest
-    from canao.models.bert_qa import init_qa_model
+    from canao.qa.config import BertShape
+    from canao.qa.model import init_qa_model
 
     model, compiled, bench = root / "model", root / "compiled", root / "bench"
     init_qa_model("random", BertShape(num_layers=1, hidden_size=32, num_heads=2, ffn_size=64), 0).save_pretrained(model)
@@ -179,9 +179,9 @@ def test_deploy_refuses_when_no_backend_passes(store, tmp_path, monkeypatch, cap
 
 def test_serve_pulls_name_at_alias_through_mlflow_and_serves_the_compiled_artifact(store, memorized_qa, tmp_path,
                                                                                     monkeypatch, capsys):
-    from canao import tracking
     from canao.apps.loadtest import spawned_server
     from canao.manifest import sha256_file
+    from canao.mlops import tracking
 
     monkeypatch.setenv("CANAO_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CANAO_REGISTRY_CACHE", str(tmp_path / "pulled"))

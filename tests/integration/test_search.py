@@ -6,23 +6,28 @@ import json
 import pytest
 import yaml
 
-from canao import device_lab
-from canao.apps.qa import QAPredictor
-from canao.bench import SEARCH_SECTION, markdown_section
-from canao.cli import main
-from canao.config import load_config
-from canao.data.squad import SquadExample
-from canao.distill import train_supernet, train_teacher
-from canao.latency import LatencyModel, fit_latency_model
+from canao.bench.suite import SEARCH_SECTION, markdown_section
+from canao.cli.main import main
+from canao.codesign.latency_model import LatencyModel
+from canao.codesign.pareto import FRONT_JSON, FRONT_PNG, dominated
+from canao.lab import devices
+from canao.lab.devices import get_device
 from canao.manifest import verify_manifest
-from canao.search import FRONT_JSON, FRONT_PNG, dominated, finalize, search
-from canao.space import SubnetConfig
+from canao.profiles import load_config
+from canao.qa.data import SquadExample
+from canao.qa.distill import train_supernet
+from canao.qa.finalize import finalize
+from canao.qa.latency import BERT_QA, fit_latency_model
+from canao.qa.predictor import QAPredictor
+from canao.qa.search import QA, search
+from canao.qa.space import SubnetConfig
+from canao.qa.teacher import train_teacher
 from tests.integration.conftest import running_lab
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    project = yaml.safe_load(device_lab.devices_file(device_lab.DEVICES_FILE).read_text())
+    project = yaml.safe_load(devices.devices_file(devices.DEVICES_FILE).read_text())
     with running_lab(tmp_path_factory.mktemp("lab"), {"x86-1t": project["x86-1t"]}) as state:
         yield state
 
@@ -36,7 +41,7 @@ def stages(tmp_path_factory, lab, litert_env):
     train_supernet(load_config("distill", "tiny"), teacher, supernet)
     latency = root / "latency"
     fit_latency_model(load_config("latency", "tiny", overrides=[f"compile.tuning_dir={root / 'tuning'}"]),
-                      "x86-1t", latency, teacher)
+                      get_device("x86-1t"), latency, teacher)
     trials = []
     found = root / "search"
     search(load_config("search", "tiny"), supernet, latency, found,
@@ -51,12 +56,12 @@ def stages(tmp_path_factory, lab, litert_env):
 
 def test_latency_model_round_trips_through_its_artifact(stages):
     manifest = verify_manifest(stages["latency"])
-    model = LatencyModel.load(stages["latency"])
+    model = LatencyModel.load(stages["latency"], BERT_QA)
     assert model.device == "x86-1t" and model.seq_len == 32 and len(model.measurements) == 4
     assert sum(m["heldout"] for m in model.measurements) == 1
     for m in model.measurements:
         assert set(m["ms"]) == {"tvm", "onnxruntime"} and all(v > 0 for v in m["ms"].values())
-    refit = LatencyModel.fit(model.device, model.seq_len, model.teacher, model.measurements)
+    refit = LatencyModel.fit(model.device, model.seq_len, model.teacher, model.measurements, model.family)
     assert refit.coefficients == model.coefficients and refit.error == model.error
     subnet = SubnetConfig.from_dict(model.measurements[0]["subnet"])
     assert model.fastest(subnet) == min((model.predict(subnet, b), b) for b in ("tvm", "onnxruntime"))
@@ -66,7 +71,7 @@ def test_latency_model_round_trips_through_its_artifact(stages):
 def test_search_returns_a_non_dominated_front_with_measurements(stages):
     result = json.loads((stages["search"] / FRONT_JSON).read_text())
     front = result["front"]
-    assert front and dominated(front) == []
+    assert front and dominated(front, QA) == []
     # No evaluated subnet beats a front point on both objectives.
     for t in result["trials"]:
         for p in front:

@@ -16,8 +16,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
-from canao.apps.serve import Service
-from canao.config import load_config
+from canao.apps.service import Service
+from canao.profiles import load_config
 from tests.integration.conftest import running_server
 from tests.unit.test_serve_generate import events
 

@@ -6,8 +6,8 @@ import time
 
 import httpx
 
-from canao.apps.serve import Service
-from canao.config import load_config
+from canao.apps.service import Service
+from canao.profiles import load_config
 from tests.integration.conftest import running_server
 from tests.unit.test_serve_generate import Holding
 

@@ -36,5 +36,99 @@ def test_canao_never_imports_kfp():
 
 
 def test_one_module_each_for_mlflow_and_s3():
-    assert modules_importing("mlflow") == {"tracking.py"}
-    assert modules_importing("boto3") | modules_importing("botocore") == {"registry.py"}
+    assert modules_importing("mlflow") == {"mlops/tracking.py"}
+    assert modules_importing("boto3") | modules_importing("botocore") == {"mlops/registry.py"}
+
+
+# The layering, low to high: a module may import modules of its own layer or a lower one.
+LAYERS = (
+    ("canao.config", "canao.manifest", "canao.lab.hardware"),
+    ("canao.lab",),
+    ("canao.qa.config", "canao.lm.config", "canao.profiles", "canao.codesign.space", "canao.codesign.elastic"),
+    ("canao.qa.data", "canao.qa.space", "canao.qa.modeling_canao_bert", "canao.qa.model", "canao.lm.data",
+     "canao.lm.space", "canao.lm.model", "canao.lm.teacher", "canao.lm.gguf", "canao.codesign"),
+    ("canao.compile",),
+    ("canao.qa.predictor", "canao.lm.generator", "canao.bench.protocol", "canao.bench.generation"),
+    ("canao.qa", "canao.lm"),
+    ("canao.bench", "canao.mlops"),
+    ("canao.apps",),
+    ("components", "pipelines"),
+    ("canao.cli",),
+)
+STAGE_FILES = {"config", "data", "space", "model", "teacher", "distill", "latency", "search", "finalize"}
+PROJECT = CANAO.parent
+
+
+def project_modules() -> dict[str, Path]:
+    paths = [p for root in ("canao", "components", "pipelines") for p in (PROJECT / root).rglob("*.py")]
+    return {".".join(p.relative_to(PROJECT).with_suffix("").parts).removesuffix(".__init__"): p for p in paths}
+
+
+def import_edges() -> dict[str, set[str]]:
+    """Module -> the project modules it imports, anywhere in the file (inside functions too)."""
+    modules = project_modules()
+
+    def owner(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    edges = {}
+    for module, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets |= {f"{node.module}.{alias.name}" for alias in node.names}
+        edges[module] = {o for t in targets if (o := owner(t)) and o != module and o not in ("canao", "components",
+                                                                                             "pipelines")}
+    return edges
+
+
+def layer(module: str) -> int:
+    """The layer of the longest prefix that names `module` (a module, or a package it is in)."""
+    matches = [(len(prefix), i) for i, prefixes in enumerate(LAYERS) for prefix in prefixes
+               if module == prefix or module.startswith(prefix + ".")]
+    assert matches, f"{module}: in no layer of LAYERS"
+    return max(matches)[1]
+
+
+def test_no_module_imports_one_above_it():
+    upward = [f"{a} (layer {layer(a)}) imports {b} (layer {layer(b)})"
+              for a, targets in import_edges().items() for b in targets if layer(b) > layer(a)]
+    assert upward == []
+
+
+def test_no_import_cycle():
+    edges, state, cycles = import_edges(), {}, []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(edges[module]):
+            if state.get(target) == "open":
+                cycles.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target, path + [target])
+        state[module] = "done"
+
+    for module in sorted(edges):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []
+
+
+def test_codesign_imports_neither_wing():
+    assert {(a, b) for a, targets in import_edges().items() if a.startswith("canao.codesign")
+            for b in targets if b.startswith(("canao.qa", "canao.lm"))} == set()
+
+
+def test_both_wings_have_the_same_stage_files():
+    for wing in ("qa", "lm"):
+        assert STAGE_FILES <= {p.stem for p in (CANAO / wing).glob("*.py")}, wing
+
+
+def test_no_file_over_500_lines():
+    long = {str(p.relative_to(PROJECT)): n for p in project_modules().values()
+            if (n := len(p.read_text().splitlines())) > 500}
+    assert long == {}

@@ -2,12 +2,18 @@
 
 import pytest
 
-from canao.config import PROFILES, ConfigError, LMSearchConfig, SearchConfig, SpaceConfig, load_config
-from canao.latency import LatencyModel, features, sample_subnets
-from canao.search import GENERATION, QA, choose, dominated, latency_budget
-from canao.space import SearchSpace, SubnetConfig, TeacherShape
+from canao.codesign.latency_model import LatencyModel, sample_subnets
+from canao.codesign.pareto import choose, dominated, latency_budget
+from canao.config import PROFILES, ConfigError
+from canao.lm.config import LMSearchConfig
+from canao.lm.search import GENERATION
+from canao.profiles import load_config
+from canao.qa.config import BertShape, SearchConfig, SpaceConfig
+from canao.qa.latency import BERT_QA, features
+from canao.qa.search import QA
+from canao.qa.space import SearchSpace, SubnetConfig
 
-MINILM = TeacherShape(6, 384, 12, 1536)
+MINILM = BertShape(6, 384, 12, 1536)
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -42,9 +48,9 @@ def synthetic_measurements(n: int, heldout: int) -> list[dict]:
 
 
 def test_latency_model_fits_round_trips_and_beats_the_flops_proxy(tmp_path):
-    model = LatencyModel.fit("x86-1t", 384, MINILM, synthetic_measurements(16, 5))
+    model = LatencyModel.fit("x86-1t", 384, MINILM, synthetic_measurements(16, 5), BERT_QA)
     model.save(tmp_path)
-    loaded = LatencyModel.load(tmp_path)
+    loaded = LatencyModel.load(tmp_path, BERT_QA)
     assert loaded == model
     for m in model.measurements:
         subnet = SubnetConfig.from_dict(m["subnet"])
@@ -55,18 +61,18 @@ def test_latency_model_fits_round_trips_and_beats_the_flops_proxy(tmp_path):
         assert error["model"]["mape_pct"] < 0.5 and error["model"]["spearman"] == 1.0
         assert error["flops_proxy"]["mape_pct"] > error["model"]["mape_pct"]
     with pytest.raises(FileNotFoundError, match="no latency model"):
-        LatencyModel.load(tmp_path / "missing")
+        LatencyModel.load(tmp_path / "missing", BERT_QA)
 
 
 def test_front_helpers():
     points = [{"f1": 50.0, "predicted_ms": 2.0, "measured_ms": 2.5}, {"f1": 60.0, "predicted_ms": 4.0,
                                                                       "measured_ms": None},
               {"f1": 55.0, "predicted_ms": 5.0, "measured_ms": None}]
-    assert dominated(points) == [points[2]]
-    assert choose({"latency_budget_ms": 3.0, "front": points}) == points[0]
-    assert choose({"latency_budget_ms": 0.0, "front": points}) == points[1]
+    assert dominated(points, QA) == [points[2]]
+    assert choose({"latency_budget_ms": 3.0, "front": points}, QA) == points[0]
+    assert choose({"latency_budget_ms": 0.0, "front": points}, QA) == points[1]
     with pytest.raises(ValueError, match="no front point within the latency budget of 1.0 ms"):
-        choose({"latency_budget_ms": 1.0, "front": points})
+        choose({"latency_budget_ms": 1.0, "front": points}, QA)
 
 
 def test_latency_budget_is_the_tighter_of_the_absolute_and_the_speedup_over_the_peer():

@@ -5,11 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from canao import peers
-from canao.compile import NumericsError, compile_model
-from canao.config import BertShape, load_config
-from canao.device_lab import DeviceLabError
-from canao.models.bert_qa import example_inputs, init_qa_model, load_for_export
+from canao.cli.main import main
+from canao.compile import peers
+from canao.compile.relax import NumericsError, compile_model
+from canao.lab.devices import DeviceLabError, get_device
+from canao.profiles import load_config
+from canao.qa.config import BertShape
+from canao.qa.model import example_inputs, init_qa_model, load_for_export
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def _cfg(tmp_path, **overrides):
 
 def test_tiny_bert_compiles_for_llvm_within_tolerance(tiny_model, tmp_path):
     cfg = _cfg(tmp_path)
-    manifest = compile_model(tiny_model, "x86-1t", cfg, tmp_path / "out")
+    manifest = compile_model(tiny_model, get_device("x86-1t"), cfg, tmp_path / "out")
     numerics = manifest["metrics"]["numerics_max_abs_diff"]
     assert numerics["tvm"] <= 1e-3
     assert numerics["onnxruntime"] <= 1e-4
@@ -49,18 +51,22 @@ def test_tiny_bert_compiles_for_llvm_within_tolerance(tiny_model, tmp_path):
 
 def test_failed_numerics_write_no_artifact(tiny_model, tmp_path):
     with pytest.raises(NumericsError, match="no artifact written"):
-        compile_model(tiny_model, "x86-1t", _cfg(tmp_path, numerics_tol=1e-12), tmp_path / "out")
+        compile_model(tiny_model, get_device("x86-1t"), _cfg(tmp_path, numerics_tol=1e-12), tmp_path / "out")
     assert list(tmp_path.iterdir()) == [tmp_path / "tuning"]  # no output, no staging left behind
 
 
-def test_unknown_device_lists_the_known_keys(tiny_model, tmp_path):
+def test_unknown_device_lists_the_known_keys(tiny_model, tmp_path, capsys):
+    code = main(["compile", "--profile", "tiny", "--model", str(tiny_model), "--device", "pixel-99", "--seq-len", "16",
+                 "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert code == 2 and "device 'pixel-99': unknown (known: x86-1t" in error and not (tmp_path / "out").exists()
     with pytest.raises(DeviceLabError, match="x86-1t"):
-        compile_model(tiny_model, "pixel-99", _cfg(tmp_path), tmp_path / "out")
+        get_device("pixel-99")
 
 
 def test_kernels_are_tuned_once_per_device(tiny_model, tmp_path):
     cfg = _cfg(tmp_path, trials=32, max_trials_per_task=1, peers=[])  # covers every kernel of the tiny model
-    first = compile_model(tiny_model, "x86-1t", cfg, tmp_path / "a")["metrics"]["tuning"]
-    second = compile_model(tiny_model, "x86-1t", cfg, tmp_path / "b")["metrics"]["tuning"]
+    first = compile_model(tiny_model, get_device("x86-1t"), cfg, tmp_path / "a")["metrics"]["tuning"]
+    second = compile_model(tiny_model, get_device("x86-1t"), cfg, tmp_path / "b")["metrics"]["tuning"]
     assert first["tasks_tuned_now"] > 0
     assert second["tasks_reused"] == second["tasks"] and second["tasks_tuned_now"] == 0

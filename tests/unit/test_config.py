@@ -1,6 +1,8 @@
 import pytest
 
-from canao.config import PROFILES, ConfigError, TeacherConfig, config_hash, load_config
+from canao.config import PROFILES, ConfigError, config_hash
+from canao.profiles import load_config
+from canao.qa.config import TeacherConfig
 
 
 @pytest.mark.parametrize("profile", PROFILES)

@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from canao.config import PROJECT_ROOT
-from components.stages import IMAGE
+from components.tasks import IMAGE
 from pipelines.canao_compress import SECRETS
-from pipelines.compile import compile_pipeline
+from pipelines.package import compile_pipeline
 
 
 def venv_tool(name: str) -> str:
@@ -79,7 +79,7 @@ def test_k8s_base_renders_and_validates_strictly(tmp_path):
 
 
 def test_submit_to_an_endpoint_that_does_not_answer_is_a_clear_error(capsys):
-    from canao.cli import main
+    from canao.cli.main import main
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

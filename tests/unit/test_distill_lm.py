@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from canao import distill_lm
-from canao.cli import main
-from canao.distill import CHECKPOINT, IMPORTANCE_FILE, SUPERNET_DIR
-from canao.distill_lm import load_decoder_supernet
+from canao.cli.main import main
+from canao.codesign.elastic import extract
+from canao.codesign.kd import CHECKPOINT, IMPORTANCE_FILE, SUPERNET_DIR
+from canao.lm import distill as lm_distill
+from canao.lm.distill import lm_kd_loss, load_decoder_supernet
+from canao.lm.space import DecoderSubnet
 from canao.manifest import verify_manifest
-from canao.models.elastic import extract
-from canao.space import DecoderSubnet
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_same_config_reuses_and_another_is_refused(tiny_lm, corpus, supernet_dir
 
 
 def test_a_killed_run_resumes_to_the_same_weights(tiny_lm, corpus, supernet_dir, tmp_path, monkeypatch):
-    loss, calls = distill_lm.lm_kd_loss, 0
+    loss, calls = lm_kd_loss, 0
 
     def dies_in_step_three(*args):
         nonlocal calls
@@ -70,13 +70,13 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny_lm, corpus, supernet_dir,
             raise KeyboardInterrupt
         return loss(*args)
 
-    monkeypatch.setattr(distill_lm, "lm_kd_loss", dies_in_step_three)
+    monkeypatch.setattr(lm_distill, "lm_kd_loss", dies_in_step_three)
     out = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
         distill(tiny_lm, corpus, out)
     state = torch.load(out / "checkpoints" / CHECKPOINT, weights_only=False)
     assert state["step"] == 2 and (out / "checkpoints" / IMPORTANCE_FILE).is_file()
-    monkeypatch.setattr(distill_lm, "lm_kd_loss", loss)
+    monkeypatch.setattr(lm_distill, "lm_kd_loss", loss)
     assert distill(tiny_lm, corpus, out) == 0
     weights = f"{SUPERNET_DIR}/model.safetensors"
     assert verify_manifest(out)["files"][weights] == verify_manifest(supernet_dir)["files"][weights]
@@ -85,7 +85,7 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny_lm, corpus, supernet_dir,
 
 
 def test_the_token_embedding_stays_the_teachers(tiny_lm, supernet_dir):
-    from canao.models.llama_lm import load_causal_lm
+    from canao.lm.model import load_causal_lm
 
     supernet, _ = load_decoder_supernet(supernet_dir)
     teacher = load_causal_lm(tiny_lm)

@@ -8,12 +8,14 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from canao.compile import compile_lm
-from canao.config import ConfigError, DecoderShape, DecoderSpaceConfig, load_config
-from canao.models.elastic import extract
-from canao.models.elastic_decoder import DecoderSupernet, importance, sort_by_importance
-from canao.models.llama_lm import KVCacheStep, load_causal_lm, load_tokenizer
-from canao.space import DecoderSpace, DecoderSubnet, decoder_params
+from canao.codesign.elastic import extract
+from canao.compile.relax import compile_lm
+from canao.config import ConfigError
+from canao.lab.devices import get_device
+from canao.lm.config import DecoderShape, DecoderSpaceConfig
+from canao.lm.model import DecoderSupernet, KVCacheStep, importance, load_causal_lm, load_tokenizer, sort_by_importance
+from canao.lm.space import DecoderSpace, DecoderSubnet, decoder_params
+from canao.profiles import load_config
 
 TEACHER = DecoderShape(2, 64, 4, 2, 128)
 SPACE = DecoderSpaceConfig(layer_counts=(1, 2), kv_head_counts=(1, 2), ffn_sizes=(32, 64, 96, 128), align=16)
@@ -117,7 +119,7 @@ def test_extracted_decoder_runs_with_a_kv_cache_and_compiles(supernet, tiny_lm, 
             logits, keys, values = step(ids[:, t : t + 1], torch.tensor([t]), torch.tensor([0]), keys, values)
             torch.testing.assert_close(logits[0], full[t], atol=1e-5, rtol=0)
     cfg = load_config("compile-lm", "tiny", overrides=[f"tuning_dir={tmp_path / 'tuning'}"])
-    manifest = compile_lm(student_dir, "x86-1t", cfg, tmp_path / "compiled")
+    manifest = compile_lm(student_dir, get_device("x86-1t"), cfg, tmp_path / "compiled")
     assert set(manifest["backends"]) == {"prefill", "decode"}
     assert all(diff <= cfg.numerics_tol for diff in manifest["metrics"]["numerics_max_abs_diff"].values())
 

@@ -8,10 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from canao import cli
-from canao.apps import generate
-from canao.config import ConfigError, load_config
-from canao.models.llama_lm import KVCacheStep, load_causal_lm
+from canao import config
+from canao.bench import suite as bench_suite
+from canao.bench.generation import GenRecord, bench_generation, generation_table
+from canao.bench.suite import suite, suite_lm_inputs
+from canao.cli.main import main
+from canao.config import ConfigError
+from canao.lab import devices
+from canao.lab.devices import get_device
+from canao.lm import generator
+from canao.lm.config import GEN_BACKENDS
+from canao.lm.model import KVCacheStep, load_causal_lm
+from canao.profiles import load_config
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +63,9 @@ def test_compiled_greedy_output_equals_pytorch(tiny_lm, compiled_lm):
     with torch.no_grad():
         reference = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new, min_new_tokens=new,
                                    pad_token_id=2)[0, len(prompt) :].tolist()
-    tvm = generate.TVMDecoder(compiled_lm[0])
-    tvm_tokens = [t for t, _ in generate.stream(tvm, prompt, new, stop_at_eos=False)]
-    torch_tokens = [t for t, _ in generate.stream(generate.TorchDecoder(tiny_lm, 48), prompt, new, stop_at_eos=False)]
+    tvm = generator.TVMDecoder(compiled_lm[0])
+    tvm_tokens = [t for t, _ in generator.stream(tvm, prompt, new, stop_at_eos=False)]
+    torch_tokens = [t for t, _ in generator.stream(generator.TorchDecoder(tiny_lm, 48), prompt, new, stop_at_eos=False)]
     assert tvm_tokens == reference
     assert torch_tokens == reference
 
@@ -65,12 +73,12 @@ def test_compiled_greedy_output_equals_pytorch(tiny_lm, compiled_lm):
 def test_litert_steps_greedy_output_equals_pytorch(tiny_lm, litert_root):
     # The same KV-cache step converted to LiteRT: 20 prompt tokens (a full and a padded prefill chunk).
     prompt, new = _prompt(20, seed=1), 12
-    steps = generate.litert_steps(tiny_lm, load_config("compile-lm", "tiny"), litert_root)
-    assert generate.litert_steps(tiny_lm, load_config("compile-lm", "tiny"), litert_root) == steps  # reused
-    decoder = generate.open_decoder(steps)
-    assert isinstance(decoder, generate.LiteRTDecoder) and decoder.eos_token_ids == (2,)
-    litert_tokens = [t for t, _ in generate.stream(decoder, prompt, new, stop_at_eos=False)]
-    torch_tokens = [t for t, _ in generate.stream(generate.TorchDecoder(tiny_lm, 48), prompt, new, stop_at_eos=False)]
+    steps = generator.litert_steps(tiny_lm, load_config("compile-lm", "tiny"), litert_root)
+    assert generator.litert_steps(tiny_lm, load_config("compile-lm", "tiny"), litert_root) == steps  # reused
+    decoder = generator.open_decoder(steps)
+    assert isinstance(decoder, generator.LiteRTDecoder) and decoder.eos_token_ids == (2,)
+    litert_tokens = [t for t, _ in generator.stream(decoder, prompt, new, stop_at_eos=False)]
+    torch_tokens = [t for t, _ in generator.stream(generator.TorchDecoder(tiny_lm, 48), prompt, new, stop_at_eos=False)]
     assert litert_tokens == torch_tokens
     keys, values = decoder.empty_cache()
     logits, _, _ = decoder(np.array([prompt[:1]]), 0, 0, keys, values)
@@ -80,26 +88,26 @@ def test_litert_steps_greedy_output_equals_pytorch(tiny_lm, litert_root):
 
 
 def test_stream_stops_at_eos_or_max_tokens(compiled_lm):
-    decoder = generate.TVMDecoder(compiled_lm[0])
-    greedy = [t for t, _ in generate.stream(decoder, _prompt(5), 6, stop_at_eos=False)]
+    decoder = generator.TVMDecoder(compiled_lm[0])
+    greedy = [t for t, _ in generator.stream(decoder, _prompt(5), 6, stop_at_eos=False)]
     assert len(greedy) == 6
     decoder.eos_token_ids = (greedy[2],)  # pretend the third token ends the text
-    assert [t for t, _ in generate.stream(decoder, _prompt(5), 6)] == greedy[: greedy.index(greedy[2]) + 1]
+    assert [t for t, _ in generator.stream(decoder, _prompt(5), 6)] == greedy[: greedy.index(greedy[2]) + 1]
 
 
 def test_sampling():
     logits = np.array([0.0, 3.0, 2.9, -1.0, 1.0], np.float32)
     rng = np.random.default_rng(0)
-    assert generate.sample(logits, generate.Sampling(), rng) == 1
-    assert generate.sample(logits, generate.Sampling(temperature=1.0, top_k=1), rng) == 1
-    assert generate.sample(logits, generate.Sampling(temperature=1.0, top_p=0.01), rng) == 1
-    assert generate.sample(logits, generate.Sampling(temperature=5e-324), rng) == 1  # no overflow to NaN
-    top2 = {generate.sample(logits, generate.Sampling(temperature=5.0, top_k=2), rng) for _ in range(200)}
+    assert generator.sample(logits, generator.Sampling(), rng) == 1
+    assert generator.sample(logits, generator.Sampling(temperature=1.0, top_k=1), rng) == 1
+    assert generator.sample(logits, generator.Sampling(temperature=1.0, top_p=0.01), rng) == 1
+    assert generator.sample(logits, generator.Sampling(temperature=5e-324), rng) == 1  # no overflow to NaN
+    top2 = {generator.sample(logits, generator.Sampling(temperature=5.0, top_k=2), rng) for _ in range(200)}
     assert top2 == {1, 2}
     # probabilities 0.474, 0.429, 0.064, 0.024, 0.009: the first three reach 0.95, the rest are never drawn
-    nucleus = {generate.sample(logits, generate.Sampling(temperature=1.0, top_p=0.95), rng) for _ in range(300)}
+    nucleus = {generator.sample(logits, generator.Sampling(temperature=1.0, top_p=0.95), rng) for _ in range(300)}
     assert nucleus == {1, 2, 4}
-    seeded = [generate.sample(logits, generate.Sampling(temperature=1.0), np.random.default_rng(7)) for _ in range(2)]
+    seeded = [generator.sample(logits, generator.Sampling(temperature=1.0), np.random.default_rng(7)) for _ in range(2)]
     assert seeded[0] == seeded[1]
 
 
@@ -107,26 +115,26 @@ def test_sampling():
                                                ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p")])
 def test_invalid_sampling_parameters_name_the_parameter(kwargs, field):
     with pytest.raises(ValueError, match=field):
-        generate.Sampling(**kwargs)
+        generator.Sampling(**kwargs)
 
 
 def test_prompt_fitting(compiled_lm):
-    decoder = generate.TVMDecoder(compiled_lm[0])  # context window 48
+    decoder = generator.TVMDecoder(compiled_lm[0])  # context window 48
     with pytest.raises(ValueError, match="prompt: empty"):
-        generate.fit_prompt([], 4, decoder)
+        generator.fit_prompt([], 4, decoder)
     for bad in (0, 48):
         with pytest.raises(ValueError, match=r"max_new_tokens: must be in \[1, 47\]"):
-            generate.fit_prompt([5, 6], bad, decoder)
+            generator.fit_prompt([5, 6], bad, decoder)
     ids = list(range(100, 160))
-    kept, dropped = generate.fit_prompt(ids, 8, decoder)
+    kept, dropped = generator.fit_prompt(ids, 8, decoder)
     assert kept == ids[-40:] and dropped == 20  # truncated from the left
-    assert generate.fit_prompt(ids[:10], 8, decoder) == (ids[:10], 0)
+    assert generator.fit_prompt(ids[:10], 8, decoder) == (ids[:10], 0)
     with pytest.raises(ValueError, match="fit_prompt"):
-        list(generate.stream(decoder, ids, 8))
+        list(generator.stream(decoder, ids, 8))
 
 
 def _cli(capsys, *argv):
-    code = cli.main(list(argv))
+    code = main(list(argv))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -160,56 +168,52 @@ def test_compile_lm_config_is_checked():
 
 
 def test_generation_benchmark_runs_every_backend(tiny_lm, compiled_lm, litert_root):
-    from canao import bench
 
     cfg = load_config("bench-lm", "tiny")
-    records = bench.bench_generation(tiny_lm, compiled_lm[0], "x86-1t", bench.GEN_BACKENDS, cfg,
+    records = bench_generation(tiny_lm, compiled_lm[0], get_device("x86-1t"), GEN_BACKENDS, cfg,
                                      load_config("compile-lm", "tiny"), litert_root)
-    assert [(r.backend, r.context) for r in records] == [(b, 16) for b in bench.GEN_BACKENDS]
+    assert [(r.backend, r.context) for r in records] == [(b, 16) for b in GEN_BACKENDS]
     assert all(r.ms_per_token > 0 and r.time_to_first_token_ms > 0 and r.new_tokens == 4 for r in records)
     assert records[2].model.endswith(".gguf")  # llama.cpp runs the teacher's own file
     assert Path(records[3].model).parent == litert_root and records[3].version.startswith("litert")
-    assert "| x86-1t | 16 | tvm |" in bench.generation_table(records)
+    assert "| x86-1t | 16 | tvm |" in generation_table(records)
 
 
 def test_generation_benchmark_bad_input(tiny_lm, compiled_lm):
-    from canao import bench
 
     too_long = load_config("bench-lm", "tiny", overrides=["contexts=[100]"])
     with pytest.raises(ValueError, match="KV cache holds 48 tokens"):
-        bench.bench_generation(tiny_lm, compiled_lm[0], "x86-1t", ("tvm",), too_long)
+        bench_generation(tiny_lm, compiled_lm[0], get_device("x86-1t"), ("tvm",), too_long)
     with pytest.raises(ValueError, match="--backends: unknown onnx"):
-        bench.bench_generation(tiny_lm, compiled_lm[0], "x86-1t", ("onnx",), load_config("bench-lm", "tiny"))
+        bench_generation(tiny_lm, compiled_lm[0], get_device("x86-1t"), ("onnx",), load_config("bench-lm", "tiny"))
     with pytest.raises(ValueError, match="--artifact"):
-        bench.bench_generation(tiny_lm, None, "x86-1t", ("tvm",), load_config("bench-lm", "tiny"))
+        bench_generation(tiny_lm, None, get_device("x86-1t"), ("tvm",), load_config("bench-lm", "tiny"))
 
 
 def test_generation_suite_times_teacher_peers_and_student(tmp_path, monkeypatch, litert_root):
-    from canao import bench, config, device_lab
-    from canao.models.elastic import extract
-    from canao.models.elastic_decoder import DecoderSupernet
-    from canao.models.gguf_export import GGUF_FILE, export_gguf
-    from canao.models.llama_lm import load_tokenizer
-    from canao.space import DecoderSubnet
+    from canao.codesign.elastic import extract
+    from canao.lm.gguf import GGUF_FILE, export_gguf
+    from canao.lm.model import DecoderSupernet, load_tokenizer
+    from canao.lm.space import DecoderSubnet
 
-    monkeypatch.setattr(bench, "BENCH_MODELS_DIR", str(tmp_path / "bench-models"))
-    teacher, heldout = bench.suite_lm_inputs(tmp_path / "absent", tmp_path / "absent", "tiny")  # made, tiny profile
+    monkeypatch.setattr(bench_suite, "BENCH_MODELS_DIR", str(tmp_path / "bench-models"))
+    teacher, heldout = suite_lm_inputs(tmp_path / "absent", tmp_path / "absent", "tiny")  # made, tiny profile
     assert teacher == tmp_path / "bench-models" / "lm-teacher-tiny" and heldout.name == "heldout.txt"
-    assert bench.suite_lm_inputs(teacher, heldout.parent, "tiny") == (teacher, heldout)  # given ones are used
+    assert suite_lm_inputs(teacher, heldout.parent, "tiny") == (teacher, heldout)  # given ones are used
     student = tmp_path / "student"
     extract(DecoderSupernet(load_causal_lm(teacher)), DecoderSubnet(1, 1, 64)).save_pretrained(student)
     load_tokenizer(teacher).save_pretrained(student)
     export_gguf(student, student / GGUF_FILE)
-    monkeypatch.setenv("CANAO_DEVICES", str(device_lab.devices_file(device_lab.DEVICES_FILE)))
+    monkeypatch.setenv("CANAO_DEVICES", str(devices.devices_file(devices.DEVICES_FILE)))
     monkeypatch.setattr(config, "PROJECT_ROOT", tmp_path)  # compiled artifacts and tuning records land here
-    monkeypatch.setattr(generate, "LITERT_STEPS_DIR", str(litert_root))  # the tiny teacher converted once
+    monkeypatch.setattr(generator, "LITERT_STEPS_DIR", str(litert_root))  # the tiny teacher converted once
     # `make bench-lm`: the generation section and records are replaced, the rest of the report kept.
     out = tmp_path / "BENCHMARKS.md"
     qa = {"backend": "litert", "p50_ms": 1.0}
     out.write_text("# Benchmarks\n\n### QA teacher\n\nkept\n\n## Text generation\n\nold\n\n"
                    "## Serving load test\n\nkept too\n")
     out.with_suffix(".json").write_text(json.dumps({"records": [qa, {"backend": "tvm", "ms_per_token": 9.0}]}))
-    bench.suite(tmp_path / "no-qa-teacher", "tiny", out, "canao bench-suite --generation-only", teacher,
+    suite(tmp_path / "no-qa-teacher", "tiny", out, "canao bench-suite --generation-only", teacher,
                 heldout.parent, student, generation_only=True)
     markdown = out.read_text()
     assert "old" not in markdown and markdown.count("kept") == 2 and markdown.index("### QA teacher") < \
@@ -218,8 +222,8 @@ def test_generation_suite_times_teacher_peers_and_student(tmp_path, monkeypatch,
     assert "Generated by `canao bench-suite --generation-only` on" in markdown
     saved = json.loads(out.with_suffix(".json").read_text())["records"]
     assert saved[0] == qa
-    records = [bench.GenRecord(**{**r, "cores": tuple(r["cores"])}) for r in saved[1:]]
-    assert [r.backend for r in records] == list(bench.GEN_BACKENDS) * 2
+    records = [GenRecord(**{**r, "cores": tuple(r["cores"])}) for r in saved[1:]]
+    assert [r.backend for r in records] == list(GEN_BACKENDS) * 2
     compiled_root = tmp_path / "outputs" / "compiled" / "x86-1t"
     assert Path(records[0].model).parent == compiled_root and records[1].model == str(teacher)
     assert records[2].model.endswith(".gguf") and records[5].model == str(student)

@@ -7,12 +7,11 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
 
-from canao.cli import main
-from canao.models.elastic import extract
-from canao.models.elastic_decoder import DecoderSupernet
-from canao.models.gguf_export import GGUF_FILE, export_gguf
-from canao.models.llama_lm import load_causal_lm, load_tokenizer
-from canao.space import DecoderSubnet
+from canao.cli.main import main
+from canao.codesign.elastic import extract
+from canao.lm.gguf import GGUF_FILE, export_gguf
+from canao.lm.model import DecoderSupernet, load_causal_lm, load_tokenizer
+from canao.lm.space import DecoderSubnet
 
 PROMPT = [1, 504, 3458, 314, 4649, 30, 451, 2, 17, 288]
 
@@ -49,7 +48,7 @@ def test_float32_export_gives_pytorchs_logits_in_llama_cpp(which, tiny_lm, stude
 
 
 def test_teacher_precision_stores_each_tensor_as_the_teacher_file_does(tiny_lm, tmp_path):
-    from canao.models.llama_lm import teacher_gguf
+    from canao.lm.teacher import teacher_gguf
 
     quantized = export_gguf(tiny_lm, tmp_path / GGUF_FILE)
     full = export_gguf(tiny_lm, tmp_path / "f32.gguf", "f32")

@@ -7,14 +7,16 @@ import re
 import pytest
 import torch
 
-from canao import hardware
-from canao.compile import TUNING_HARDWARE, open_tuning_database
-from canao.config import ConfigError, TrainConfig, load_config
-from canao.distill import fit
-from canao.hardware import Hardware, HardwareMismatch, autocast_bf16, check_same, read_cpuinfo
-from canao.latency import fit_latency_model
+from canao.codesign.kd import fit
+from canao.compile.relax import TUNING_HARDWARE, open_tuning_database
+from canao.config import ConfigError, TrainConfig
+from canao.lab import hardware
+from canao.lab.devices import get_device
+from canao.lab.hardware import Hardware, HardwareMismatch, autocast_bf16, check_same, read_cpuinfo
 from canao.manifest import write_manifest
-from canao.models.bert_qa import init_qa_model
+from canao.profiles import load_config
+from canao.qa.latency import fit_latency_model
+from canao.qa.model import init_qa_model
 
 ZEN3 = Hardware(cpu="AMD EPYC 7B13, family 25 model 1", arch="x86_64", isa=("avx2", "fma"), cores=1, mcpu="znver3")
 ZEN4 = Hardware(cpu="AMD EPYC 9B14, family 25 model 17", arch="x86_64",
@@ -123,4 +125,4 @@ def test_a_latency_stage_output_from_other_hardware_is_refused_before_measuring(
     monkeypatch.setattr(hardware, "host", lambda cores=None: ZEN3)
     with pytest.raises(HardwareMismatch, match=f"latency model: made on {re.escape(ZEN4.label())}, not on this "
                                                f"device's {re.escape(ZEN3.label())}"):
-        fit_latency_model(load_config("latency", "tiny"), "x86-1t", out, teacher)
+        fit_latency_model(load_config("latency", "tiny"), get_device("x86-1t"), out, teacher)

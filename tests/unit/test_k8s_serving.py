@@ -7,8 +7,9 @@ import subprocess
 import pytest
 import yaml
 
-from canao.cli import build_parser
-from canao.config import PROJECT_ROOT, load_config
+from canao.cli.main import build_parser
+from canao.config import PROJECT_ROOT
+from canao.profiles import load_config
 
 SERVING = PROJECT_ROOT / "k8s" / "serving"
 

@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 
-from canao import cli
-from canao.config import PROFILES, ConfigError, load_config, resolve_path
-from canao.data import text
+from canao.cli.main import main
+from canao.config import PROFILES, ConfigError, resolve_path
+from canao.lm import data
+from canao.lm.model import load_causal_lm, load_tokenizer
 from canao.manifest import verify_manifest
-from canao.models.llama_lm import load_causal_lm, load_tokenizer
+from canao.profiles import load_config
 
 WIKI = (" = Alpha = \n Alpha text one .\n = = Part = = \n More alpha .\n"
         " = Beta = \n Beta text .\n = Gamma = \n Gamma text .\n")
@@ -19,7 +20,7 @@ WIKI = (" = Alpha = \n Alpha text one .\n = = Part = = \n More alpha .\n"
 def test_wikitext_articles_split_on_titles_not_sections(tmp_path):
     path = tmp_path / "wiki.txt"
     path.write_text(WIKI)
-    articles = text.wikitext_articles(path)
+    articles = data.wikitext_articles(path)
     assert [a.splitlines()[0] for a in articles] == [" = Alpha = ", " = Beta = ", " = Gamma = "]
     assert "More alpha" in articles[0]
 
@@ -29,18 +30,18 @@ def test_corpus_holds_out_the_last_articles(tmp_path):
     wiki.write_text(WIKI)
     cfg = load_config("lm-data", "tiny", overrides=[f"wikitext_file={wiki}", "heldout_articles=1",
                                                     "max_train_chars=0"])
-    manifest = text.build_corpus(cfg, tmp_path / "corpus")
+    manifest = data.build_corpus(cfg, tmp_path / "corpus")
     verify_manifest(tmp_path / "corpus")
-    train = (tmp_path / "corpus" / text.TRAIN_FILE).read_text()
-    heldout = (tmp_path / "corpus" / text.HELDOUT_FILE).read_text()
+    train = (tmp_path / "corpus" / data.TRAIN_FILE).read_text()
+    heldout = (tmp_path / "corpus" / data.HELDOUT_FILE).read_text()
     assert "Gamma" in heldout and "Gamma" not in train
     assert "Beta text" in train and "Alpha text" in train
-    assert text.squad_paragraphs(resolve_path(cfg.squad_file))[0] in train
+    assert data.squad_paragraphs(resolve_path(cfg.squad_file))[0] in train
     assert manifest["metrics"]["heldout_articles"] == 1
     with pytest.raises(ValueError, match="heldout_articles"):
-        text.build_corpus(cfg.__class__(wikitext_file=str(wiki), heldout_articles=3), tmp_path / "other")
+        data.build_corpus(cfg.__class__(wikitext_file=str(wiki), heldout_articles=3), tmp_path / "other")
     with pytest.raises(FileExistsError):
-        text.build_corpus(cfg, tmp_path / "corpus")
+        data.build_corpus(cfg, tmp_path / "corpus")
 
 
 def test_perplexity_scores_every_token_once(tiny_lm, monkeypatch):
@@ -50,27 +51,27 @@ def test_perplexity_scores_every_token_once(tiny_lm, monkeypatch):
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, :-1]
     expected = math.exp(float(torch.nn.functional.cross_entropy(logits, ids[0, 1:])))
-    result = text.perplexity(model, tokenizer, sample, progress=False)  # shorter than one window
+    result = data.perplexity(model, tokenizer, sample, progress=False)  # shorter than one window
     assert result["tokens"] == ids.shape[1] - 1
     assert result["perplexity"] == pytest.approx(expected, rel=1e-4)
-    assert torch.equal(text.perplexity(model, tokenizer, sample, progress=False, top1=True)["top1"], logits.argmax(-1))
-    monkeypatch.setattr(text, "PPL_WINDOW", 16)
-    monkeypatch.setattr(text, "PPL_STRIDE", 8)
-    windowed = text.perplexity(model, tokenizer, sample, progress=False)
+    assert torch.equal(data.perplexity(model, tokenizer, sample, progress=False, top1=True)["top1"], logits.argmax(-1))
+    monkeypatch.setattr(data, "PPL_WINDOW", 16)
+    monkeypatch.setattr(data, "PPL_STRIDE", 8)
+    windowed = data.perplexity(model, tokenizer, sample, progress=False)
     assert windowed["tokens"] == ids.shape[1] - 1  # sliding windows: still each token once
-    assert text.perplexity(model, tokenizer, sample, max_tokens=10, progress=False)["tokens"] == 9
+    assert data.perplexity(model, tokenizer, sample, max_tokens=10, progress=False)["tokens"] == 9
 
 
 def test_eval_lm_cli(tiny_lm, tmp_path, capsys):
     data = tmp_path / "heldout.txt"
     data.write_text("Paris is the capital of France.\n")
-    assert cli.main(["eval-lm", "--model", str(tiny_lm), "--data", str(data)]) == 0
+    assert main(["eval-lm", "--model", str(tiny_lm), "--data", str(data)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result) == {"perplexity", "tokens"} and result["tokens"] > 0
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     for path, message in ((empty, "empty"), (tmp_path / "missing.txt", "not found")):
-        assert cli.main(["eval-lm", "--model", str(tiny_lm), "--data", str(path)]) == 2
+        assert main(["eval-lm", "--model", str(tiny_lm), "--data", str(path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("canao eval-lm: error:") and message in err
 

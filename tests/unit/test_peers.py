@@ -5,10 +5,10 @@ import numpy as np
 import onnx
 import pytest
 
-from canao import peers
-from canao.compile import max_abs_diff
-from canao.config import BertShape
-from canao.models.bert_qa import example_inputs, init_qa_model, load_for_export
+from canao.compile import peers
+from canao.compile.relax import max_abs_diff
+from canao.qa.config import BertShape
+from canao.qa.model import example_inputs, init_qa_model, load_for_export
 
 SEQ_LEN = 32
 

@@ -5,15 +5,17 @@ import json
 
 import pytest
 
-from canao import hardware
-from canao.apps import generate
-from canao.cli import main
-from canao.hardware import Hardware
-from canao.latency import LatencyModel
+from canao.cli.main import main
+from canao.codesign.latency_model import LatencyModel
+from canao.codesign.pareto import FRONT_JSON, FRONT_PNG, choose, dominated
+from canao.lab import hardware
+from canao.lab.hardware import Hardware
+from canao.lm import generator
+from canao.lm.latency import DECODER
+from canao.lm.model import load_causal_lm
+from canao.lm.search import GENERATION
+from canao.lm.space import DecoderSubnet
 from canao.manifest import verify_manifest
-from canao.models.llama_lm import load_causal_lm
-from canao.search import FRONT_JSON, FRONT_PNG, GENERATION, choose, dominated
-from canao.space import DecoderSubnet
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +36,11 @@ def stages(tiny_lm, tmp_path_factory):
 
 def test_decode_latency_model_round_trips_through_its_artifact(stages):
     manifest = verify_manifest(stages / "latency")
-    model = LatencyModel.load(stages / "latency")
-    assert model.family == "decoder" and model.device == "x86-1t" and model.seq_len == 48
+    model = LatencyModel.load(stages / "latency", DECODER)
+    assert model.family.name == "decoder" and model.device == "x86-1t" and model.seq_len == 48
     assert len(model.measurements) == 4 and sum(m["heldout"] for m in model.measurements) == 1
     assert all(set(m["ms"]) == {"tvm", "llama.cpp"} and min(m["ms"].values()) > 0 for m in model.measurements)
-    refit = LatencyModel.fit(model.device, model.seq_len, model.teacher, model.measurements, "decoder")
+    refit = LatencyModel.fit(model.device, model.seq_len, model.teacher, model.measurements, model.family)
     assert refit.coefficients == model.coefficients and refit.error == model.error
     subnet = DecoderSubnet.from_dict(model.measurements[0]["subnet"])
     assert model.fastest(subnet) == min((model.predict(subnet, b), b) for b in ("tvm", "llama.cpp"))
@@ -77,7 +79,7 @@ def test_search_lm_names_a_wrong_input(stages, tmp_path, capsys):
 
 def test_a_latency_model_from_other_hardware_is_refused_naming_both(stages, tmp_path, monkeypatch, capsys):
     """The latency model was measured on this machine; the search now runs where x86-1t is a Zen 3."""
-    made_on = Hardware.from_dict(LatencyModel.load(stages / "latency").hardware)
+    made_on = Hardware.from_dict(LatencyModel.load(stages / "latency", DECODER).hardware)
     zen3 = Hardware(cpu="AMD EPYC 7B13, family 25 model 1", arch="x86_64", isa=("avx2", "fma"), cores=1,
                     mcpu="znver3")
     monkeypatch.setattr(hardware, "host", lambda cores=None: zen3)
@@ -98,8 +100,8 @@ def test_finalize_lm_writes_the_chosen_student_fine_tuned(stages, capsys):
     student = load_causal_lm(stages / "student")
     assert student.config.num_hidden_layers == chosen["subnet"]["num_layers"]
     assert sum(p.numel() for p in student.parameters()) == m["parameters"] == chosen["params"]
-    decoder = generate.TorchDecoder(stages / "student", max_context=16)
-    assert len([t for t, _ in generate.stream(decoder, [5, 6, 7], 4, stop_at_eos=False)]) == 4
+    decoder = generator.TorchDecoder(stages / "student", max_context=16)
+    assert len([t for t, _ in generator.stream(decoder, [5, 6, 7], 4, stop_at_eos=False)]) == 4
     assert not (stages / "student" / "checkpoints").exists()
     assert "model.gguf" in manifest["files"]  # what llama.cpp runs, at the teacher file's precision
     args = ["finalize-lm", "--profile", "tiny", "--supernet", str(stages / "supernet"), "--search"]

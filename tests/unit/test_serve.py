@@ -10,12 +10,16 @@ import pytest
 from fastapi.testclient import TestClient
 
 from canao.apps.loadtest import check_loopback
-from canao.apps.qa import QAPredictor
-from canao.apps.serve import Service, create_app
-from canao.cli import main
-from canao.compile import compile_model
-from canao.config import PROFILES, ConfigError, SquadFeatureConfig, load_config
-from canao.data.squad import SquadExample, build_features
+from canao.apps.serve import create_app
+from canao.apps.service import Service
+from canao.cli.main import main
+from canao.compile.relax import compile_model
+from canao.config import PROFILES, ConfigError
+from canao.lab.devices import get_device
+from canao.profiles import load_config
+from canao.qa.config import SquadFeatureConfig
+from canao.qa.data import SquadExample, build_features
+from canao.qa.predictor import QAPredictor
 
 LIMITS = load_config("serve", "tiny")
 
@@ -219,7 +223,7 @@ def test_metrics_count_requests_time_them_and_name_the_model(client, asked):
 
 def test_a_compiled_artifact_serves_its_fastest_exact_backend(memorized_qa, tmp_path, asked):
     cfg = load_config("compile", "tiny", overrides=[f"tuning_dir={tmp_path / 'tuning'}", "peers=[onnxruntime]"])
-    compile_model(memorized_qa[0], "x86-1t", cfg, tmp_path / "artifact")
+    compile_model(memorized_qa[0], get_device("x86-1t"), cfg, tmp_path / "artifact")
     with serving(tmp_path / "artifact") as (client, _):
         info = client.get("/v1/info").json()["models"]["qa"]
         assert set(info["backend_ms"]) == {"tvm", "onnxruntime"}

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from canao.apps import generate
 from canao.apps.serve import STREAM_EVENTS
-from canao.cli import main
+from canao.cli.main import main
+from canao.lm import generator
 from tests.unit.test_serve import LIMITS, assert_field_error, serving
 
 PROMPT = "The capital of France is"
@@ -54,9 +54,9 @@ def test_greedy_output_equals_canao_generate(compiled_lm, capsys):
     assert main(["generate", "--model", str(compiled_lm[0]), "--prompt", PROMPT, "--max-new-tokens", "8",
                  "--no-chat"]) == 0
     printed = capsys.readouterr()
-    decoder = generate.TVMDecoder(compiled_lm[0])
-    prompt_ids = generate.encode_prompt(decoder.tokenizer, PROMPT, chat=False)
-    expected = [token for token, _ in generate.stream(decoder, prompt_ids, 8)]
+    decoder = generator.TVMDecoder(compiled_lm[0])
+    prompt_ids = generator.encode_prompt(decoder.tokenizer, PROMPT, chat=False)
+    expected = [token for token, _ in generator.stream(decoder, prompt_ids, 8)]
     with serving(None, lm_model=compiled_lm[0]) as (client, _):
         stream = events(client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 8, "chat": False}))
         assert client.get("/v1/info").json()["models"]["generate"]["backend"] == "tvm"
@@ -70,7 +70,7 @@ def test_a_long_prompt_is_cut_from_the_left_and_the_done_event_says_so(compiled_
     with serving(None, lm_model=compiled_lm[0]) as (client, service):  # a context window of 48 tokens
         body = {"prompt": "word " * 100, "max_new_tokens": 5, "chat": False}
         done = events(client.post("/v1/generate", json=body))[-1][1]
-        prompt_tokens = len(generate.encode_prompt(service.runners["generate"].tokenizer, body["prompt"], chat=False))
+        prompt_tokens = len(generator.encode_prompt(service.runners["generate"].tokenizer, body["prompt"], chat=False))
         assert (done["prompt_tokens"], done["prompt_truncated"], done["dropped_prompt_tokens"]) == (
             43, True, prompt_tokens - 43)  # 48 - 5 kept
     # Within the cap, but more new tokens than the window holds beside a prompt: 422 naming the field.
@@ -117,10 +117,10 @@ def test_non_finite_sampling_parameters_get_422(lm_client):
 @pytest.mark.parametrize("field, bad, good", [("temperature", -1e-9, 0.0), ("top_k", -1, 0), ("top_p", 0.0, 1.0),
                                               ("top_p", 1.0 + 1e-9, 1e-9)])
 def test_the_schema_refuses_what_sampling_refuses(lm_client, field, bad, good):
-    """The request schema repeats generate.Sampling's bounds (so that the OpenAPI schema shows them): they agree."""
+    """The request schema repeats generator.Sampling's bounds (so that the OpenAPI schema shows them): they agree."""
     with pytest.raises(ValueError, match=field):
-        generate.Sampling(**{field: bad})
-    generate.Sampling(**{field: good})
+        generator.Sampling(**{field: bad})
+    generator.Sampling(**{field: good})
     assert_field_error(lm_client.post("/v1/generate", json={"prompt": "Hi", field: bad}), field)
     assert lm_client.post("/v1/generate", json={"prompt": "Hi", "max_new_tokens": 1, field: good}).status_code == 200
 

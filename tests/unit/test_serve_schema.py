@@ -7,7 +7,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from canao.apps.serve import Service, create_app
+from canao.apps.serve import create_app
+from canao.apps.service import Service
 from tests.unit.test_serve import LIMITS
 from tests.unit.test_serve_generate import parse_events
 

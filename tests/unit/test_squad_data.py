@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from canao.config import SquadFeatureConfig
-from canao.data.squad import SquadExample, SquadFormatError, build_features, load_squad, postprocess
+from canao.qa.config import SquadFeatureConfig
+from canao.qa.data import SquadExample, SquadFormatError, build_features, load_squad, postprocess
 from tests.conftest import DEV_FILE, TRAIN_FILE, article, qa, squad_file
 
 CONTEXT = "Paris is the capital of France. The Eiffel Tower was finished in 1889 for the World's Fair."

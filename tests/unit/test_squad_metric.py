@@ -4,16 +4,15 @@ import json
 
 import pytest
 
-from canao.cli import main
-from canao.data import squad_metric
-from canao.data.squad import load_squad
+from canao.cli.main import main
+from canao.qa.data import exact_match, f1, load_squad, normalize_answer, squad_score
 from tests.conftest import article, qa, squad_file
 
 CONTEXT = "The Denver Broncos won in Paris, France, near the Eiffel Tower in the U.S. style; don't ask."
 
 
 @pytest.mark.parametrize(
-    "prediction, gold, em, f1",
+    "prediction, gold, em, expected_f1",
     [
         ("Eiffel Tower", "Eiffel Tower", 1.0, 1.0),  # exact
         ("the Eiffel Tower", "Eiffel Tower", 1.0, 1.0),  # article
@@ -29,14 +28,14 @@ CONTEXT = "The Denver Broncos won in Paris, France, near the Eiffel Tower in the
         ("Eiffelturm", "Eiffel Tower", 0.0, 0.0),
     ],
 )
-def test_exact_match_and_f1(prediction, gold, em, f1):
-    assert squad_metric.exact_match(prediction, gold) == em
-    assert squad_metric.f1(prediction, gold) == pytest.approx(f1, abs=1e-12)
+def test_exact_match_and_f1(prediction, gold, em, expected_f1):
+    assert exact_match(prediction, gold) == em
+    assert f1(prediction, gold) == pytest.approx(expected_f1, abs=1e-12)
 
 
 def test_normalize_answer():
-    assert squad_metric.normalize_answer("  The  Quick, brown FOX! an apple ") == "quick brown fox apple"
-    assert squad_metric.normalize_answer("theatre anthem") == "theatre anthem"  # only whole words
+    assert normalize_answer("  The  Quick, brown FOX! an apple ") == "quick brown fox apple"
+    assert normalize_answer("theatre anthem") == "theatre anthem"  # only whole words
 
 
 def _span(text):
@@ -63,7 +62,7 @@ def test_score_takes_max_over_golds_and_counts_missing(tmp_path):
         "q4": "",  # wrong
         # q5 missing: wrong
     }
-    scores = squad_metric.score(examples, predictions)
+    scores = squad_score(examples, predictions)
     assert scores["missing"] == 1
     assert scores["exact_match"] == pytest.approx(100 * 1 / 5, abs=1e-6)
     assert scores["f1"] == pytest.approx(100 * (2 / 3 + 1 / 2 + 1) / 5, abs=1e-6)

@@ -1,5 +1,6 @@
 """The deploy stage's backend rule and the stage cache's keys."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -7,9 +8,12 @@ import time
 
 import pytest
 
-from canao.config import PROFILES, load_config
+from canao.config import PROFILES
+from canao.lab import hardware
+from canao.lab.devices import get_device
 from canao.manifest import read_manifest, write_manifest
-from canao.stages import RUNNERS, Context, cache_key, choose_backend, execute
+from canao.mlops.stages import RUNNERS, Context, cache_key, choose_backend, execute
+from canao.profiles import load_config
 
 
 def record(backend, p50, diff):
@@ -34,22 +38,40 @@ def test_no_passing_backend_is_an_error():
         choose_backend([record("tvm", 1.0, 0.1)], 1e-3, 0.5)
 
 
-def test_cache_key_follows_config_device_and_input_content(tmp_path):
+def test_cache_key_follows_config_device_hardware_and_input_content(tmp_path, monkeypatch):
     model = tmp_path / "model"
     model.mkdir()
     (model / "weights.bin").write_bytes(b"a")
     write_manifest(model, "teacher", {}, {})
     cfg = load_config("compile", "tiny")
-    key = cache_key("compile", cfg, "x86-1t", {"model": model})
-    assert key == cache_key("compile", load_config("compile", "tiny"), "x86-1t", {"model": model})
-    assert key != cache_key("compile", load_config("compile", "tiny", overrides=["trials=1"]), "x86-1t",
+    x86_1t, x86_2t = get_device("x86-1t"), get_device("x86-2t")
+    key = cache_key("compile", cfg, x86_1t, {"model": model})
+    assert key == cache_key("compile", load_config("compile", "tiny"), x86_1t, {"model": model})
+    assert key != cache_key("compile", load_config("compile", "tiny", overrides=["trials=1"]), x86_1t,
                             {"model": model})
-    assert key != cache_key("compile", cfg, "x86-2t", {"model": model})
+    assert key != cache_key("compile", cfg, x86_2t, {"model": model})
+    here = hardware.host
+    with monkeypatch.context() as m:  # the same key on another CPU: what was timed or trained here does not hold
+        m.setattr(hardware, "host", lambda cores=None: dataclasses.replace(here(cores), mcpu="znver3", isa=("avx2",)))
+        assert key != cache_key("compile", cfg, x86_1t, {"model": model})
     (model / "weights.bin").write_bytes(b"b")
     write_manifest(model, "teacher", {}, {})
-    assert key != cache_key("compile", cfg, "x86-1t", {"model": model})
+    assert key != cache_key("compile", cfg, x86_1t, {"model": model})
     with pytest.raises(FileNotFoundError, match="incomplete"):
-        cache_key("compile", cfg, "x86-1t", {"model": tmp_path / "missing"})
+        cache_key("compile", cfg, x86_1t, {"model": tmp_path / "missing"})
+
+
+def test_the_generation_chain_runs_as_cached_stages(tiny_lm, tmp_path, monkeypatch):
+    monkeypatch.setenv("CANAO_CACHE_DIR", str(tmp_path / "cache"))
+    context = Context(get_device("x86-1t"))
+    data, cached = execute("lm-data", "tiny", [], {}, tmp_path / "data", context)
+    assert not cached and data["stage"] == "lm-data"
+    supernet, cached = execute("distill-lm", "tiny", [], {"teacher": tiny_lm, "data": tmp_path / "data"},
+                               tmp_path / "supernet", context)
+    assert not cached and supernet["stage"] == "distill-lm" and (tmp_path / "supernet" / "manifest.json").is_file()
+    again, cached = execute("distill-lm", "tiny", [], {"teacher": tiny_lm, "data": tmp_path / "data"},
+                            tmp_path / "supernet-again", context)
+    assert cached and again["files"] == supernet["files"] and again["config_hash"] == supernet["config_hash"]
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -66,8 +88,10 @@ def test_a_stage_killed_mid_run_leaves_no_result_and_its_rerun_resumes(tmp_path,
     overrides = ["train.epochs=4", "train.checkpoint_every=2"]  # 56 steps
     out_dir = tmp_path / "teacher-out"
     stage = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from canao.stages import Context, execute; "
-         "execute('teacher', 'tiny', sys.argv[2:], {}, sys.argv[1], Context('x86-1t'))", str(out_dir), *overrides],
+        [sys.executable, "-c", "import sys; from canao.lab.devices import get_device; "
+         "from canao.mlops.stages import Context, execute; "
+         "execute('teacher', 'tiny', sys.argv[2:], {}, sys.argv[1], Context(get_device('x86-1t')))",
+         str(out_dir), *overrides],
         env={**os.environ, "CANAO_CACHE_DIR": str(tmp_path / "cache")},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -82,8 +106,8 @@ def test_a_stage_killed_mid_run_leaves_no_result_and_its_rerun_resumes(tmp_path,
     (work_dir,) = (tmp_path / "cache" / "teacher").iterdir()
     assert read_manifest(work_dir) is None and not out_dir.exists()
 
-    manifest, cached = execute("teacher", "tiny", overrides, {}, out_dir, Context("x86-1t"))
+    manifest, cached = execute("teacher", "tiny", overrides, {}, out_dir, Context(get_device("x86-1t")))
     assert not cached and manifest["stage"] == "teacher" and read_manifest(out_dir) == manifest
     assert "resuming from" in capsys.readouterr().out
-    _, cached = execute("teacher", "tiny", overrides, {}, tmp_path / "again", Context("x86-1t"))
+    _, cached = execute("teacher", "tiny", overrides, {}, tmp_path / "again", Context(get_device("x86-1t")))
     assert cached

@@ -5,11 +5,11 @@ import random
 import pytest
 import torch
 
-from canao.config import BertShape, ConfigError, SpaceConfig
-from canao.models.bert_qa import init_qa_model, load_qa_model
-from canao.models.elastic import extract
-from canao.models.supernet import Supernet, sort_by_importance
-from canao.space import SearchSpace, SubnetConfig, TeacherShape, params
+from canao.codesign.elastic import extract
+from canao.config import ConfigError
+from canao.qa.config import BertShape, SpaceConfig
+from canao.qa.model import Supernet, init_qa_model, load_qa_model, sort_by_importance
+from canao.qa.space import SearchSpace, SubnetConfig, params
 
 SHAPE = BertShape(num_layers=3, hidden_size=48, num_heads=3, ffn_size=96)  # head size 16
 SPACE = SpaceConfig(layer_counts=(1, 2, 3), hidden_sizes=(16, 32, 48), head_counts=(1, 2, 3),
@@ -33,7 +33,7 @@ def inputs(seed=0):
 
 
 def subnets():
-    space = SearchSpace(SPACE, TeacherShape.of(init_qa_model("random", SHAPE, 0).config))
+    space = SearchSpace(SPACE, BertShape.of(init_qa_model("random", SHAPE, 0).config))
     rng = random.Random(0)
     return [space.largest(), space.smallest(), SubnetConfig(2, 32, (2, 1), (96, 32))] + [space.sample(rng)
                                                                                          for _ in range(5)]
@@ -89,7 +89,7 @@ def test_subnet_gradients_reach_only_the_shared_slice(supernet):
 
 
 def test_space_rejects_bad_configs_and_subnets():
-    teacher = TeacherShape(3, 48, 3, 96)
+    teacher = BertShape(3, 48, 3, 96)
     with pytest.raises(ConfigError, match="space.ffn_sizes: values must be in"):
         SearchSpace(SpaceConfig((1, 3), (16, 48), (1, 3), (32, 128), 16), teacher)
     with pytest.raises(ConfigError, match="space.hidden_sizes: must include the teacher's 48"):

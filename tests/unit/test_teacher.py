@@ -6,12 +6,14 @@ import pytest
 import torch
 from transformers import AutoModelForQuestionAnswering
 
-from canao.cli import main
-from canao.config import TrainConfig, load_config
-from canao.data.squad import build_features, load_squad
-from canao.distill import CHECKPOINT, fit, span_loss
+from canao.cli.main import main
+from canao.codesign.kd import CHECKPOINT, fit
+from canao.config import TrainConfig
 from canao.manifest import verify_manifest
-from canao.models.bert_qa import init_qa_model, minilm_dir
+from canao.profiles import load_config
+from canao.qa.data import build_features, load_squad
+from canao.qa.model import init_qa_model, minilm_dir
+from canao.qa.teacher import span_loss
 from tests.conftest import DEV_FILE, TRAIN_FILE, article, qa, squad_file
 
 CONTEXT = "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy."

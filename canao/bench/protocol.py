@@ -1,0 +1,151 @@
+"""One benchmark protocol for every backend: warm-up, repeated timed runs, p50/p90/min.
+
+The TVM module runs on the device through the lab's tracker (`time_evaluator` on the
+device server, pinned to the device's cores with its thread count). The peers (LiteRT,
+ONNX Runtime, PyTorch) run on this machine in a fresh process pinned to the same cores
+with the same thread count, so every backend gets the same hardware. Inputs are the same
+deterministic windows for all, and every record carries its numerics difference from
+PyTorch fp32 and the hardware it was measured on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from canao.bench.generation import GenRecord
+from canao.compile import peers
+from canao.compile.relax import compile_lm, compile_model
+from canao.config import config_hash, resolve_path
+from canao.lab import devices, hardware, rpc
+from canao.lab.devices import Device
+from canao.lm.config import LMCompileConfig
+from canao.manifest import read_manifest, sha256_file, verify_manifest, write_text_atomic
+from canao.qa.config import BenchConfig, CompileConfig
+from canao.qa.model import example_inputs
+
+BACKENDS = ("tvm", "litert", "litert-int8", "onnxruntime", "onnxruntime-int8", "torch")
+BASELINE = "litert"  # speedups are relative to LiteRT fp32, the strongest fp32 peer on CPUs
+COMPILED_CACHE = "outputs/compiled"  # compiled artifacts by device and content hash, relative to the project root
+
+
+@dataclass(frozen=True)
+class Record:
+    backend: str
+    device: str
+    seq_len: int
+    p50_ms: float
+    p90_ms: float
+    min_ms: float
+    runs: int
+    threads: int
+    cores: tuple[int, ...]
+    version: str  # backend version string
+    numerics_max_abs_diff: float  # max |start/end logits - PyTorch fp32|
+    hardware: str  # canao.lab.hardware.Hardware.label() of the device: which CPU the figure comes from
+
+
+def summarize(times_ms: list[float]) -> dict:
+    t = np.asarray(times_ms)
+    return {"p50_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)), "min_ms": float(t.min())}
+
+
+def _time_peer(backend: str, path: str, device: Device, warmup: int, runs: int, seq_len: int) -> tuple[list, str]:
+    """In a child process: pin to the device's cores, then time the peer runtime."""
+    devices.pin(device)
+    runner = peers.runner(backend, Path(path), threads=device.threads)
+    return time_calls(runner, [t.numpy() for t in example_inputs(seq_len)], warmup, runs), runner.version
+
+
+def time_calls(runner, inputs: list, warmup: int, runs: int) -> list[float]:
+    """Milliseconds of each of `runs` calls runner(*inputs), after `warmup` untimed ones."""
+    for _ in range(warmup):
+        runner(*inputs)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        runner(*inputs)
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def bench(artifact_dir: str | Path, model_dir: str | Path, device: Device, backends: tuple[str, ...],
+          cfg: BenchConfig) -> list[Record]:
+    """Time `backends` of a compiled artifact directory on `device`."""
+    unknown = sorted(set(backends) - set(BACKENDS))
+    if unknown:
+        raise ValueError(f"--backends: unknown {', '.join(unknown)} (known: {', '.join(BACKENDS)})")
+    artifact_dir = Path(artifact_dir)
+    manifest = verify_manifest(artifact_dir)
+    if manifest["config"]["device"] != device.key:
+        raise ValueError(f"{artifact_dir}: compiled for {manifest['config']['device']}, not for {device.key}")
+    missing = sorted(set(backends) - set(manifest["backends"]) - {"torch"})
+    if missing:
+        raise ValueError(f"{artifact_dir}: has no {', '.join(missing)} export (compile it with those peers)")
+    seq_len = manifest["config"]["seq_len"]
+    numerics = manifest["metrics"]["numerics_max_abs_diff"]
+    records = []
+    for backend in backends:
+        if backend == "tvm":
+            inputs = [t.numpy() for t in example_inputs(seq_len)]
+            times = rpc.time_remote(artifact_dir / manifest["backends"]["tvm"], inputs, device.key,
+                                           cfg.warmup, cfg.runs)
+            version = _tvm_version()
+        else:
+            path = Path(model_dir) if backend == "torch" else artifact_dir / manifest["backends"][backend]
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(1) as pool:
+                times, version = pool.apply(_time_peer, (backend, str(path), device, cfg.warmup, cfg.runs,
+                                                         seq_len))
+        records.append(Record(
+            backend=backend, device=device.key, seq_len=seq_len, runs=len(times), threads=device.threads,
+            cores=tuple(device.cores), version=version, numerics_max_abs_diff=numerics.get(backend, 0.0),
+            hardware=device.hardware().label(), **summarize(times),
+        ))
+    return records
+
+
+def _tvm_version() -> str:
+    import tvm
+
+    return f"tvm {tvm.__version__}"
+
+
+def compiled(model_dir: str | Path, device: Device, cfg: CompileConfig | LMCompileConfig) -> Path:
+    """The compiled artifact of `model_dir` for `device` under `cfg` (a QA model's compile
+    config, or a decoder's compile-lm config), compiled on first use and kept in
+    outputs/compiled/<device>/<weights, config and hardware hash>/ for later runs on that hardware."""
+    model_dir = Path(model_dir)
+    fingerprint = sha256_file(model_dir / "model.safetensors") + config_hash(cfg)
+    key = hashlib.sha256((fingerprint + device.hardware().fingerprint()).encode()
+                         ).hexdigest()[:16]
+    out = resolve_path(COMPILED_CACHE) / device.key / key
+    if read_manifest(out) is None:
+        (compile_lm if isinstance(cfg, LMCompileConfig) else compile_model)(model_dir, device, cfg, out)
+    return out
+
+
+def table(records: list[Record]) -> str:
+    """Markdown table with each backend's speedup over LiteRT fp32 on the same device and length."""
+    base = {(r.device, r.seq_len): r.p50_ms for r in records if r.backend == BASELINE}
+    lines = ["| device | seq | backend | p50 ms | p90 ms | min ms | vs LiteRT fp32 | max abs diff |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        ref = base.get((r.device, r.seq_len))
+        speedup = f"{ref / r.p50_ms:.2f}x" if ref else "n/a"
+        lines.append(f"| {r.device} | {r.seq_len} | {r.backend} | {r.p50_ms:.2f} | {r.p90_ms:.2f} | "
+                     f"{r.min_ms:.2f} | {speedup} | {r.numerics_max_abs_diff:.1e} |")
+    return "\n".join(lines)
+
+
+def write_records(records: list[Record] | list[GenRecord], path: str | Path, kept: list[dict] = ()) -> None:
+    """Write atomically: a benchmark cut short leaves no file that looks complete. `kept`: records
+    (as read back) of another run to write first."""
+    write_text_atomic(path, json.dumps({"host": hardware.host().label(),
+                                        "records": [*kept, *(asdict(r) for r in records)]}, indent=1))

@@ -1,0 +1,120 @@
+"""The CANAO chain's figures as a Markdown section, read from its artifacts (never typed in).
+
+`canao search-report --student DIR --benchmarks BENCHMARKS.md` follows a finalize output back
+through its search, latency model and supernet manifests and writes what each measured: the
+supernet's training, the latency model's held-out error beside the FLOPs proxy's, the search's
+front and wall time, and the student's dev-a F1 and speed-up against the issue's goal.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from canao.bench.suite import SEARCH_SECTION, put_section
+from canao.codesign.pareto import FRONT_JSON
+from canao.lab.hardware import Hardware
+from canao.manifest import verify_stage
+from canao.qa.space import SubnetConfig
+
+# The issue's goal for the reported run: at least this speed-up over LiteRT fp32 running the
+# teacher, with dev-a F1 no more than this many points below the teacher's.
+GOAL_SPEEDUP = 8.0
+GOAL_F1_DROP = 1.5
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def _label(subnet: dict) -> str:
+    return SubnetConfig.from_dict(subnet).label()
+
+
+def _figure(value: float | None) -> str:
+    """Two decimals; "-" for none (a point not re-measured, a rank order of one held-out subnet)."""
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _budget(front: dict) -> str:
+    budget, speedup = front["latency_budget_ms"], front["min_speedup"]
+    if not budget:
+        return "No latency budget."
+    litert = front["teacher"]["measured_ms_by_backend"].get("litert")
+    if speedup and litert and abs(budget - litert / speedup) < 1e-9:
+        return f"Budget {budget:.2f} ms: LiteRT fp32 on the teacher's shape ({litert:.2f} ms) / {speedup:g}."
+    return f"Budget {budget:.2f} ms."
+
+
+def search_report(student_dir: str | Path) -> str:
+    """The section's body for the finalize output `student_dir` (benchmarked)."""
+    student_dir = Path(student_dir)
+    student = verify_stage(student_dir, "finalize", "a student")
+    m = student["metrics"]
+    if "litert" not in m.get("teacher_ms", {}):
+        raise ValueError(f"{student_dir}: finalize timed no teacher on LiteRT fp32 (bench_backends needs litert); "
+                         "there is no speed-up to report")
+    search_dir = Path(student["inputs"]["search"])
+    search = verify_stage(search_dir, "search", "a search")
+    latency = verify_stage(search["inputs"]["latency"], "latency", "a latency model")
+    supernet = verify_stage(search["inputs"]["supernet"], "distill", "a supernet")
+    front = json.loads((search_dir / FRONT_JSON).read_text())
+
+    dm = supernet["metrics"]
+    measured_on = Hardware.from_dict(latency["hardware"]).label() if "hardware" in latency else "unrecorded hardware"
+    lines = [f"Device {m['device']} ({measured_on}), {m['seq_len']} tokens. Every figure below is read from the "
+             f"run's manifests by "
+             f"`canao search-report --student {student_dir} --benchmarks BENCHMARKS.md`.", "",
+             f"**Supernet** (`canao distill`): {dm['steps']} steps over {dm['train_windows']} training windows "
+             f"in {_minutes(dm['train_seconds'])}.", ""]
+
+    lm = latency["metrics"]
+    lines += [f"**Latency model** (`canao latency`): {lm['samples']} subnets compiled and timed in "
+              f"{_minutes(lm['measure_seconds'])}; error on the held-out subnets:", "",
+              "| backend | fitted on | held out | model MAPE % | model Spearman | FLOPs proxy MAPE % "
+              "| FLOPs proxy Spearman |", "|---|---|---|---|---|---|---|"]
+    for backend, e in lm["error"].items():
+        model, proxy = e["model"], e["flops_proxy"]
+        lines.append(f"| {backend} | {e['fitted_on']} | {e['heldout']} | {model['mape_pct']} | "
+                     f"{_figure(model['spearman'])} | {proxy['mape_pct']} | {_figure(proxy['spearman'])} |")
+
+    sm = search["metrics"]
+    lines += ["", f"**Search** (`canao search`): {sm['trials']} NSGA-II trials ({sm['distinct_subnets']} distinct "
+              f"subnets) scored on the last {sm['val_questions']} training questions, which the supernet never saw, in "
+              f"{_minutes(sm['search_seconds'])}, then {_minutes(sm['remeasure_seconds'])} re-measuring the front. "
+              f"{_budget(front)} The teacher's shape scores F1 {front['teacher']['f1']:.2f} on that slice. "
+              "The front:", "",
+              "| subnet | params M | val F1 | predicted ms | measured ms | backend |", "|---|---|---|---|---|---|"]
+    for p in front["front"]:
+        lines.append(f"| {p['label']} | {p['params'] / 1e6:.1f} | {p['f1']:.2f} | {p['predicted_ms']:.2f} | "
+                     f"{_figure(p['measured_ms'])} | {p['measured_backend'] or p['predicted_backend']} |")
+
+    best = m["student_best_backend"]
+    speedup = m["speedup_vs_teacher_litert"]
+    f1_drop = m["teacher_f1"] - m["student_best_backend_f1"]
+    teacher_litert = m["teacher_ms"]["litert"]
+    lines += ["", f"**Student** (`canao finalize`): {_label(m['subnet'])}, {m['params'] / 1e6:.1f} M parameters, "
+              f"distilled for {m['steps']} steps in {_minutes(m['train_seconds'])}, scored on {m['questions']} "
+              "dev-a questions:", "",
+              "| model | runs on | dev-a EM | dev-a F1 |", "|---|---|---|---|",
+              f"| teacher | PyTorch fp32 | {m['teacher_exact_match']:.2f} | {m['teacher_f1']:.2f} |",
+              f"| student | PyTorch fp32 | {m['exact_match']:.2f} | {m['f1']:.2f} |",
+              f"| student | {best}, as compiled | {m['student_best_backend_exact_match']:.2f} | "
+              f"{m['student_best_backend_f1']:.2f} |", "",
+              "Both compiled alike and timed back to back (p50 ms):", "",
+              "| backend | teacher | student | LiteRT fp32 on the teacher / student |", "|---|---|---|---|"]
+    lines += [f"| {b} | {_figure(m['teacher_ms'].get(b))} | {_figure(ms)} | {teacher_litert / ms:.2f}x |"
+              for b, ms in m["student_ms"].items()]
+    met = speedup >= GOAL_SPEEDUP and f1_drop <= GOAL_F1_DROP
+    lines += ["", f"Speed-up over LiteRT fp32 on the teacher: **{speedup:.2f}x** on {best}, at a dev-a F1 "
+              f"{f1_drop:.2f} points below the teacher's. Goal (>= {GOAL_SPEEDUP:g}x within {GOAL_F1_DROP:g} F1): "
+              f"**{'met' if met else 'not met'}**."]
+    return "\n".join(lines) + "\n"
+
+
+
+def write_report(student_dir: str | Path, benchmarks: Path) -> str:
+    """Put the report of `student_dir` into `benchmarks`' search section; returns the section body."""
+    body = search_report(student_dir)
+    put_section(benchmarks, SEARCH_SECTION, body)
+    return body

@@ -1,0 +1,199 @@
+"""The search any family runs: NSGA-II over a supernet's subnets, an accuracy against the
+latency model's prediction for the device, under a latency and a parameter budget; the
+Pareto front, its best points measured on the device again, its plot, and the choice of
+the point a family finalizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+
+from canao.codesign.latency_model import Family, LatencyModel
+from canao.lab import devices
+from canao.lab.hardware import check_same
+from canao.manifest import verify_stage
+
+FRONT_JSON = "front.json"
+FRONT_PNG = "front.png"
+
+
+# on_trial(number, params, metrics): the pipeline's hook to log every candidate (e.g. to MLflow).
+TrialHook = Callable[[int, dict, dict], None]
+
+
+def search_inputs(supernet_dir: Path, latency_dir: Path, load: Callable, family: Family,
+                  reuse_other_hardware: bool) -> tuple:
+    """The supernet (`load(dir)` -> supernet, manifest), a latency model of the same family and
+    teacher, its manifest, and its device, which the latency model must have been measured on
+    as that device's hardware is now (unless `reuse_other_hardware`)."""
+    supernet, supernet_manifest = load(supernet_dir)
+    latency_manifest = verify_stage(latency_dir, "latency", "a latency model")
+    latency = LatencyModel.load(latency_dir, family)
+    device = devices.get_device(latency.device)
+    check_same(latency.hardware, device.hardware(), f"{latency_dir}: latency model", reuse_other_hardware)
+    if latency.teacher != supernet.shape:
+        raise ValueError(f"{latency_dir}: latency model of a {latency.teacher} teacher, but the supernet in "
+                         f"{supernet_dir} is {supernet.shape}")
+    return supernet, supernet_manifest, latency, latency_manifest, device
+
+
+@dataclasses.dataclass(frozen=True)
+class Objectives:
+    """What a search trades: an accuracy (a field of every trial and front point) against latency."""
+
+    accuracy: str  # the accuracy's field: "f1" (QA), "perplexity" (generation)
+    maximize: bool  # whether a higher accuracy value is better
+    accuracy_label: str  # the plot's y axis
+    latency_label: str  # the plot's x axis, formatted with the result (device, seq_len)
+    baseline: str  # the backend whose time of the teacher's shape `min_speedup` divides: the peer to beat
+
+
+def pareto_search(cfg, objectives: Objectives, suggest: Callable[[optuna.Trial], object],
+                  score: Callable[[object], dict], latency: LatencyModel, count_params: Callable[[object], int],
+                  count_flops: Callable[[object], int], first: dict, on_trial: TrialHook | None) -> optuna.Study:
+    """NSGA-II over the subnets `suggest(trial)` proposes: the accuracy in `score(subnet)` (a dict
+    that may hold more figures; they are kept with the trial) against the latency model's
+    prediction for the fastest backend, under `cfg`'s latency and parameter budgets. `first`:
+    the parameters of the first trial (the reference subnet)."""
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        subnet = suggest(trial)
+        predicted_ms, backend = latency.fastest(subnet)
+        n_params = count_params(subnet)
+        scores = score(subnet)
+        metrics = {**scores, "predicted_ms": predicted_ms, "params": n_params, "flops": count_flops(subnet)}
+        trial.set_user_attr("subnet", subnet.to_dict())
+        trial.set_user_attr("scores", scores)
+        trial.set_user_attr("backend", backend)
+        trial.set_user_attr("params", n_params)
+        trial.set_user_attr("flops", metrics["flops"])
+        # Feasible when <= 0; NSGA-II ranks feasible trials first, then by total violation.
+        trial.set_constraint("ms_over_budget", predicted_ms - cfg.latency_budget_ms if cfg.latency_budget_ms else -1)
+        trial.set_constraint("params_over_budget", n_params - cfg.params_budget if cfg.params_budget else -1)
+        print(f"trial {trial.number}: {subnet.label()}: {objectives.accuracy} {metrics[objectives.accuracy]:.2f}, "
+              f"{predicted_ms:.2f} ms ({backend}), {n_params / 1e6:.1f} M params", flush=True)
+        if on_trial is not None:
+            on_trial(trial.number, {**subnet.to_dict(), "backend": backend}, metrics)
+        return metrics[objectives.accuracy], predicted_ms
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.NSGAIISampler(population_size=cfg.population_size, seed=cfg.seed)
+    study = optuna.create_study(directions=["maximize" if objectives.maximize else "minimize", "minimize"],
+                                sampler=sampler)
+    study.enqueue_trial(first)
+    study.optimize(objective, n_trials=cfg.trials)
+    return study
+
+
+def remeasure(front: list[dict], objectives: Objectives, count: int,
+              measure_one: Callable[[dict], dict[str, float]]) -> None:
+    """Measure the `count` most accurate front points on the device again (`measure_one(subnet
+    dict)` -> ms by backend), in place."""
+    sign = -1 if objectives.maximize else 1
+    for point in sorted(front, key=lambda p: sign * p[objectives.accuracy])[:count]:
+        ms = measure_one(point["subnet"])
+        point["measured_ms_by_backend"] = ms
+        point["measured_ms"], point["measured_backend"] = min((v, b) for b, v in ms.items())
+
+
+def latency_budget(cfg, teacher_ms: dict[str, float], baseline: str) -> float:
+    """The search's budget in ms (`cfg`: a wing's search config): the tighter of `latency_budget_ms`
+    and the teacher's measured latency on `baseline` (`teacher_ms`: ms by backend) over
+    `min_speedup`; 0 = none."""
+    budgets = [cfg.latency_budget_ms] if cfg.latency_budget_ms else []
+    if cfg.min_speedup:
+        if baseline not in teacher_ms:
+            raise ValueError(f"min_speedup: the latency model holds no {baseline} timing of the teacher's shape "
+                             f"(only {', '.join(teacher_ms)}); add {baseline} to the latency stage's backends")
+        budgets.append(teacher_ms[baseline] / cfg.min_speedup)
+    return min(budgets, default=0.0)
+
+
+def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    return all(v <= 0 for v in trial.constraints.values())
+
+
+def trials_of(study: optuna.Study, objectives: Objectives) -> list[dict]:
+    return [{objectives.accuracy: t.values[0], "predicted_ms": t.values[1], "feasible": _feasible(t)}
+            for t in study.trials if t.values]
+
+
+def front_of(study: optuna.Study, subnet_type: type) -> list[dict]:
+    """Non-dominated feasible trials, one per distinct subnet."""
+    points: dict[str, dict] = {}
+    for t in study.best_trials:
+        if not _feasible(t):
+            continue
+        key = json.dumps(t.user_attrs["subnet"], sort_keys=True)
+        points.setdefault(key, {
+            "trial": t.number, "subnet": t.user_attrs["subnet"],
+            "label": subnet_type.from_dict(t.user_attrs["subnet"]).label(), **t.user_attrs["scores"],
+            "predicted_ms": t.values[1], "predicted_backend": t.user_attrs["backend"],
+            "params": t.user_attrs["params"], "flops": t.user_attrs["flops"],
+            "measured_ms": None, "measured_backend": None, "measured_ms_by_backend": None,
+        })
+    return list(points.values())
+
+
+def dominated(points: list[dict], objectives: Objectives) -> list[dict]:
+    """The points of `points` that another point beats or ties on both accuracy and latency, and
+    beats on one."""
+    sign = 1 if objectives.maximize else -1
+
+    def position(p):  # larger is better on both axes
+        return sign * p[objectives.accuracy], -p["predicted_ms"]
+
+    return [p for p in points
+            if any(position(q) != position(p) and all(a >= b for a, b in zip(position(q), position(p), strict=True))
+                   for q in points)]
+
+
+def plot_front(result: dict, path: Path, objectives: Objectives) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = objectives.accuracy
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    trials = result["trials"]
+    ax.scatter([t["predicted_ms"] for t in trials], [t[key] for t in trials], s=10, c="lightgray",
+               label="trials (predicted latency)")
+    front = result["front"]
+    ax.plot([p["predicted_ms"] for p in front], [p[key] for p in front], "o-", c="tab:blue",
+            label="Pareto front (predicted)")
+    measured = [p for p in front if p["measured_ms"] is not None]
+    ax.scatter([p["measured_ms"] for p in measured], [p[key] for p in measured], marker="x", s=60, c="tab:orange",
+               label="front, measured on the device", zorder=3)
+    teacher = result["teacher"]
+    colors = iter(["tab:red", "tab:green", "tab:purple", "tab:brown"])
+    for backend, ms in sorted(teacher["measured_ms_by_backend"].items()):
+        ax.axvline(ms, ls="--", c=next(colors), label=f"teacher on {backend}: {ms:.1f} ms")
+    ax.axhline(teacher[key], ls=":", c="gray", label=f"teacher {key} {teacher[key]:.1f} (supernet, largest)")
+    if result["latency_budget_ms"]:
+        ax.axvspan(result["latency_budget_ms"], ax.get_xlim()[1], color="gray", alpha=0.1, label="over budget")
+    ax.set_xscale("log")  # backends and subnets span orders of magnitude (untuned TVM vs LiteRT)
+    ax.set_xlabel(objectives.latency_label.format(**result))
+    ax.set_ylabel(objectives.accuracy_label)
+    ax.set_title("CANAO: accuracy vs compiled latency")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def choose(result: dict, objectives: Objectives) -> dict:
+    """The front point to ship: the most accurate one whose latency (measured, else predicted) is
+    within the budget."""
+    budget = result["latency_budget_ms"]
+    fitting = [p for p in result["front"]
+               if not budget or (p["measured_ms"] if p["measured_ms"] is not None else p["predicted_ms"]) <= budget]
+    if not fitting:
+        raise ValueError(f"no front point within the latency budget of {budget} ms")
+    sign = 1 if objectives.maximize else -1
+    return max(fitting, key=lambda p: sign * p[objectives.accuracy])

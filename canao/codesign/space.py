@@ -1,0 +1,34 @@
+"""What every family's search space shares: evenly spaced kept layers and the checks of a
+dimension's allowed values.
+
+The allowed values are chosen for the compiler, not only for accuracy:
+- widths (hidden and FFN) are multiples of `align` (64 for MiniLM): every matmul dimension
+  then splits into whole 16-lane AVX-512 / 4-lane NEON vectors and into the tile sizes
+  MetaSchedule picks, so no kernel pays for a ragged edge;
+- few distinct values: every new matmul shape is a new kernel to tune (10-25 s per kernel
+  per tuning round on 2 cores), and the per-device tuning database only pays off when many
+  subnets share shapes; coarse steps (FFN in steps of 256, heads in steps of 2, so an
+  attention width is a multiple of 64 too) keep the set of kernels small.
+"""
+
+from __future__ import annotations
+
+from canao.config import ConfigError
+
+
+def evenly_spaced(kept: int, total: int) -> list[int]:
+    """Which `kept` of `total` teacher blocks a subnet keeps: evenly spaced, always the last (whose
+    output the head reads), so the subnet spans the teacher's depth the way DynaBERT drops layers."""
+    step = total / kept
+    return [round((i + 1) * step) - 1 for i in range(kept)]
+
+
+def check_choices(name: str, values, bound: int) -> None:
+    """A dimension's allowed values: not empty, within [1, the teacher's], the teacher's among them."""
+    if not values:
+        raise ConfigError(f"space.{name}: must not be empty")
+    if min(values) < 1 or max(values) > bound:
+        raise ConfigError(f"space.{name}: values must be in [1, {bound}] (the teacher's), got {list(values)}")
+    if max(values) != bound:
+        raise ConfigError(f"space.{name}: must include the teacher's {bound} (the largest subnet is the "
+                          f"teacher), got {list(values)}")

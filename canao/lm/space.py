@@ -1,0 +1,125 @@
+"""The decoder search space: subnets of a Llama teacher as the compiler will see them.
+
+A subnet keeps `num_layers` of the teacher's blocks (evenly spaced), a number of key/value
+heads (each with the query heads that share it) and one FFN width for every kept layer;
+the residual width stays the teacher's. The allowed values follow canao.codesign.space's
+rules for the compiler (aligned widths, few distinct values).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from canao.codesign.space import check_choices, evenly_spaced
+from canao.config import ConfigError
+from canao.lm.config import DecoderShape, DecoderSpaceConfig
+
+
+def decoder_shape(llama_config) -> DecoderShape:
+    """The shape of a transformers LlamaConfig (a teacher: every head hidden_size / num_heads wide)."""
+    shape = DecoderShape(llama_config.num_hidden_layers, llama_config.hidden_size, llama_config.num_attention_heads,
+                         llama_config.num_key_value_heads, llama_config.intermediate_size)
+    head_dim = getattr(llama_config, "head_dim", None)
+    if head_dim and head_dim != shape.hidden_size // shape.num_heads:
+        raise ValueError(f"head_dim: {head_dim}, not hidden_size / num_attention_heads "
+                         f"({shape.hidden_size // shape.num_heads}); such a decoder cannot be a supernet's teacher")
+    return shape
+
+
+@dataclass(frozen=True)
+class DecoderSubnet:
+    num_layers: int  # kept teacher blocks (see `layer_indices`)
+    kv_heads: int  # key/value heads of every kept block, each with its query heads (the most important first)
+    ffn_size: int  # FFN width of every kept block (the most important neurons first)
+
+    def layer_indices(self, teacher_layers: int) -> list[int]:
+        return evenly_spaced(self.num_layers, teacher_layers)
+
+    def to_dict(self) -> dict:
+        return {"num_layers": self.num_layers, "kv_heads": self.kv_heads, "ffn_size": self.ffn_size}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "subnet") -> DecoderSubnet:
+        expected = {"num_layers", "kv_heads", "ffn_size"}
+        if not isinstance(data, dict) or set(data) != expected:
+            got = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"{where}: expected keys {sorted(expected)}, got {got}")
+        return cls(int(data["num_layers"]), int(data["kv_heads"]), int(data["ffn_size"]))
+
+    def label(self) -> str:
+        return f"L{self.num_layers} KV{self.kv_heads} FFN {self.ffn_size}"
+
+
+class DecoderSpace:
+    """The allowed decoder subnets of one teacher: validation, the extremes, random samples."""
+
+    def __init__(self, cfg: DecoderSpaceConfig, teacher: DecoderShape):
+        self.cfg, self.teacher = cfg, teacher
+        for name, values, bound in (("layer_counts", cfg.layer_counts, teacher.num_layers),
+                                    ("kv_head_counts", cfg.kv_head_counts, teacher.num_kv_heads),
+                                    ("ffn_sizes", cfg.ffn_sizes, teacher.ffn_size)):
+            check_choices(name, values, bound)
+        ragged = [v for v in cfg.ffn_sizes if v % cfg.align]
+        if ragged:
+            raise ConfigError(f"space.ffn_sizes: {ragged} not multiples of space.align ({cfg.align})")
+        head_size = teacher.hidden_size // teacher.num_heads
+        if head_size % cfg.align:
+            raise ConfigError(f"space.align: {cfg.align} does not divide the head size {head_size}, so key/value "
+                              f"widths (kv_heads x {head_size}) would be ragged")
+
+    def validate(self, subnet: DecoderSubnet) -> DecoderSubnet:
+        """`subnet` if it is in the space, else a ValueError naming the offending field."""
+        for name, allowed in (("num_layers", self.cfg.layer_counts), ("kv_heads", self.cfg.kv_head_counts),
+                              ("ffn_size", self.cfg.ffn_sizes)):
+            if getattr(subnet, name) not in allowed:
+                raise ValueError(f"subnet.{name}: {getattr(subnet, name)} not in {list(allowed)}")
+        return subnet
+
+    def largest(self) -> DecoderSubnet:
+        c = self.cfg
+        return self.validate(DecoderSubnet(max(c.layer_counts), max(c.kv_head_counts), max(c.ffn_sizes)))
+
+    def smallest(self) -> DecoderSubnet:
+        c = self.cfg
+        return self.validate(DecoderSubnet(min(c.layer_counts), min(c.kv_head_counts), min(c.ffn_sizes)))
+
+    def sample(self, rng: random.Random) -> DecoderSubnet:
+        c = self.cfg
+        return DecoderSubnet(rng.choice(c.layer_counts), rng.choice(c.kv_head_counts), rng.choice(c.ffn_sizes))
+
+
+def decoder_widths(subnet: DecoderSubnet, teacher: DecoderShape) -> tuple[int, int, int]:
+    """(query width, key/value width, head size) of each block of the subnet."""
+    head_size = teacher.hidden_size // teacher.num_heads
+    kv = subnet.kv_heads * head_size
+    return kv * (teacher.num_heads // teacher.num_kv_heads), kv, head_size
+
+
+def decoder_work(subnet: DecoderSubnet, teacher: DecoderShape, context: int) -> dict[str, int]:
+    """Work of one decode step (one new token) of the subnet's compiled step over a KV cache of
+    `context` positions, by kind: multiply-adds x 2 of the projections and FFN ("dense") and of
+    attention over the cache ("attention"), and elements of the memory-bound rest
+    ("elementwise": the cache rewrite, softmax, SwiGLU, norms, residual adds). The step attends
+    over and rewrites the whole static cache however full it is. The output head is the same
+    for every subnet and is left out."""
+    e = teacher.hidden_size
+    q, kv, head_size = decoder_widths(subnet, teacher)
+    f, c, n = subnet.ffn_size, context, subnet.num_layers
+    return {"dense": n * 2 * (e * (q + 2 * kv) + q * e + 3 * e * f),
+            "attention": n * 4 * c * q,
+            "elementwise": n * (4 * c * kv + c * q // head_size + 3 * f + 4 * e)}
+
+
+def decoder_flops(subnet: DecoderSubnet, teacher: DecoderShape, context: int) -> int:
+    """Matmul FLOPs of one decode step: the proxy that a compiler-unaware search would use."""
+    work = decoder_work(subnet, teacher, context)
+    return work["dense"] + work["attention"]
+
+
+def decoder_params(subnet: DecoderSubnet, teacher: DecoderShape, vocab_size: int, tied_head: bool) -> int:
+    """Parameters of the extracted decoder (embeddings, and the output head unless tied)."""
+    e = teacher.hidden_size
+    q, kv, _ = decoder_widths(subnet, teacher)
+    per_layer = e * (q + 2 * kv) + q * e + 3 * e * subnet.ffn_size + 2 * e  # attention, gated FFN, two RMSNorms
+    return vocab_size * e * (1 if tied_head else 2) + subnet.num_layers * per_layer + e

@@ -1,0 +1,108 @@
+"""distill (the pipeline's pretraining-distill stage): the teacher's weights, sorted by
+importance, trained as an elastic supernet by distillation from the teacher with the
+family-agnostic loop of canao.codesign.kd; the QA loss (`kd_loss`): soft start/end
+distributions, hidden states, optionally the gold span.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import torch
+
+from canao.codesign.kd import IMPORTANCE_FILE, SUPERNET_DIR, fit, hidden_mse, importance_once, sandwich, soft_kl
+from canao.config import KDConfig, config_hash, resolve_path, to_dict
+from canao.lab.hardware import torch_threads
+from canao.manifest import reusable, sha256_file, verify_manifest, verify_stage, write_manifest
+from canao.qa.config import BertShape, DistillConfig
+from canao.qa.data import Features, build_features, load_squad
+from canao.qa.model import (
+    Supernet,
+    importance,
+    load_qa_model,
+    load_tokenizer,
+    sort_by_importance,
+)
+from canao.qa.space import SearchSpace
+
+
+def kd_loss(student_out, teacher_out, layer_map: list[int], cfg: KDConfig, gold: tuple | None = None) -> torch.Tensor:
+    """Knowledge distillation of a QA (sub)network from the teacher: `soft_kl` of the start and
+    end distributions (averaged), `hidden_mse` weighted by `cfg.hidden_weight`, and optionally
+    the gold span's cross-entropy (`gold`: start and end positions)."""
+    loss = (soft_kl(student_out.start_logits, teacher_out.start_logits, cfg.temperature)
+            + soft_kl(student_out.end_logits, teacher_out.end_logits, cfg.temperature)) / 2
+    if cfg.hidden_weight:
+        loss = loss + cfg.hidden_weight * hidden_mse(student_out.hidden_states, teacher_out.hidden_states, layer_map)
+    if cfg.hard_weight and gold is not None:
+        ce = torch.nn.functional.cross_entropy
+        hard = (ce(student_out.start_logits.float(), gold[0]) + ce(student_out.end_logits.float(), gold[1])) / 2
+        loss = loss + cfg.hard_weight * hard
+    return loss
+
+
+def sorted_teacher(teacher_dir: str | Path, scores: dict) -> torch.nn.Module:
+    """The teacher with its units in the supernet's order: the same function, aligned channels
+    (so hidden states compare channel by channel). Frozen, in eval mode."""
+    teacher = load_qa_model(teacher_dir)
+    sort_by_importance(teacher, scores)
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def load_supernet(supernet_dir: str | Path) -> tuple[Supernet, dict]:
+    """The supernet of a `train_supernet` directory and that directory's manifest."""
+    manifest = verify_stage(supernet_dir, "distill", "a supernet (distill)")
+    return Supernet(load_qa_model(Path(supernet_dir) / SUPERNET_DIR)), manifest
+
+
+def train_supernet(cfg: DistillConfig, teacher_dir: str | Path, out_dir: str | Path) -> dict:
+    """pretraining-distill: the teacher's weights, sorted by importance, trained as an elastic
+    supernet by distillation from the teacher. Each step trains the largest subnet, the
+    smallest and `random_subnets` random ones on the same batch (the sandwich rule), so the
+    shared weights serve every subnet of the space. Resumable like every `fit`."""
+    out_dir, teacher_dir = Path(out_dir), Path(teacher_dir)
+    teacher_manifest = verify_manifest(teacher_dir)
+    fingerprint = config_hash(cfg) + teacher_manifest["files"]["model.safetensors"][:16]
+    existing = reusable(out_dir, fingerprint, "supernet")
+    if existing is not None:
+        return existing
+    torch_threads(cfg.train.threads)
+    torch.manual_seed(cfg.seed)
+    train_file = resolve_path(cfg.data.train_file)
+    tokenizer = load_tokenizer(teacher_dir)
+    features = build_features(load_squad(train_file, cfg.data.train_questions), tokenizer, cfg.features)
+    model = load_qa_model(teacher_dir)
+    space = SearchSpace(cfg.space, BertShape.of(model.config))
+
+    work_dir = out_dir / "checkpoints"
+    scores = importance_once(work_dir, lambda: importance(model, features, cfg.importance_batches,
+                                                          cfg.train.batch_size))
+    sort_by_importance(model, scores)
+    teacher = sorted_teacher(teacher_dir, scores)
+    supernet = Supernet(model)
+
+    def loss_fn(net: Supernet, feats: Features, index: torch.Tensor) -> torch.Tensor:
+        inputs = feats.model_inputs(index)
+        gold = (feats.start_positions[index], feats.end_positions[index])
+        with torch.no_grad():
+            target = teacher(**inputs, output_hidden_states=True)
+        subnets = sandwich(space, cfg.random_subnets)
+        return sum(kd_loss(net(s, output_hidden_states=True, **inputs), target,
+                           s.layer_indices(space.teacher.num_layers), cfg.kd, gold) for s in subnets) / len(subnets)
+
+    print(f"distill: {len(features)} training windows; subnets per step: largest, smallest, "
+          f"{cfg.random_subnets} random", flush=True)
+    stats = fit(supernet, features, loss_fn, cfg.train, cfg.seed, work_dir, fingerprint, desc="supernet")
+    model.save_pretrained(out_dir / SUPERNET_DIR)
+    tokenizer.save_pretrained(out_dir / SUPERNET_DIR)
+    shutil.move(work_dir / IMPORTANCE_FILE, out_dir / IMPORTANCE_FILE)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    stats.update(train_windows=len(features))
+    inputs = {"teacher": {"path": str(teacher_dir.resolve()), "config_hash": teacher_manifest.get("config_hash"),
+                          "model_sha256": teacher_manifest["files"]["model.safetensors"]},
+              "train_file": {"path": str(train_file), "sha256": sha256_file(train_file)}}
+    return write_manifest(out_dir, "distill", to_dict(cfg), stats, inputs, config_hash=fingerprint,
+                          teacher_shape=dataclasses.asdict(space.teacher))

@@ -1,0 +1,139 @@
+"""search: the accuracy-latency Pareto front of the QA supernet's subnets on a device.
+
+Optuna's NSGA-II sampler (canao.codesign.pareto) proposes subnets; each is scored by its F1
+with the supernet's shared weights on a held-out slice of the training file (the last
+`val_questions` questions, which distillation never saw; dev-a stays for the final
+evaluation only) and by the latency model's prediction for the device (the fastest
+backend, i.e. what would be deployed), under a latency budget and an optional parameter
+budget (NSGA-II's constraint handling). The front's best points are compiled and measured
+on the device again. Output: front.json, front.png, manifest.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import optuna
+
+from canao.bench.protocol import BASELINE
+from canao.codesign.elastic import extract
+from canao.codesign.kd import SUPERNET_DIR
+from canao.codesign.pareto import (
+    FRONT_JSON,
+    FRONT_PNG,
+    Objectives,
+    TrialHook,
+    front_of,
+    latency_budget,
+    pareto_search,
+    plot_front,
+    remeasure,
+    search_inputs,
+    trials_of,
+)
+from canao.config import config_hash, from_dict, resolve_path, to_dict
+from canao.manifest import read_manifest, sha256_file, write_manifest
+from canao.qa.config import BenchConfig, CompileConfig, SearchConfig, SpaceConfig, SquadFeatureConfig
+from canao.qa.data import build_features, load_squad, postprocess, squad_score
+from canao.qa.distill import load_supernet
+from canao.qa.latency import BERT_QA, measure
+from canao.qa.model import load_tokenizer
+from canao.qa.predictor import QAPredictor
+from canao.qa.space import SearchSpace, SubnetConfig, flops, params
+
+QA = Objectives("f1", True, "F1 on the held-out training slice (supernet weights)",
+                "latency on {device}, seq {seq_len} (ms, log scale)", BASELINE)
+
+
+def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path, out_dir: str | Path,
+           on_trial: TrialHook | None = None) -> dict:
+    """The Pareto front (max F1, min predicted latency) of the supernet's subnets; see the module doc."""
+    supernet_dir, latency_dir, out_dir = Path(supernet_dir), Path(latency_dir), Path(out_dir)
+    if read_manifest(out_dir) is not None:
+        raise FileExistsError(f"{out_dir}: already holds a search; choose another --out")
+    supernet, supernet_manifest, latency, latency_manifest, device = search_inputs(
+        supernet_dir, latency_dir, load_supernet, BERT_QA, cfg.reuse_other_hardware)
+    distill_cfg = supernet_manifest["config"]
+    space = SearchSpace(from_dict(SpaceConfig, distill_cfg["space"], "space."), supernet.shape)
+    features_cfg = from_dict(SquadFeatureConfig, distill_cfg["features"], "features.")
+    train_file = resolve_path(distill_cfg["data"]["train_file"])
+    examples = load_squad(train_file)
+    distilled_on = distill_cfg["data"]["train_questions"] or len(examples)
+    if distilled_on + cfg.val_questions > len(examples):
+        raise ValueError(f"val_questions: {cfg.val_questions} from the end of {train_file} overlap the first "
+                         f"{distilled_on} the supernet was distilled on ({len(examples)} in all)")
+    val_examples = examples[-cfg.val_questions:]
+    tokenizer = load_tokenizer(supernet_dir / SUPERNET_DIR)
+    val_features = build_features(val_examples, tokenizer, features_cfg)
+    vocab, positions = supernet.model.config.vocab_size, supernet.model.config.max_position_embeddings
+    f1_cache: dict[SubnetConfig, float] = {}
+
+    def f1_of(subnet: SubnetConfig) -> float:
+        if subnet not in f1_cache:
+            predictor = QAPredictor(extract(supernet, subnet), tokenizer, features_cfg, cfg.eval_batch_size)
+            start, end = predictor.logits(val_features)
+            predictions = postprocess(val_examples, val_features, start, end, features_cfg)
+            f1_cache[subnet] = squad_score(val_examples, {q: p.text for q, p in predictions.items()})["f1"]
+        return f1_cache[subnet]
+
+    c = space.cfg
+    deepest = max(c.layer_counts)
+
+    def suggest(trial: optuna.Trial) -> SubnetConfig:
+        # Every trial names every layer's choices (a fixed set of variables, which NSGA-II's
+        # crossover needs); layers past num_layers are ignored.
+        return space.make(
+            trial.suggest_categorical("num_layers", c.layer_counts),
+            trial.suggest_categorical("hidden_size", c.hidden_sizes),
+            [trial.suggest_categorical(f"heads_{i}", c.head_counts) for i in range(deepest)],
+            [trial.suggest_categorical(f"ffn_{i}", c.ffn_sizes) for i in range(deepest)],
+        )
+
+    teacher_ms = latency.measured(space.largest())
+    budget = latency_budget(cfg, teacher_ms, QA.baseline)
+    started = time.perf_counter()
+    # The teacher's shape first: the reference point, and a seed for the population.
+    study = pareto_search(dataclasses.replace(cfg, latency_budget_ms=budget), QA, suggest,
+                          lambda s: {"f1": f1_of(s)}, latency, lambda s: params(s, space.teacher, vocab, positions),
+                          lambda s: flops(s, space.teacher, latency.seq_len), _trial_params(space.largest(), deepest),
+                          on_trial)
+    search_seconds = time.perf_counter() - started
+
+    front = front_of(study, SubnetConfig)
+    compile_cfg = from_dict(CompileConfig, latency_manifest["config"]["compile"], "compile.")
+    bench_cfg = from_dict(BenchConfig, latency_manifest["config"]["bench"], "bench.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started_measure = time.perf_counter()
+    remeasure(front, QA, cfg.remeasure, lambda subnet: measure(
+        SubnetConfig.from_dict(subnet), supernet_dir / SUPERNET_DIR, device, tuple(latency.coefficients),
+        compile_cfg, bench_cfg, out_dir / "work"))
+    result = {
+        "device": latency.device, "seq_len": latency.seq_len,
+        "latency_budget_ms": budget, "min_speedup": cfg.min_speedup, "params_budget": cfg.params_budget,
+        "teacher": {"subnet": space.largest().to_dict(), "f1": f1_of(space.largest()), "measured_ms_by_backend":
+                    teacher_ms, "params": params(space.largest(), space.teacher, vocab, positions)},
+        "front": sorted(front, key=lambda p: p["predicted_ms"]),
+        "trials": trials_of(study, QA),
+    }
+    (out_dir / FRONT_JSON).write_text(json.dumps(result, indent=1) + "\n")
+    plot_front(result, out_dir / FRONT_PNG, QA)
+    metrics = {"search_seconds": round(search_seconds, 1),
+               "remeasure_seconds": round(time.perf_counter() - started_measure, 1),
+               "trials": len(study.trials), "distinct_subnets": len(f1_cache), "front_size": len(front),
+               "teacher_val_f1": result["teacher"]["f1"], "val_questions": len(val_examples)}
+    inputs = {"supernet": str(supernet_dir.resolve()), "latency": str(latency_dir.resolve()),
+              "train_file": {"path": str(train_file), "sha256": sha256_file(train_file)}}
+    return write_manifest(out_dir, "search", {"device": latency.device, **to_dict(cfg)}, metrics, inputs,
+                          config_hash=config_hash(cfg))
+
+
+def _trial_params(subnet: SubnetConfig, deepest: int) -> dict:
+    pad = deepest - subnet.num_layers
+    p = {"num_layers": subnet.num_layers, "hidden_size": subnet.hidden_size}
+    for i, (h, f) in enumerate(zip(list(subnet.heads) + [subnet.heads[-1]] * pad,
+                                   list(subnet.ffn_sizes) + [subnet.ffn_sizes[-1]] * pad, strict=True)):
+        p[f"heads_{i}"], p[f"ffn_{i}"] = h, f
+    return p
