@@ -76,14 +76,19 @@ def _sse(event: str, data: BaseModel) -> bytes:
     return format_sse_event(event=event, data_str=data.model_dump_json())
 
 
+# Some character other than white space, as the schema's readers (ECMA-262) and the server's validator
+# (Unicode's White_Space) both read it: U+0085 is white space only to the second, U+FEFF only to the first.
+SOME_TEXT = r"[^\s\x85\ufeff]"
+
+
 def _qa_request_model(cfg: ServeConfig) -> type[BaseModel]:
     """The QA request, with this server's limits in its schema."""
 
     class QARequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        context: str = Field(max_length=cfg.max_context_chars, pattern=r"\S",
+        context: str = Field(max_length=cfg.max_context_chars, pattern=SOME_TEXT,
                              description="the text to answer from; split into overlapping windows when long")
-        question: str = Field(max_length=cfg.max_question_chars, pattern=r"\S",
+        question: str = Field(max_length=cfg.max_question_chars, pattern=SOME_TEXT,
                               description="must also leave room for context in one window, else 422")
 
     return QARequest
@@ -107,7 +112,7 @@ def _generate_request_model(cfg: ServeConfig) -> type[BaseModel]:
         model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
         # At least one character that is neither white space nor a control character (some of which the
         # tokenizer drops: a prompt of them alone would have no token).
-        prompt: str = Field(max_length=cfg.max_prompt_chars, pattern=r"[^\s\x00-\x1f\x7f-\x9f]",
+        prompt: str = Field(max_length=cfg.max_prompt_chars, pattern=r"[^\s\x00-\x1f\x7f-\x9f\ufeff]",
                             description="the text to continue, with some character other than white space and "
                                         "control characters; cut from the left when the context window cannot "
                                         "hold it beside max_new_tokens (the done event says so)")

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import shutil
+import subprocess
 import threading
 import time
 
@@ -104,6 +105,35 @@ def test_a_long_context_is_split_into_windows_as_in_eval(client, asked, memorize
 ])
 def test_invalid_fields_get_422_naming_the_field(client, body, field, text):
     assert_field_error(client.post("/v1/qa", json=body), field, text)
+
+
+# Characters that one reading of white space counts and another does not: U+0085 (Unicode's White_Space, which
+# the server's validator uses, not ECMA-262's, which the schema's readers use), U+FEFF (ECMA only), U+001C (Python's
+# str.isspace only), U+00A0 (all three).
+WHITE_SPACE_EDGES = ["\x85", "\ufeff", "\x1c", "\xa0", "a\x85"]
+
+
+def accepted(response, field: str) -> bool:
+    """Whether `response` took `field` as valid (a 422 may name another field)."""
+    return response.status_code != 422 or all(e["loc"][-1] != field for e in response.json()["detail"])
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node, to read the schema's patterns as ECMA-262 does")
+def test_the_schema_and_the_server_agree_on_what_white_space_is(client, asked):
+    """Every text pattern of the schema, read as a JSON Schema reader does (ECMA-262), accepts exactly the
+    texts the server accepts: a schema-valid request never gets 422 for its pattern."""
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    patterns = {(model, field): spec["pattern"] for model, body in schema.items()
+                for field, spec in body.get("properties", {}).items() if "pattern" in spec}
+    assert {("QARequest", "context"), ("QARequest", "question"), ("GenerateRequest", "prompt")} <= set(patterns)
+    script = ("const [pattern, ...texts] = JSON.parse(process.argv[1]);"
+              "console.log(JSON.stringify(texts.map(t => new RegExp(pattern, 'u').test(t))))")
+    for (model, field), pattern in patterns.items():
+        done = subprocess.run(["node", "-e", script, json.dumps([pattern, *WHITE_SPACE_EDGES])], capture_output=True,
+                              text=True, check=True)
+        if model == "QARequest":
+            served = [accepted(client.post("/v1/qa", json={**asked, field: text}), field) for text in WHITE_SPACE_EDGES]
+            assert json.loads(done.stdout) == served, (field, pattern)
 
 
 def test_a_question_too_long_for_a_window_gets_422_naming_question(client, asked):
