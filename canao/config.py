@@ -46,7 +46,7 @@ class TrainConfig:
     warmup_ratio: float = 0.1  # fraction of steps with a linear warm-up, then linear decay
     max_grad_norm: float = 1.0  # gradient clipping
     # bfloat16 autocast of the forward pass (weights stay fp32): "auto" only where the CPU or GPU computes
-    # bfloat16 natively (emulated it is ~20x slower than fp32), true or false to force it (canao.lab.hardware)
+    # bfloat16 natively (emulated it is ~20x slower than fp32), true or false to force it (canao.hardware)
     bf16: bool | str = "auto"
     eval_batch_size: int = 64  # features per forward pass during evaluation
     checkpoint_every: int = 200  # optimizer steps between resumable checkpoints
@@ -71,7 +71,7 @@ class KDConfig:
 
 
 # A tuning database, a latency model or a latency stage's measurements made on other hardware than
-# the device's is refused (canao.lab.hardware.check_same); true uses it anyway, priced and tuned for
+# the device's is refused (canao.hardware.check_same); true uses it anyway, priced and tuned for
 # that other CPU (a what-if, or a machine known to be alike).
 REUSE_OTHER_HARDWARE = False
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import canao
-from canao.lab.hardware import host_cpu
+from canao.hardware import host_cpu
 
 MANIFEST = "manifest.json"
 

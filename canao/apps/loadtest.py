@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
+from canao import hardware
 from canao.config import LoadtestConfig, resolve_path, to_dict
-from canao.lab import hardware
 from canao.manifest import write_text_atomic
 from canao.qa.data import load_squad
 

@@ -25,8 +25,8 @@ from fastapi import HTTPException
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel, Field
 
+from canao import hardware
 from canao.config import ServeConfig, resolve_path
-from canao.lab import hardware
 from canao.lm import generator
 from canao.manifest import MANIFEST, read_manifest, sha256_file, verify_manifest
 from canao.mlops import registry, tracking

@@ -34,7 +34,7 @@ class GenRecord:
     threads: int
     cores: tuple[int, ...]
     version: str
-    hardware: str  # canao.lab.hardware.Hardware.label() of the device: which CPU the figure comes from
+    hardware: str  # canao.hardware.Hardware.label() of the device: which CPU the figure comes from
 
 
 def gen_prompt(context: int, vocab_size: int) -> list[int]:

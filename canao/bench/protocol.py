@@ -13,17 +13,17 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from canao import hardware
 from canao.bench.generation import GenRecord
 from canao.compile import peers
 from canao.compile.relax import compile_lm, compile_model
 from canao.config import config_hash, resolve_path
-from canao.lab import devices, hardware, rpc
+from canao.lab import devices, rpc
 from canao.lab.devices import Device
 from canao.lm.config import LMCompileConfig
 from canao.manifest import read_manifest, sha256_file, verify_manifest, write_text_atomic
@@ -48,7 +48,7 @@ class Record:
     cores: tuple[int, ...]
     version: str  # backend version string
     numerics_max_abs_diff: float  # max |start/end logits - PyTorch fp32|
-    hardware: str  # canao.lab.hardware.Hardware.label() of the device: which CPU the figure comes from
+    hardware: str  # canao.hardware.Hardware.label() of the device: which CPU the figure comes from
 
 
 def summarize(times_ms: list[float]) -> dict:
@@ -60,19 +60,7 @@ def _time_peer(backend: str, path: str, device: Device, warmup: int, runs: int, 
     """In a child process: pin to the device's cores, then time the peer runtime."""
     devices.pin(device)
     runner = peers.runner(backend, Path(path), threads=device.threads)
-    return time_calls(runner, [t.numpy() for t in example_inputs(seq_len)], warmup, runs), runner.version
-
-
-def time_calls(runner, inputs: list, warmup: int, runs: int) -> list[float]:
-    """Milliseconds of each of `runs` calls runner(*inputs), after `warmup` untimed ones."""
-    for _ in range(warmup):
-        runner(*inputs)
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        runner(*inputs)
-        times.append((time.perf_counter() - started) * 1000)
-    return times
+    return peers.time_calls(runner, [t.numpy() for t in example_inputs(seq_len)], warmup, runs), runner.version
 
 
 def bench(artifact_dir: str | Path, model_dir: str | Path, device: Device, backends: tuple[str, ...],

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from canao.bench.suite import SEARCH_SECTION, put_section
 from canao.codesign.pareto import FRONT_JSON
-from canao.lab.hardware import Hardware
+from canao.hardware import Hardware
 from canao.manifest import verify_stage
 from canao.qa.space import SubnetConfig
 

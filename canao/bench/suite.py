@@ -8,10 +8,10 @@ import datetime
 import json
 from pathlib import Path
 
+from canao import hardware
 from canao.bench.generation import GenRecord, bench_generation, generation_table
 from canao.bench.protocol import BACKENDS, bench, compiled, table, write_records
 from canao.config import resolve_path
-from canao.lab import hardware
 from canao.lab.devices import get_device
 from canao.lm.config import GEN_BACKENDS
 from canao.lm.data import HELDOUT_FILE, build_corpus, perplexity, read_text_file

@@ -12,10 +12,11 @@ import json
 import sys
 from pathlib import Path
 
+from canao import hardware
 from canao.bench.generation import bench_generation, generation_table
 from canao.bench.protocol import write_records
 from canao.cli.common import add_config_args
-from canao.lab import devices, hardware
+from canao.lab import devices
 from canao.lm.config import GEN_BACKENDS, LMCompileConfig
 from canao.profiles import load_config
 

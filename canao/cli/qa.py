@@ -13,9 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+from canao import hardware
 from canao.cli.common import add_config_args, add_predictor_args
 from canao.config import apply_overrides, from_dict, to_dict
-from canao.lab import devices, hardware
+from canao.lab import devices
 from canao.manifest import read_manifest, verify_manifest
 from canao.profiles import load_config
 from canao.qa.config import SquadFeatureConfig

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from canao.config import TrainConfig
-from canao.lab.hardware import autocast_bf16
+from canao.hardware import autocast_bf16
 from canao.manifest import write_atomic
 
 CHECKPOINT = "checkpoint.pt"

@@ -31,8 +31,8 @@ import numpy as np
 from scipy.optimize import nnls
 from scipy.stats import spearmanr
 
+from canao.hardware import check_same
 from canao.lab import devices
-from canao.lab.hardware import check_same
 from canao.manifest import read_manifest, reusable, write_manifest
 
 MODEL_FILE = "latency_model.json"
@@ -61,7 +61,7 @@ class LatencyModel:
     measurements: list[dict]  # {"subnet": {...}, "ms": {backend: p50 ms (decoder: ms/token)}, "heldout": bool}
     error: dict  # backend -> held-out MAPE and Spearman of this model and of the FLOPs proxy
     family: Family  # which subnets, features and FLOPs proxy (the file records its name)
-    hardware: dict | None = None  # canao.lab.hardware.Hardware of the device when measured; None in older models
+    hardware: dict | None = None  # canao.hardware.Hardware of the device when measured; None in older models
 
     def predict(self, subnet, backend: str) -> float:
         if backend not in self.coefficients:

@@ -14,8 +14,8 @@ from pathlib import Path
 import optuna
 
 from canao.codesign.latency_model import Family, LatencyModel
+from canao.hardware import check_same
 from canao.lab import devices
-from canao.lab.hardware import check_same
 from canao.manifest import verify_stage
 
 FRONT_JSON = "front.json"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import warnings
 from pathlib import Path
 from typing import Protocol
@@ -219,7 +220,7 @@ def export(name: str, model_dir: str | os.PathLike, model: SpanLogits, seq_len: 
            int8_dot: bool) -> Path:
     """Peer `name`'s file for the model of `model_dir` (`model`: the same, from load_for_export),
     written to out_dir/PEER_FILES[name], for a CPU with or without int8 dot products (`int8_dot`:
-    canao.lab.hardware.Hardware.int8_dot). onnxruntime-int8 quantizes the fp32 ONNX file, exporting
+    canao.hardware.Hardware.int8_dot). onnxruntime-int8 quantizes the fp32 ONNX file, exporting
     it first if it is not there yet (it then stays beside the int8 one)."""
     if name not in PEER_FILES:
         raise ValueError(f"peer {name!r}: unknown; one of {list(PEER_FILES)}")
@@ -239,3 +240,15 @@ def runner(name: str, path: str | os.PathLike, threads: int) -> Runner:
     if name not in RUNNERS:
         raise ValueError(f"backend {name!r}: unknown; one of {list(RUNNERS)}")
     return RUNNERS[name](path, threads, name=name)
+
+
+def time_calls(runner, inputs: list, warmup: int, runs: int) -> list[float]:
+    """Milliseconds of each of `runs` calls runner(*inputs), after `warmup` untimed ones."""
+    for _ in range(warmup):
+        runner(*inputs)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        runner(*inputs)
+        times.append((time.perf_counter() - started) * 1000)
+    return times

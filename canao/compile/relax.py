@@ -28,9 +28,9 @@ import torch
 
 from canao.compile import peers, tvm_cpu_intrinsics
 from canao.config import resolve_path, to_dict
+from canao.hardware import Hardware, check_same
 from canao.lab import devices, rpc
 from canao.lab.devices import Device
-from canao.lab.hardware import Hardware, check_same
 from canao.lm import model as lm_model
 from canao.lm.config import LMCompileConfig
 from canao.manifest import staged_dir, write_manifest, write_text_atomic

@@ -2,7 +2,7 @@
 (TVM target, threads, CPU cores, whether its servers run on this machine). A `Device` is
 resolved once at the edge (the CLI, a component) and passed down; `tvm_target` resolves
 `mcpu: host`, `pin` runs a process as the device, and `Device.hardware` says which machine
-the key stands for (canao.lab.hardware).
+the key stands for (canao.hardware).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
+from canao import hardware
 from canao.config import resolve_path
-from canao.lab import hardware
-from canao.lab.hardware import Hardware
+from canao.hardware import Hardware
 
 DEVICES_FILE = "device_lab/devices.yaml"  # relative to the project root; env CANAO_DEVICES overrides
 KEY_PATTERN = re.compile(r"[A-Za-z0-9._-]+")  # the tracker splits its keys on ':' and whitespace

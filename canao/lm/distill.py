@@ -24,7 +24,7 @@ import torch
 from canao.codesign.elastic import extract
 from canao.codesign.kd import IMPORTANCE_FILE, SUPERNET_DIR, fit, hidden_mse, importance_once, sandwich, soft_kl
 from canao.config import KDConfig, config_hash, to_dict
-from canao.lab.hardware import torch_threads
+from canao.hardware import torch_threads
 from canao.lm.config import LMDistillConfig
 from canao.lm.data import HELDOUT_FILE, TRAIN_FILE, perplexity, read_text_file, token_windows
 from canao.lm.model import DecoderSupernet, importance, load_causal_lm, load_tokenizer, sort_by_importance

@@ -16,7 +16,7 @@ from canao.codesign.elastic import extract
 from canao.codesign.kd import SUPERNET_DIR, fit
 from canao.codesign.pareto import FRONT_JSON, choose
 from canao.config import config_hash, to_dict
-from canao.lab.hardware import torch_threads
+from canao.hardware import torch_threads
 from canao.lm.config import LMFinalizeConfig
 from canao.lm.data import HELDOUT_FILE, TRAIN_FILE, perplexity, read_text_file, token_windows
 from canao.lm.distill import corpus_file, distilled_teacher, lm_kd_loss, load_decoder_supernet, torch_device, trainable

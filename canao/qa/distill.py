@@ -14,7 +14,7 @@ import torch
 
 from canao.codesign.kd import IMPORTANCE_FILE, SUPERNET_DIR, fit, hidden_mse, importance_once, sandwich, soft_kl
 from canao.config import KDConfig, config_hash, resolve_path, to_dict
-from canao.lab.hardware import torch_threads
+from canao.hardware import torch_threads
 from canao.manifest import reusable, sha256_file, verify_manifest, verify_stage, write_manifest
 from canao.qa.config import BertShape, DistillConfig
 from canao.qa.data import Features, build_features, load_squad

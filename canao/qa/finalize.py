@@ -19,8 +19,8 @@ from canao.codesign.kd import IMPORTANCE_FILE, fit
 from canao.codesign.pareto import FRONT_JSON, choose
 from canao.compile.relax import compile_model
 from canao.config import config_hash, from_dict, resolve_path, to_dict
+from canao.hardware import torch_threads
 from canao.lab import devices
-from canao.lab.hardware import torch_threads
 from canao.manifest import reusable, sha256_file, verify_manifest, verify_stage, write_manifest
 from canao.qa.config import BenchConfig, CompileConfig, FinalizeConfig, SquadFeatureConfig
 from canao.qa.data import build_features, load_squad

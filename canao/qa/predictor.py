@@ -6,22 +6,17 @@ import logging
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from canao.bench.protocol import time_calls
 from canao.compile import peers
 from canao.config import from_dict
 from canao.manifest import read_manifest
 from canao.qa.config import SquadFeatureConfig
 from canao.qa.data import Features, Prediction, SquadExample, build_features, postprocess, squad_score
 from canao.qa.model import example_inputs, load_qa_model, load_tokenizer
-
-if TYPE_CHECKING:
-    from canao.compile.peers import Runner
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +76,7 @@ class QAPredictor(SpanPredictor):
 class StaticShapePredictor(SpanPredictor):
     """A compiled backend (canao.compile.peers.Runner): one window of exactly the compiled length per call."""
 
-    runner: Runner
+    runner: peers.Runner
     tokenizer: object
     features_cfg: SquadFeatureConfig  # max_seq_len must be the compiled sequence length
 
@@ -114,7 +109,7 @@ def load_artifact(artifact_dir: Path, manifest: dict, backend: str, threads: int
             runner = peers.runner(name, Path(artifact_dir) / backends[name], threads)
             # Few runs: enough to rank backends that differ by tens of percent, and an untuned
             # TVM library (seconds a window) does not hold the start-up for long.
-            timings[name] = round(statistics.median(time_calls(runner, inputs, warmup=1, runs=5)), 3)
+            timings[name] = round(statistics.median(peers.time_calls(runner, inputs, warmup=1, runs=5)), 3)
         except Exception as e:  # a backend that cannot run here (another CPU, a missing runtime)
             failures[name] = f"{type(e).__name__}: {e}"
             log.warning("%s: backend %s does not run here: %s", artifact_dir, name, failures[name])

@@ -12,7 +12,7 @@ import torch
 
 from canao.codesign.kd import fit
 from canao.config import config_hash, resolve_path, to_dict
-from canao.lab.hardware import torch_threads
+from canao.hardware import torch_threads
 from canao.manifest import reusable, sha256_file, write_manifest
 from canao.qa.config import TeacherConfig
 from canao.qa.data import Features, build_features, load_squad

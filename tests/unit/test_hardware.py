@@ -7,12 +7,12 @@ import re
 import pytest
 import torch
 
+from canao import hardware
 from canao.codesign.kd import fit
 from canao.compile.relax import TUNING_HARDWARE, open_tuning_database
 from canao.config import ConfigError, TrainConfig
-from canao.lab import hardware
+from canao.hardware import Hardware, HardwareMismatch, autocast_bf16, check_same, read_cpuinfo
 from canao.lab.devices import get_device
-from canao.lab.hardware import Hardware, HardwareMismatch, autocast_bf16, check_same, read_cpuinfo
 from canao.manifest import write_manifest
 from canao.profiles import load_config
 from canao.qa.latency import fit_latency_model

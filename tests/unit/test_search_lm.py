@@ -5,11 +5,11 @@ import json
 
 import pytest
 
+from canao import hardware
 from canao.cli.main import main
 from canao.codesign.latency_model import LatencyModel
 from canao.codesign.pareto import FRONT_JSON, FRONT_PNG, choose, dominated
-from canao.lab import hardware
-from canao.lab.hardware import Hardware
+from canao.hardware import Hardware
 from canao.lm import generator
 from canao.lm.latency import DECODER
 from canao.lm.model import load_causal_lm

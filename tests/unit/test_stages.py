@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from canao import hardware
 from canao.config import PROFILES
-from canao.lab import hardware
 from canao.lab.devices import get_device
 from canao.manifest import read_manifest, write_manifest
 from canao.mlops.stages import RUNNERS, Context, cache_key, choose_backend, execute
