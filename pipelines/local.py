@@ -39,9 +39,10 @@ def running_services(mlflow_port: int = services.MLFLOW_PORT, s3_port: int = ser
     started_services = services.read_state() is None
     started_lab = rpc.read_state() is None and not os.environ.get("CANAO_TRACKER")
     try:
-        state = services.up(mlflow_port, s3_port)
-        if started_lab:
-            rpc.up(port=lab_port)
+        with _stop_signals_held():
+            state = services.up(mlflow_port, s3_port)
+            if started_lab:
+                rpc.up(port=lab_port)
         os.environ.update(services.env(state))
         yield state
     finally:
@@ -51,10 +52,35 @@ def running_services(mlflow_port: int = services.MLFLOW_PORT, s3_port: int = ser
             services.down()
 
 
-def _exit_on_sigterm(signum: int, _frame) -> None:
+_held_signals: list[int] | None = None  # stop signals received while servers start, or None when none start
+
+
+def _on_stop_signal(signum: int, _frame) -> None:
+    if _held_signals is not None:
+        _held_signals.append(signum)
+        return
+    _stop(signum)
+
+
+def _stop(signum: int) -> None:
     # SIGTERM (`kill`, a scheduler's stop) would end the process without unwinding; as SystemExit
     # it goes through running_services' `finally`, like Ctrl-C, and the services it started stop.
-    raise SystemExit(128 + signum)
+    raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_held():
+    """Ctrl-C or SIGTERM while servers start is acted on once starting has ended: raised inside
+    `Popen` or just after it, the child would run on unrecorded, out of reach of the `finally`
+    that stops what was started (a device-lab tracker outlived `make run` so)."""
+    global _held_signals
+    _held_signals = []
+    try:
+        yield
+    finally:
+        held, _held_signals = _held_signals, None
+        if held:
+            _stop(held[0])
 
 
 def run(profile: str, device: str, latency_budgets_ms: list[float], overrides: dict[str, list[str]],
@@ -124,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             parser.error(f"--set {item}: expected STAGE:KEY=VALUE")
         overrides.setdefault(stage, []).append(override)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, _on_stop_signal)
+    signal.signal(signal.SIGINT, _on_stop_signal)
     try:
         with running_services(args.mlflow_port, args.s3_port, args.lab_port):
             summary = run(args.profile, args.device, args.budgets or [10.0, 25.0], overrides,

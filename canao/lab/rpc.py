@@ -18,7 +18,6 @@ import gc
 import json
 import os
 import select
-import signal
 import socket
 import struct
 import subprocess
@@ -31,6 +30,7 @@ from typing import Any, TypeVar
 from canao.config import resolve_path
 from canao.lab.devices import Device, DeviceLabError, _check_cores, get_device, load_devices, runtime_env
 from canao.manifest import write_text_atomic
+from canao.processes import group_processes, spawn_session, stop_groups
 
 LAB_DIR = "outputs/device_lab"  # state file and logs, relative to the project root; env CANAO_LAB_DIR overrides
 STATE_FILE_NAME = "lab.json"
@@ -162,9 +162,7 @@ def _answers(address: tuple[str, int], timeout: float = 2.0) -> bool:
 def _spawn(command: list[str], log: Path, env: dict[str, str] | None = None) -> int:
     # A session of its own: the server's workers share its process group, and an interrupt
     # of the shell that ran `up` does not reach the lab.
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                   env=env, start_new_session=True)
+    process = spawn_session(command, log, env)
     _children[process.pid] = process
     return process.pid
 
@@ -237,41 +235,13 @@ def _stop_all(state: dict) -> list[int]:
     """Stop the lab's process groups (each server or tracker with its workers); return the leaders' pids."""
     leaders = [s["pid"] for s in state["servers"]] + ([state["tracker"]["pid"]] if state["tracker"] else [])
     # Only groups that hold a TVM RPC process now: a pid reused since the lab started is never signalled.
-    groups = set(_group_processes(set(leaders), lab_only=True))
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pids in _group_processes(groups).values():
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 5.0
-        while _group_processes(groups) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    survivors = _group_processes(groups)
+    groups = set(group_processes(set(leaders), command_contains=b"tvm.exec."))
+    survivors = stop_groups(groups, grace_s=5.0)
     if survivors:
         raise DeviceLabError(f"device lab: processes {survivors} survived SIGKILL")
     for leader in leaders:
         _children.pop(leader, None)
     return leaders
-
-
-def _group_processes(groups: set[int], lab_only: bool = False) -> dict[int, list[int]]:
-    """Live (not zombie) processes of the given process groups, by group; `lab_only`: TVM RPC ones."""
-    for leader in groups & set(_children):
-        _children[leader].poll()  # reap our own child, so a dead one is not left a zombie
-    found: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
-            if state == "Z" or int(group) not in groups:
-                continue
-            if lab_only and b"tvm.exec." not in (stat.parent / "cmdline").read_bytes():
-                continue
-        except (OSError, ValueError):
-            continue  # exited while we looked
-        found.setdefault(int(group), []).append(int(stat.parent.name))
-    return found
 
 
 def time_remote(lib_path: str | os.PathLike, inputs: list, device_key: str, warmup: int = 3, runs: int = 10,

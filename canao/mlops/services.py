@@ -15,9 +15,7 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -25,6 +23,7 @@ from pathlib import Path
 
 from canao.config import resolve_path
 from canao.manifest import write_text_atomic
+from canao.processes import spawn_session, stop_groups
 
 SERVICES_DIR = "outputs/services"  # relative to the project root; env CANAO_SERVICES_DIR overrides
 HOST = "127.0.0.1"
@@ -89,10 +88,7 @@ def _check_free(port: int, name: str) -> None:
 
 
 def _spawn(command: list[str], log: Path, extra_env: dict[str, str] | None = None) -> int:
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **(extra_env or {})}, start_new_session=True)
-    return process.pid
+    return spawn_session(command, log, {**os.environ, **(extra_env or {})}).pid
 
 
 def _tail(log: str, lines: int = 20) -> str:
@@ -176,17 +172,11 @@ def start_s3(directory: Path, port: int, keys: dict[str, str]) -> dict:
 
 
 def stop(service: dict) -> None:
-    """SIGTERM the service's process group, SIGKILL what is left after 10 s."""
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(service["pid"], sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while _alive(service["pid"]) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if not _alive(service["pid"]):
-            return
+    """SIGTERM the service's process group, SIGKILL what is left after 10 s; returns when none of
+    it is left (the port is free)."""
+    survivors = stop_groups({service["pid"]}, grace_s=10.0)
+    if survivors:
+        raise ServiceError(f"{service['name']}: processes {survivors} survived SIGKILL")
 
 
 def state_file() -> Path:

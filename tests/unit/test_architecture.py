@@ -42,7 +42,7 @@ def test_one_module_each_for_mlflow_and_s3():
 
 # The layering, low to high: a module may import modules of its own layer or a lower one.
 LAYERS = (
-    ("canao.config", "canao.manifest", "canao.hardware"),
+    ("canao.config", "canao.manifest", "canao.hardware", "canao.processes"),
     ("canao.lab",),
     ("canao.qa.config", "canao.lm.config", "canao.profiles", "canao.codesign.space", "canao.codesign.elastic"),
     ("canao.qa.data", "canao.qa.space", "canao.qa.modeling_canao_bert", "canao.qa.model", "canao.lm.data",
