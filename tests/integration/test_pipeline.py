@@ -133,6 +133,25 @@ def test_front_and_candidates_are_logged_for_comparison(workspace, tmp_path):
     assert dict(child_runs(parent, experiment))["candidate-0"]["stage"] == "search"
 
 
+def test_a_stop_signal_while_servers_start_is_acted_on_once_starting_has_ended():
+    """Raised at once, SIGTERM could land inside Popen, before the child is recorded for the
+    `finally` that stops it; held, it stops `make run` as soon as starting is over."""
+    previous = signal.signal(signal.SIGTERM, local._on_stop_signal)
+    finished_starting = False
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            with local._stop_signals_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.1)  # the handler has run by now
+                finished_starting = True
+            pytest.fail("the held signal was not acted on")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert finished_starting and stopped.value.code == 128 + signal.SIGTERM
+    with pytest.raises(SystemExit):  # outside starting, at once
+        local._on_stop_signal(signal.SIGTERM, None)
+
+
 def test_sigterm_while_starting_stops_what_make_run_started(tmp_path):
     """`make run` stopped with SIGTERM as the device lab comes up exits, and leaves no MLflow,
     SeaweedFS or device-lab process behind (they run in sessions of their own, so only the
