@@ -51,12 +51,17 @@ class TrainConfig:
     eval_batch_size: int = 64  # features per forward pass during evaluation
     checkpoint_every: int = 200  # optimizer steps between resumable checkpoints
     threads: int = 0  # torch intra-op threads; 0 = one per core this process may run on
+    # > 0: each epoch's batches are cut from pools of this many batches' windows sorted by length, so a
+    # batch pads little (every window still once per epoch, batches in random order); 0 = random batches
+    length_pool: int = 0
 
     def __post_init__(self):
         if self.bf16 not in (True, False, "auto"):
             raise ConfigError(f"train.bf16: must be auto, true or false, got {self.bf16!r}")
         if self.threads < 0:
             raise ConfigError(f"train.threads: must be >= 0, got {self.threads}")
+        if self.length_pool < 0:
+            raise ConfigError(f"train.length_pool: must be >= 0, got {self.length_pool}")
 
 
 @dataclass(frozen=True)

@@ -100,16 +100,38 @@ def search_report(student_dir: str | Path) -> str:
               f"| teacher | PyTorch fp32 | {m['teacher_exact_match']:.2f} | {m['teacher_f1']:.2f} |",
               f"| student | PyTorch fp32 | {m['exact_match']:.2f} | {m['f1']:.2f} |",
               f"| student | {best}, as compiled | {m['student_best_backend_exact_match']:.2f} | "
-              f"{m['student_best_backend_f1']:.2f} |", "",
-              "Both compiled alike and timed back to back (p50 ms):", "",
-              "| backend | teacher | student | LiteRT fp32 on the teacher / student |", "|---|---|---|---|"]
-    lines += [f"| {b} | {_figure(m['teacher_ms'].get(b))} | {_figure(ms)} | {teacher_litert / ms:.2f}x |"
-              for b, ms in m["student_ms"].items()]
+              f"{m['student_best_backend_f1']:.2f} |"]
+    baseline = m.get("baseline")  # finalize runs before uniform baselines have none
+    if baseline:
+        lines += [f"| uniform baseline | PyTorch fp32 | {baseline['exact_match']:.2f} | {baseline['f1']:.2f} |",
+                  f"| uniform baseline | {baseline['best_backend']}, as compiled | "
+                  f"{baseline['best_backend_exact_match']:.2f} | {baseline['best_backend_f1']:.2f} |"]
+    lines += ["", f"{'All three' if baseline else 'Both'} compiled alike and timed back to back (p50 ms):", "",
+              f"| backend | teacher | student |{' uniform baseline |' if baseline else ''} "
+              "LiteRT fp32 on the teacher / student |", f"|---|---|---|{'---|' if baseline else ''}---|"]
+    for b, ms in m["student_ms"].items():
+        beside = [_figure(baseline["ms"].get(b))] if baseline else []
+        lines.append("| " + " | ".join([b, _figure(m["teacher_ms"].get(b)), _figure(ms), *beside,
+                                        f"{teacher_litert / ms:.2f}x"]) + " |")
     met = speedup >= GOAL_SPEEDUP and f1_drop <= GOAL_F1_DROP
     lines += ["", f"Speed-up over LiteRT fp32 on the teacher: **{speedup:.2f}x** on {best}, at a dev-a F1 "
               f"{f1_drop:.2f} points below the teacher's. Goal (>= {GOAL_SPEEDUP:g}x within {GOAL_F1_DROP:g} F1): "
               f"**{'met' if met else 'not met'}**."]
+    if baseline:
+        lines += ["", _against_baseline(m, baseline)]
     return "\n".join(lines) + "\n"
+
+
+def _against_baseline(m: dict, baseline: dict) -> str:
+    """Whether the searched student beats the uniform baseline at equal or lower latency, plainly."""
+    student_ms, baseline_ms = min(m["student_ms"].values()), min(baseline["ms"].values())
+    gain = m["student_best_backend_f1"] - baseline["best_backend_f1"]
+    verdict = ("beats it" if gain > 0 and student_ms <= baseline_ms else
+               "does not beat it: the search has earned nothing here" if gain <= 0 else
+               "scores higher but runs slower, so it is not at equal latency")
+    return (f"Against the uniform baseline ({_label(baseline['subnet'])}, finalized with the same recipe and "
+            f"{baseline['steps']} steps): the student runs {student_ms:.2f} ms against {baseline_ms:.2f} ms at "
+            f"F1 {gain:+.2f} as deployed; the search {verdict}.")
 
 
 

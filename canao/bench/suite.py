@@ -26,6 +26,7 @@ from canao.qa.model import init_qa_model, load_tokenizer
 
 SERVING_SECTION = "## Serving load test"  # written by `canao loadtest --benchmarks`, kept by bench-suite
 SEARCH_SECTION = "## CANAO search and student"  # written by `canao search-report`, kept by bench-suite
+TRAINING_SECTION = "## Distillation throughput"  # written by `canao bench-kd --benchmarks`, kept by bench-suite
 GENERATION_SECTION = "## Text generation"  # written by bench-suite, alone with --generation-only
 
 
@@ -117,9 +118,9 @@ def suite(teacher_dir: Path, profile: str, out: Path, command: str, lm_teacher_d
               "(tracker on 127.0.0.1); the peers run pinned to the same cores with the same thread count. "
               "`vs LiteRT fp32` is LiteRT fp32's p50 divided by the backend's p50 on the same device and "
               "length; `max abs diff` is against PyTorch fp32 start/end logits.\n")
-    # The serving and search figures come from their own commands; a re-run of the suite keeps them.
+    # The serving, search and training figures come from their own commands; a re-run of the suite keeps them.
     document = out.read_text() if out.is_file() else ""
-    kept = [section for heading in (SEARCH_SECTION, SERVING_SECTION)
+    kept = [section for heading in (SEARCH_SECTION, TRAINING_SECTION, SERVING_SECTION)
             if (section := markdown_section(document, heading))]
     write_text_atomic(out, header + "\n" + "\n\n".join(sections) + f"\n\n{GENERATION_SECTION}\n\n{generation}\n"
                       + "".join(f"\n{section}" for section in kept))

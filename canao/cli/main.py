@@ -9,6 +9,7 @@ tools (compile, bench, lab, services, registry, serving, the pipeline) in canao.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from canao.cli import lm, qa, tools
@@ -27,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["canao", *argv])  # what reproduces a figure, for the records that quote it
     try:
         args.func(args)
     except (ConfigError, SquadFormatError, FileNotFoundError, FileExistsError, ValueError, ConnectionError,

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from canao.bench.protocol import BACKENDS, bench, compiled, table, write_records
-from canao.bench.suite import suite
+from canao.bench.suite import TRAINING_SECTION, put_section, suite
 from canao.cli.common import add_config_args, add_model_on_device_args
 from canao.config import PROFILES, resolve_path
 from canao.lab import devices, rpc
@@ -100,6 +100,23 @@ def cmd_deploy(args) -> None:
                       "out": str(Path(args.out).resolve())}))
 
 
+def cmd_bench_kd(args) -> None:
+    from canao.bench.training import kd_throughput, training_section
+    from canao.qa.config import SquadFeatureConfig
+    from canao.qa.model import minilm_dir
+    from canao.qa.space import SubnetConfig
+
+    cfg = load_config("finalize", args.profile, args.config, args.overrides)
+    subnet = SubnetConfig.from_dict(json.loads(args.subnet), "--subnet")
+    features = SquadFeatureConfig(max_seq_len=args.seq_len, doc_stride=args.seq_len // 4)
+    result = kd_throughput(Path(args.teacher) if args.teacher else minilm_dir(), subnet, args.questions, features,
+                           cfg.train, cfg.kd, resolve_path("outputs/bench-kd"))
+    result["command"] = args.command_line
+    print(json.dumps(result, indent=1))
+    if args.benchmarks:
+        put_section(Path(args.benchmarks), TRAINING_SECTION, training_section(result))
+
+
 def cmd_submit(args) -> None:
     from pipelines.submit import submit  # the kfp side lives outside canao/
 
@@ -112,6 +129,16 @@ def register(sub) -> None:
     p.add_argument("--student", required=True, help="a `canao finalize` output (benchmarked)")
     p.add_argument("--benchmarks", default="BENCHMARKS.md", help="Markdown file whose section to write")
     p.set_defaults(func=cmd_search_report)
+
+    p = sub.add_parser("bench-kd", help="finalize's KD throughput: the teacher every step vs its kept outputs")
+    add_config_args(p)
+    p.add_argument("--teacher", help="a QA model directory (default: MiniLM from its package, untrained span head)")
+    p.add_argument("--subnet", required=True, help='the student, e.g. {"num_layers": 3, "hidden_size": 384, '
+                   '"heads": [4, 4, 4], "ffn_sizes": [1024, 512, 1024]}')
+    p.add_argument("--questions", type=int, default=600, help="first N training questions")
+    p.add_argument("--seq-len", type=int, default=256, help="window length (doc stride: a quarter of it)")
+    p.add_argument("--benchmarks", help="also write the figures into this Markdown file's section")
+    p.set_defaults(func=cmd_bench_kd)
 
     p = sub.add_parser("compile", help="compile a QA model with TVM for a device (+ peer exports)")
     add_model_on_device_args(p)

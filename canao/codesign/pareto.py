@@ -170,6 +170,10 @@ def plot_front(result: dict, path: Path, objectives: Objectives) -> None:
     measured = [p for p in front if p["measured_ms"] is not None]
     ax.scatter([p["measured_ms"] for p in measured], [p[key] for p in measured], marker="x", s=60, c="tab:orange",
                label="front, measured on the device", zorder=3)
+    if "baseline" in result:  # the family's uniform student at the same budget, with supernet weights
+        baseline = result["baseline"]
+        ax.scatter([baseline["predicted_ms"]], [baseline[key]], marker="s", s=50, c="black", zorder=3,
+                   label=f"uniform baseline (predicted): {baseline['label']}")
     teacher = result["teacher"]
     colors = iter(["tab:red", "tab:green", "tab:purple", "tab:brown"])
     for backend, ms in sorted(teacher["measured_ms_by_backend"].items()):

@@ -42,7 +42,7 @@ from canao.mlops.registry import COMPILED_DIR, MODEL_DIR, Registry, content_vers
 from canao.profiles import load_config
 from canao.qa.config import BenchConfig, BertShape
 from canao.qa.distill import train_supernet
-from canao.qa.finalize import finalize
+from canao.qa.finalize import BASELINE_DIR, finalize
 from canao.qa.latency import fit_latency_model
 from canao.qa.search import search
 from canao.qa.space import SubnetConfig, flops
@@ -226,8 +226,10 @@ def run_deploy(cfg: DeployConfig, inputs: dict[str, Path], out_dir: Path, contex
     speedup = baseline[0] / choice["p50_ms"] if baseline else None
     teacher, student = _qa_block(inputs["teacher"]), _qa_block(inputs["model"])
     stats = model_stats(inputs["model"], compiled["config"]["seq_len"])
-    files = {**directory_files(inputs["model"], MODEL_DIR),
-             **directory_files(inputs["compiled"], f"{COMPILED_DIR}/{device}")}
+    # the student alone: the uniform baseline finalize made beside it is a figure, not a deliverable
+    student_files = {rel: path for rel, path in directory_files(inputs["model"], MODEL_DIR).items()
+                     if not rel.startswith(f"{MODEL_DIR}/{BASELINE_DIR}/")}
+    files = {**student_files, **directory_files(inputs["compiled"], f"{COMPILED_DIR}/{device}")}
     version = content_version(files)
     registry = Registry(cfg.bucket)
     if registry.has_version(cfg.model_name, version):

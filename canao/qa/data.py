@@ -123,6 +123,10 @@ class Features:
     def __len__(self) -> int:
         return len(self.example_index)
 
+    def lengths(self) -> torch.Tensor:
+        """[n_windows] real tokens of each window (its padding follows them)."""
+        return self.attention_mask.sum(dim=1)
+
     def model_inputs(self, index) -> dict[str, torch.Tensor]:
         """Inputs of the windows `index`, trimmed to their longest real length."""
         mask = self.attention_mask[index]

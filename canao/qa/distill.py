@@ -27,20 +27,45 @@ from canao.qa.model import (
 )
 from canao.qa.space import SearchSpace
 
+# Logit of padding positions in the span distributions: no answer starts or ends there, and the
+# teacher's outputs there are not kept (TeacherTargets), so neither side puts mass on them.
+PAD_LOGIT = -1e4
 
-def kd_loss(student_out, teacher_out, layer_map: list[int], cfg: KDConfig, gold: tuple | None = None) -> torch.Tensor:
-    """Knowledge distillation of a QA (sub)network from the teacher: `soft_kl` of the start and
-    end distributions (averaged), `hidden_mse` weighted by `cfg.hidden_weight`, and optionally
-    the gold span's cross-entropy (`gold`: start and end positions)."""
-    loss = (soft_kl(student_out.start_logits, teacher_out.start_logits, cfg.temperature)
-            + soft_kl(student_out.end_logits, teacher_out.end_logits, cfg.temperature)) / 2
+
+def matched_layers(layer_map: list[int]) -> list[int]:
+    """The teacher hidden states a student of `layer_map` learns from: 0 (the embeddings) and
+    the output of each teacher layer it keeps."""
+    return [0] + [i + 1 for i in layer_map]
+
+
+def teacher_targets(teacher: torch.nn.Module, inputs: dict, hidden: list[int]) -> dict[str, torch.Tensor]:
+    """What a student learns from the teacher on `inputs`: start and end logits [B, T], and the
+    hidden states [B, T, H] `hidden.<i>` of each teacher layer in `hidden` (0: the embeddings)."""
+    out = teacher(**inputs, output_hidden_states=bool(hidden))
+    return {"start_logits": out.start_logits, "end_logits": out.end_logits,
+            **{f"hidden.{i}": out.hidden_states[i] for i in hidden}}
+
+
+def kd_loss(student_out, target: dict[str, torch.Tensor], layer_map: list[int], cfg: KDConfig,
+            mask: torch.Tensor, gold: tuple | None = None) -> dict[str, torch.Tensor]:
+    """Knowledge distillation of a QA (sub)network from the teacher's `target` (teacher_targets),
+    as weighted terms: `kl`, the soft start and end distributions over the real tokens (`mask`
+    [B, T] is 1 there), averaged; `hidden`, `hidden_mse` on the real tokens weighted by
+    `cfg.hidden_weight`; `hard`, optionally the gold span's cross-entropy (`gold`: start and end
+    positions) weighted by `cfg.hard_weight`."""
+    def spans(logits):
+        return logits.float().masked_fill(mask == 0, PAD_LOGIT)
+
+    start, end = spans(student_out.start_logits), spans(student_out.end_logits)
+    terms = {"kl": (soft_kl(start, spans(target["start_logits"]), cfg.temperature)
+                    + soft_kl(end, spans(target["end_logits"]), cfg.temperature)) / 2}
     if cfg.hidden_weight:
-        loss = loss + cfg.hidden_weight * hidden_mse(student_out.hidden_states, teacher_out.hidden_states, layer_map)
+        teacher_hidden = {i: target[f"hidden.{i}"] for i in matched_layers(layer_map)}
+        terms["hidden"] = cfg.hidden_weight * hidden_mse(student_out.hidden_states, teacher_hidden, layer_map, mask)
     if cfg.hard_weight and gold is not None:
         ce = torch.nn.functional.cross_entropy
-        hard = (ce(student_out.start_logits.float(), gold[0]) + ce(student_out.end_logits.float(), gold[1])) / 2
-        loss = loss + cfg.hard_weight * hard
-    return loss
+        terms["hard"] = cfg.hard_weight * (ce(start, gold[0]) + ce(end, gold[1])) / 2
+    return terms
 
 
 def sorted_teacher(teacher_dir: str | Path, scores: dict) -> torch.nn.Module:
@@ -84,25 +109,33 @@ def train_supernet(cfg: DistillConfig, teacher_dir: str | Path, out_dir: str | P
     teacher = sorted_teacher(teacher_dir, scores)
     supernet = Supernet(model)
 
-    def loss_fn(net: Supernet, feats: Features, index: torch.Tensor) -> torch.Tensor:
+    every_layer = list(range(space.teacher.num_layers + 1))
+
+    def loss_fn(net: Supernet, feats: Features, index: torch.Tensor) -> dict[str, torch.Tensor]:
         inputs = feats.model_inputs(index)
         gold = (feats.start_positions[index], feats.end_positions[index])
         with torch.no_grad():
-            target = teacher(**inputs, output_hidden_states=True)
+            target = teacher_targets(teacher, inputs, every_layer if cfg.kd.hidden_weight else [])
         subnets = sandwich(space, cfg.random_subnets)
-        return sum(kd_loss(net(s, output_hidden_states=True, **inputs), target,
-                           s.layer_indices(space.teacher.num_layers), cfg.kd, gold) for s in subnets) / len(subnets)
+        per_subnet = [kd_loss(net(s, output_hidden_states=True, **inputs), target,
+                              s.layer_indices(space.teacher.num_layers), cfg.kd, inputs["attention_mask"], gold)
+                      for s in subnets]
+        return {name: sum(terms[name] for terms in per_subnet) / len(subnets) for name in per_subnet[0]}
 
     print(f"distill: {len(features)} training windows; subnets per step: largest, smallest, "
           f"{cfg.random_subnets} random", flush=True)
-    stats = fit(supernet, features, loss_fn, cfg.train, cfg.seed, work_dir, fingerprint, desc="supernet")
+    stats = fit(supernet, features, loss_fn, cfg.train, cfg.seed, work_dir, fingerprint, desc="supernet",
+                lengths=features.lengths())
     model.save_pretrained(out_dir / SUPERNET_DIR)
     tokenizer.save_pretrained(out_dir / SUPERNET_DIR)
     shutil.move(work_dir / IMPORTANCE_FILE, out_dir / IMPORTANCE_FILE)
     shutil.rmtree(work_dir, ignore_errors=True)
     stats.update(train_windows=len(features))
     inputs = {"teacher": {"path": str(teacher_dir.resolve()), "config_hash": teacher_manifest.get("config_hash"),
-                          "model_sha256": teacher_manifest["files"]["model.safetensors"]},
+                          "model_sha256": teacher_manifest["files"]["model.safetensors"],
+                          # the first N training questions it was fine-tuned on (0 = all): the search's
+                          # held-out slice must lie past them, or the teacher's targets there are memorised
+                          "train_questions": teacher_manifest["config"]["data"]["train_questions"]},
               "train_file": {"path": str(train_file), "sha256": sha256_file(train_file)}}
     return write_manifest(out_dir, "distill", to_dict(cfg), stats, inputs, config_hash=fingerprint,
                           teacher_shape=dataclasses.asdict(space.teacher))

@@ -6,7 +6,8 @@ with the supernet's shared weights on a held-out slice of the training file (the
 evaluation only) and by the latency model's prediction for the device (the fastest
 backend, i.e. what would be deployed), under a latency budget and an optional parameter
 budget (NSGA-II's constraint handling). The front's best points are compiled and measured
-on the device again. Output: front.json, front.png, manifest.json.
+on the device again. Beside the front, the uniform baseline (canao.qa.space.uniform_baseline)
+at the same budget: what the search must beat. Output: front.json, front.png, manifest.json.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from canao.codesign.pareto import (
     FRONT_PNG,
     Objectives,
     TrialHook,
+    choose,
     front_of,
     latency_budget,
     pareto_search,
@@ -42,7 +44,7 @@ from canao.qa.distill import load_supernet
 from canao.qa.latency import BERT_QA, measure
 from canao.qa.model import load_tokenizer
 from canao.qa.predictor import QAPredictor
-from canao.qa.space import SearchSpace, SubnetConfig, flops, params
+from canao.qa.space import SearchSpace, SubnetConfig, flops, params, uniform_baseline
 
 QA = Objectives("f1", True, "F1 on the held-out training slice (supernet weights)",
                 "latency on {device}, seq {seq_len} (ms, log scale)", BASELINE)
@@ -65,6 +67,11 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
     if distilled_on + cfg.val_questions > len(examples):
         raise ValueError(f"val_questions: {cfg.val_questions} from the end of {train_file} overlap the first "
                          f"{distilled_on} the supernet was distilled on ({len(examples)} in all)")
+    taught = supernet_manifest["inputs"]["teacher"].get("train_questions")  # None: a supernet from before it was kept
+    if taught is not None and (taught or len(examples)) + cfg.val_questions > len(examples):
+        raise ValueError(f"val_questions: {cfg.val_questions} from the end of {train_file} overlap the first "
+                         f"{taught or len(examples)} the teacher was fine-tuned on ({len(examples)} in all): its "
+                         "outputs there are memorised, not a test; hold them out of the teacher's data.train_questions")
     val_examples = examples[-cfg.val_questions:]
     tokenizer = load_tokenizer(supernet_dir / SUPERNET_DIR)
     val_features = build_features(val_examples, tokenizer, features_cfg)
@@ -118,6 +125,14 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
         "front": sorted(front, key=lambda p: p["predicted_ms"]),
         "trials": trials_of(study, QA),
     }
+    # The student a user would build without the search, held to the same budget (without one, to
+    # the latency of the point finalize ships), so the two compare at equal latency.
+    baseline = uniform_baseline(space, lambda s: latency.fastest(s)[0], budget or choose(result, QA)["predicted_ms"])
+    baseline_ms, baseline_backend = latency.fastest(baseline)
+    result["baseline"] = {"subnet": baseline.to_dict(), "label": baseline.label(), "f1": f1_of(baseline),
+                          "predicted_ms": baseline_ms, "predicted_backend": baseline_backend,
+                          "params": params(baseline, space.teacher, vocab, positions),
+                          "flops": flops(baseline, space.teacher, latency.seq_len)}
     (out_dir / FRONT_JSON).write_text(json.dumps(result, indent=1) + "\n")
     plot_front(result, out_dir / FRONT_PNG, QA)
     metrics = {"search_seconds": round(search_seconds, 1),

@@ -11,6 +11,7 @@ The allowed values follow canao.codesign.space's rules for the compiler.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from canao.codesign.space import check_choices, evenly_spaced
@@ -24,25 +25,34 @@ class SubnetConfig:
     hidden_size: int  # residual width: the first `hidden_size` channels of the (importance-ordered) teacher
     heads: tuple[int, ...]  # attention heads of each kept block (the most important first)
     ffn_sizes: tuple[int, ...]  # FFN width of each kept block (the most important neurons first)
+    layers: tuple[int, ...] = ()  # the teacher blocks kept, in order; () = evenly spaced (`layer_indices`)
+
+    def __post_init__(self):
+        if self.layers and (len(self.layers) != self.num_layers or list(self.layers) != sorted(set(self.layers))
+                            or self.layers[0] < 0):
+            raise ValueError(f"subnet.layers: {list(self.layers)} must be {self.num_layers} distinct teacher "
+                             f"layer indices in increasing order")
 
     def layer_indices(self, teacher_layers: int) -> list[int]:
-        return evenly_spaced(self.num_layers, teacher_layers)
+        return list(self.layers) or evenly_spaced(self.num_layers, teacher_layers)
 
     def to_dict(self) -> dict:
         return {"num_layers": self.num_layers, "hidden_size": self.hidden_size,
-                "heads": list(self.heads), "ffn_sizes": list(self.ffn_sizes)}
+                "heads": list(self.heads), "ffn_sizes": list(self.ffn_sizes)} | (
+            {"layers": list(self.layers)} if self.layers else {})
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "subnet") -> SubnetConfig:
         expected = {"num_layers", "hidden_size", "heads", "ffn_sizes"}
-        if not isinstance(data, dict) or set(data) != expected:
+        if not isinstance(data, dict) or not expected <= set(data) <= expected | {"layers"}:
             got = sorted(data) if isinstance(data, dict) else type(data).__name__
-            raise ValueError(f"{where}: expected keys {sorted(expected)}, got {got}")
+            raise ValueError(f"{where}: expected keys {sorted(expected)} (and optionally 'layers'), got {got}")
         return cls(int(data["num_layers"]), int(data["hidden_size"]), tuple(int(h) for h in data["heads"]),
-                   tuple(int(f) for f in data["ffn_sizes"]))
+                   tuple(int(f) for f in data["ffn_sizes"]), tuple(int(i) for i in data.get("layers", ())))
 
     def label(self) -> str:
-        return (f"L{self.num_layers} H{self.hidden_size} heads {'/'.join(map(str, self.heads))} "
+        kept = f" layers {','.join(map(str, self.layers))}" if self.layers else ""
+        return (f"L{self.num_layers}{kept} H{self.hidden_size} heads {'/'.join(map(str, self.heads))} "
                 f"FFN {'/'.join(map(str, self.ffn_sizes))}")
 
 
@@ -74,6 +84,8 @@ class SearchSpace:
         c = self.cfg
         if subnet.num_layers not in c.layer_counts:
             raise ValueError(f"subnet.num_layers: {subnet.num_layers} not in {list(c.layer_counts)}")
+        if subnet.layers and subnet.layers[-1] >= self.teacher.num_layers:
+            raise ValueError(f"subnet.layers: {list(subnet.layers)} past the teacher's {self.teacher.num_layers}")
         if subnet.hidden_size not in c.hidden_sizes:
             raise ValueError(f"subnet.hidden_size: {subnet.hidden_size} not in {list(c.hidden_sizes)}")
         for name in ("heads", "ffn_sizes"):
@@ -114,6 +126,29 @@ class SearchSpace:
         allowed = [h for h in c.head_counts if h <= self.max_heads(hidden)]
         heads = [rng.choice(allowed) for _ in range(n)]
         return self.make(n, hidden, heads, [rng.choice(c.ffn_sizes) for _ in range(n)])
+
+
+def first_layers_spread(kept: int, total: int) -> list[int]:
+    """Every (total/kept)-th teacher block from the first (DistilBERT's every other layer): the
+    blocks a user keeps by hand, layer 0 always among them."""
+    return [i * total // kept for i in range(kept)]
+
+
+def uniform_baseline(space: SearchSpace, predicted_ms: Callable[[SubnetConfig], float],
+                     budget_ms: float) -> SubnetConfig:
+    """The student a user builds without a search: teacher layers kept by `first_layers_spread`,
+    every kept layer pruned alike (the same heads and FFN width, the most important units kept),
+    the largest such subnet (in parameters) whose `predicted_ms` is within `budget_ms`; the
+    fastest one when none is (its predicted latency then shows it over the budget)."""
+    c, t = space.cfg, space.teacher
+    uniform = [SubnetConfig(layers, hidden, (heads,) * layers, (ffn,) * layers,
+                            tuple(first_layers_spread(layers, t.num_layers)))
+               for layers in c.layer_counts for hidden in c.hidden_sizes
+               for heads in c.head_counts if heads <= space.max_heads(hidden) for ffn in c.ffn_sizes]
+    fitting = [s for s in uniform if predicted_ms(s) <= budget_ms]
+    if not fitting:
+        return space.validate(min(uniform, key=predicted_ms))
+    return space.validate(max(fitting, key=lambda s: (params(s, t, 0, 0), s.num_layers)))
 
 
 def params(subnet: SubnetConfig, teacher: BertShape, vocab_size: int, max_positions: int) -> int:

@@ -53,7 +53,8 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path) -> dict:
     features = build_features(train_examples, tokenizer, cfg.features)
     print(f"teacher: {len(train_examples)} questions -> {len(features)} training windows", flush=True)
     work_dir = out_dir / "checkpoints"
-    stats = fit(model, features, span_loss, cfg.train, cfg.seed, work_dir, fingerprint, desc="teacher")
+    stats = fit(model, features, span_loss, cfg.train, cfg.seed, work_dir, fingerprint, desc="teacher",
+                lengths=features.lengths())
 
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

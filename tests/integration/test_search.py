@@ -9,14 +9,14 @@ import yaml
 from canao.bench.suite import SEARCH_SECTION, markdown_section
 from canao.cli.main import main
 from canao.codesign.latency_model import LatencyModel
-from canao.codesign.pareto import FRONT_JSON, FRONT_PNG, dominated
+from canao.codesign.pareto import FRONT_JSON, FRONT_PNG, choose, dominated
 from canao.lab import devices
 from canao.lab.devices import get_device
 from canao.manifest import verify_manifest
 from canao.profiles import load_config
 from canao.qa.data import SquadExample
 from canao.qa.distill import train_supernet
-from canao.qa.finalize import finalize
+from canao.qa.finalize import BASELINE_DIR, finalize
 from canao.qa.latency import BERT_QA, fit_latency_model
 from canao.qa.predictor import QAPredictor
 from canao.qa.search import QA, search
@@ -86,6 +86,23 @@ def test_search_returns_a_non_dominated_front_with_measurements(stages):
     assert all({"f1", "predicted_ms", "params"} <= set(m) for _, _, m in stages["trials"])
 
 
+def test_search_refuses_a_held_out_slice_the_teacher_was_fine_tuned_on(stages, tmp_path):
+    # tiny: the teacher saw the first 48 questions, the supernet the first 24, of 11,877
+    with pytest.raises(ValueError, match="overlap the first 48 the teacher was fine-tuned on"):
+        search(load_config("search", "tiny", overrides=["val_questions=11840"]), stages["supernet"],
+               stages["latency"], tmp_path / "search")
+    assert not (tmp_path / "search").exists()
+
+
+def test_search_holds_the_uniform_baseline_at_the_shipped_points_latency(stages):
+    result = json.loads((stages["search"] / FRONT_JSON).read_text())
+    baseline, shipped = result["baseline"], choose(result, QA)
+    subnet = SubnetConfig.from_dict(baseline["subnet"])
+    assert subnet.layers[0] == 0 and len(set(subnet.heads)) == len(set(subnet.ffn_sizes)) == 1
+    assert baseline["predicted_ms"] <= shipped["predicted_ms"]  # tiny sets no budget: the shipped point's latency
+    assert 0 <= baseline["f1"] <= 100 and baseline["label"] == subnet.label()
+
+
 def test_finalize_writes_a_student_that_predicts_compiles_and_is_benchmarked(stages):
     manifest = verify_manifest(stages["student"])
     m = manifest["metrics"]
@@ -93,6 +110,11 @@ def test_finalize_writes_a_student_that_predicts_compiles_and_is_benchmarked(sta
     assert set(m["student_ms"]) == set(m["teacher_ms"]) == {"tvm", "litert"}
     assert m["speedup_vs_teacher_litert"] == m["teacher_ms"]["litert"] / min(m["student_ms"].values())
     assert not (stages["student"] / "teacher-compiled").exists()
+    baseline = m["baseline"]  # finalized alike: same recipe and steps, compiled and timed in the same run
+    assert baseline["steps"] == m["steps"] and set(baseline["ms"]) == {"tvm", "litert"}
+    assert baseline["speedup_vs_teacher_litert"] == m["teacher_ms"]["litert"] / min(baseline["ms"].values())
+    assert 0 <= baseline["best_backend_f1"] <= 100 and set(baseline["final_loss_terms"]) == {"kl", "hidden", "hard"}
+    assert QAPredictor.from_dir(stages["student"] / BASELINE_DIR).features_cfg.max_seq_len == 128
     assert verify_manifest(stages["student"] / "compiled")["config"]["device"] == "x86-1t"
     predictor = QAPredictor.from_dir(stages["student"])
     assert predictor.features_cfg.max_seq_len == 128

@@ -1,5 +1,6 @@
 """The search space and the elastic supernet: slicing, importance sorting, extraction."""
 
+import dataclasses
 import random
 
 import pytest
@@ -9,7 +10,7 @@ from canao.codesign.elastic import extract
 from canao.config import ConfigError
 from canao.qa.config import BertShape, SpaceConfig
 from canao.qa.model import Supernet, init_qa_model, load_qa_model, sort_by_importance
-from canao.qa.space import SearchSpace, SubnetConfig, params
+from canao.qa.space import SearchSpace, SubnetConfig, first_layers_spread, params, uniform_baseline
 
 SHAPE = BertShape(num_layers=3, hidden_size=48, num_heads=3, ffn_size=96)  # head size 16
 SPACE = SpaceConfig(layer_counts=(1, 2, 3), hidden_sizes=(16, 32, 48), head_counts=(1, 2, 3),
@@ -35,7 +36,8 @@ def inputs(seed=0):
 def subnets():
     space = SearchSpace(SPACE, BertShape.of(init_qa_model("random", SHAPE, 0).config))
     rng = random.Random(0)
-    return [space.largest(), space.smallest(), SubnetConfig(2, 32, (2, 1), (96, 32))] + [space.sample(rng)
+    return [space.largest(), space.smallest(), SubnetConfig(2, 32, (2, 1), (96, 32)),
+            SubnetConfig(2, 32, (2, 2), (64, 64), layers=(0, 1))] + [space.sample(rng)
                                                                                          for _ in range(5)]
 
 
@@ -104,3 +106,35 @@ def test_space_rejects_bad_configs_and_subnets():
     with pytest.raises(ValueError, match="subnet.num_layers: 4 not in"):
         space.validate(SubnetConfig(4, 32, (1,) * 4, (32,) * 4))
     assert SubnetConfig(3, 16, (1,) * 3, (32,) * 3).layer_indices(6) == [1, 3, 5]
+    assert SubnetConfig(3, 16, (1,) * 3, (32,) * 3, layers=(0, 2, 4)).layer_indices(6) == [0, 2, 4]
+    with pytest.raises(ValueError, match=r"subnet.layers: \[2, 0\] must be 2 distinct"):
+        SubnetConfig(2, 32, (1, 1), (32, 32), layers=(2, 0))
+    with pytest.raises(ValueError, match=r"subnet.layers: \[1, 3\] past the teacher's 3"):
+        space.validate(SubnetConfig(2, 32, (1, 1), (32, 32), layers=(1, 3)))
+    kept = SubnetConfig(2, 32, (1, 1), (32, 32), layers=(0, 2))
+    assert SubnetConfig.from_dict(kept.to_dict()) == kept
+    assert "layers" not in SubnetConfig(1, 16, (1,), (32,)).to_dict()  # fronts written before keep their form
+
+
+def test_the_uniform_baseline_is_the_largest_uniform_subnet_within_its_budget():
+    space = SearchSpace(SPACE, SHAPE)
+
+    def ms(subnet):  # a latency that grows with the subnet
+        return params(subnet, SHAPE, 0, 0) / 1000
+
+    uniform_sizes = sorted({ms(s) for s in (space.largest(), space.smallest())})
+    for budget in (uniform_sizes[0], 20.0, 30.0, uniform_sizes[1]):
+        baseline = uniform_baseline(space, ms, budget)
+        assert ms(baseline) <= budget
+        assert baseline.layers == tuple(first_layers_spread(baseline.num_layers, SHAPE.num_layers))
+        assert baseline.layers[0] == 0 and len(set(baseline.heads)) == len(set(baseline.ffn_sizes)) == 1
+        for heads in range(1, 4):  # no larger uniform subnet of its depth and width fits as well
+            for ffn in SPACE.ffn_sizes:
+                other = SubnetConfig(baseline.num_layers, baseline.hidden_size, (heads,) * baseline.num_layers,
+                                     (ffn,) * baseline.num_layers, baseline.layers)
+                if heads <= space.max_heads(baseline.hidden_size) and ms(other) > ms(baseline):
+                    assert ms(other) > budget
+    assert uniform_baseline(space, ms, uniform_sizes[1]) == dataclasses.replace(space.largest(), layers=(0, 1, 2))
+    # below the smallest subnet: the fastest uniform one, its latency over the budget for all to see
+    assert uniform_baseline(space, ms, 0.1) == dataclasses.replace(space.smallest(), layers=(0,))
+    assert first_layers_spread(3, 6) == [0, 2, 4] and first_layers_spread(2, 6) == [0, 3]

@@ -1,0 +1,124 @@
+"""The KD machinery finalize and the supernet train with: batches of like length, the teacher's
+outputs kept on disk, the QA loss over real tokens only, and its terms reported apart."""
+
+import json
+
+import pytest
+import torch
+
+from canao.bench.suite import TRAINING_SECTION, markdown_section
+from canao.cli.main import main
+from canao.codesign.kd import TeacherTargets, epoch_batches, fit
+from canao.config import KDConfig, TrainConfig, resolve_path
+from canao.qa.config import BertShape, SquadDataConfig, SquadFeatureConfig
+from canao.qa.data import build_features, load_squad
+from canao.qa.distill import kd_loss, matched_layers, teacher_targets
+from canao.qa.model import init_qa_model
+
+SHAPE = BertShape(num_layers=3, hidden_size=48, num_heads=3, ffn_size=96)
+FEATURES = SquadFeatureConfig(max_seq_len=96, doc_stride=32)
+
+
+@pytest.fixture(scope="module")
+def windows(tokenizer):
+    return build_features(load_squad(resolve_path(SquadDataConfig.train_file), 40), tokenizer, FEATURES)
+
+
+def test_length_pooled_batches_hold_the_same_windows_and_pad_less(windows):
+    lengths = windows.lengths()
+    plain = epoch_batches(len(windows), 8, seed=3)
+    pooled = epoch_batches(len(windows), 8, seed=3, lengths=lengths, pool=4)
+    for batches in (plain, pooled):  # every window once per epoch, the same number of steps
+        assert sorted(torch.cat(batches).tolist()) == list(range(len(windows)))
+        assert len(batches) == -(-len(windows) // 8)
+    # without a pool, the batches are those of a plain random permutation (as before pools existed)
+    assert torch.equal(torch.cat(plain), torch.randperm(len(windows), generator=torch.Generator().manual_seed(3)))
+
+    def padded(batches):
+        return sum(len(b) * int(lengths[b].max()) for b in batches)
+
+    assert padded(pooled) < padded(plain)
+    other_epoch = epoch_batches(len(windows), 8, 4, lengths, 4)
+    assert not torch.equal(torch.cat(other_epoch), torch.cat(pooled))  # another epoch, another order
+
+
+def test_kept_teacher_outputs_equal_a_fresh_teacher_pass(windows, tmp_path):
+    teacher = init_qa_model("random", SHAPE, seed=0).eval()
+    hidden = matched_layers([0, 2])
+    calls = []
+
+    def outputs(index):
+        calls.append(len(index))
+        return teacher_targets(teacher, windows.model_inputs(index), hidden)
+
+    targets = TeacherTargets.compute(tmp_path / "targets", "f1", windows.lengths(), outputs, batch_size=16)
+    assert sum(calls) == len(windows)
+    index = torch.tensor([5, 0, len(windows) - 1])
+    inputs = windows.model_inputs(index)
+    with torch.no_grad():
+        fresh = teacher_targets(teacher, inputs, hidden)
+    kept = targets.batch(index, inputs["input_ids"].shape[1])
+    real = inputs["attention_mask"].bool()
+    assert set(kept) == {"start_logits", "end_logits", "hidden.0", "hidden.1", "hidden.3"}
+    for name, value in fresh.items():
+        assert kept[name].shape == value.shape
+        # float16 storage: within its rounding on the real tokens, zero on the padding
+        torch.testing.assert_close(kept[name][real], value[real], rtol=1e-3, atol=1e-3)
+        assert not kept[name][~real].any()
+    # the same fingerprint reads them back without the teacher; another computes them anew
+    assert TeacherTargets.compute(tmp_path / "targets", "f1", windows.lengths(), outputs, 16).fingerprint == "f1"
+    assert sum(calls) == len(windows)
+    TeacherTargets.compute(tmp_path / "targets", "f2", windows.lengths(), outputs, 16)
+    assert sum(calls) == 2 * len(windows)
+
+
+def test_the_qa_loss_ignores_padding_and_names_its_terms(windows):
+    torch.manual_seed(0)
+    student = init_qa_model("random", BertShape(2, 48, 3, 64), seed=1).eval()
+    teacher = init_qa_model("random", SHAPE, seed=0).eval()
+    index = torch.tensor([0, 1, 2, 3])
+    inputs = windows.model_inputs(index)
+    mask = inputs["attention_mask"]
+    assert not mask.all()  # some padding in this batch
+    with torch.no_grad():
+        target = teacher_targets(teacher, inputs, matched_layers([0, 2]))
+        out = student(**inputs, output_hidden_states=True)
+    gold = (windows.start_positions[index], windows.end_positions[index])
+    cfg = KDConfig(temperature=2.0, hidden_weight=0.5, hard_weight=0.25)
+    terms = kd_loss(out, target, [0, 2], cfg, mask, gold)
+    assert set(terms) == {"kl", "hidden", "hard"}
+    # whatever the student or the teacher put at padded positions changes nothing
+    noise = {k: torch.where(mask.bool().reshape(*mask.shape, *[1] * (v.dim() - 2)), v, torch.randn_like(v) * 50)
+             for k, v in target.items()}
+    out.start_logits.masked_fill_(mask == 0, 123.0)
+    for name, value in kd_loss(out, noise, [0, 2], cfg, mask, gold).items():
+        torch.testing.assert_close(value, terms[name])
+
+
+def test_fit_reports_each_loss_term_and_its_speed(windows, tmp_path):
+    model = init_qa_model("random", SHAPE, seed=0)
+
+    def loss_fn(net, feats, index):
+        out = net(**feats.model_inputs(index))
+        return {"a": out.start_logits.pow(2).mean(), "b": out.end_logits.pow(2).mean()}
+
+    cfg = TrainConfig(epochs=1, batch_size=16, bf16=False, length_pool=2)
+    stats = fit(model, windows, loss_fn, cfg, 0, tmp_path, "f", lengths=windows.lengths())
+    assert set(stats["final_loss_terms"]) == {"a", "b"}
+    assert stats["final_loss"] == pytest.approx(sum(stats["final_loss_terms"].values()), abs=1e-3)
+    assert stats["windows_per_s"] > 0
+
+
+def test_bench_kd_times_both_recipes_into_its_section(tmp_path, capsys):
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    benchmarks.write_text("# Benchmarks\n\n## Serving load test\n\nkept as it is\n")
+    subnet = '{"num_layers": 1, "hidden_size": 384, "heads": [2], "ffn_sizes": [256]}'
+    assert main(["bench-kd", "--profile", "tiny", "--questions", "8", "--seq-len", "64", "--subnet", subnet,
+                 "--benchmarks", str(benchmarks)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("\n{") + 1:])  # the figures follow the progress lines
+    assert result["teacher_every_step"]["steps"] == result["kept_targets"]["steps"] > 0
+    assert result["teacher_every_step"]["windows_per_s"] > 0 and result["kept_targets"]["targets_seconds"] > 0
+    section = markdown_section(benchmarks.read_text(), TRAINING_SECTION)
+    assert f"| {result['kept_targets']['windows_per_s']} |" in section and "`canao bench-kd" in section
+    assert "kept as it is" in benchmarks.read_text()
