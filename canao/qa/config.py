@@ -171,3 +171,4 @@ class FinalizeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     benchmark: bool = True  # compile the student for the search's device and time it against the peers
     bench_backends: tuple[str, ...] = ("tvm", "litert")  # backends timed for the student and the teacher
+    baseline: bool = True  # finalize the search's uniform baseline beside the student, alike (twice the work)

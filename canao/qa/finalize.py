@@ -55,7 +55,7 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
     train_file, eval_file = resolve_path(cfg.data.train_file), resolve_path(cfg.data.eval_file)
     features = build_features(load_squad(train_file, cfg.data.train_questions), tokenizer, features_cfg)
     chosen = {"student": (subnet, out_dir, point)}
-    if "baseline" in result:
+    if cfg.baseline and "baseline" in result:
         chosen["baseline"] = (SubnetConfig.from_dict(result["baseline"]["subnet"]), out_dir / BASELINE_DIR,
                               result["baseline"])
     teacher_layers = supernet.shape.num_layers

@@ -48,8 +48,8 @@ def stages(tmp_path_factory, lab, litert_env):
            on_trial=lambda number, params, metrics: trials.append((number, params, metrics)))
     student = root / "student"
     # Timed on LiteRT fp32 too: the speed-up and the search report are against the teacher on it.
-    finalize(load_config("finalize", "tiny", overrides=["bench_backends=[tvm, litert]"]), teacher, supernet, found,
-             student)
+    finalize(load_config("finalize", "tiny", overrides=["bench_backends=[tvm, litert]", "baseline=true"]), teacher,
+             supernet, found, student)
     return {"root": root, "teacher": teacher, "supernet": supernet, "latency": latency, "search": found,
             "student": student, "trials": trials}
 
