@@ -3,8 +3,8 @@
 The MLflow server, SeaweedFS and the device lab's tracker and RPC servers each run in a session
 (so a process group) of their own: an interrupt of the shell that started them does not reach
 them, and their workers share their group. A server is stopped when no process of its group is
-left, not when its leader has exited: `mlflow server` exits at once on SIGTERM while the uvicorn
-worker it started still holds the port for a moment.
+left, not when its leader has exited: a worker (`mlflow server` starts uvicorn as a child) may
+hold the port for as long as it lives, whichever of the two exits first.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from canao.codesign.kd import TeacherTargets, fit
 from canao.config import KDConfig, TrainConfig, resolve_path
 from canao.qa.config import SquadDataConfig, SquadFeatureConfig
 from canao.qa.data import build_features, load_squad
-from canao.qa.distill import kd_loss, matched_layers, teacher_targets
+from canao.qa.distill import matched_layers, student_kd_loss, teacher_targets
 from canao.qa.model import Supernet, load_qa_model, load_tokenizer
 from canao.qa.space import SubnetConfig
 
@@ -40,15 +40,9 @@ def kd_throughput(teacher_dir: Path, subnet: SubnetConfig, questions: int, featu
     supernet = Supernet(copy.deepcopy(teacher))
 
     def run(name: str, targets_of, pool: int) -> dict:
-        def loss_fn(model, feats, index):
-            inputs = feats.model_inputs(index)
-            gold = (feats.start_positions[index], feats.end_positions[index])
-            return kd_loss(model(**inputs, output_hidden_states=True), targets_of(index, inputs), layer_map, kd,
-                           inputs["attention_mask"], gold)
-
-        student = extract(supernet, subnet)
-        stats = fit(student, features, loss_fn, dataclasses.replace(train, epochs=1, length_pool=pool), 0,
-                    work_dir / name, name, desc=name, lengths=features.lengths())
+        stats = fit(extract(supernet, subnet), features, student_kd_loss(targets_of, layer_map, kd),
+                    dataclasses.replace(train, epochs=1, length_pool=pool), 0, work_dir / name, name, desc=name,
+                    lengths=features.lengths())
         return {"windows_per_s": stats["windows_per_s"], "seconds": stats["train_seconds"], "steps": stats["steps"]}
 
     def fresh(index, inputs):

@@ -68,6 +68,17 @@ def kd_loss(student_out, target: dict[str, torch.Tensor], layer_map: list[int], 
     return terms
 
 
+def student_kd_loss(targets_of, layer_map: list[int], cfg: KDConfig):
+    """The `fit` loss of a standalone student distilled from the teacher's targets on its windows:
+    `targets_of(index, inputs)` gives `teacher_targets` of the windows `index` (kept or fresh)."""
+    def loss_fn(model, feats: Features, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        inputs = feats.model_inputs(index)
+        gold = (feats.start_positions[index], feats.end_positions[index])
+        return kd_loss(model(**inputs, output_hidden_states=True), targets_of(index, inputs), layer_map, cfg,
+                       inputs["attention_mask"], gold)
+    return loss_fn
+
+
 def sorted_teacher(teacher_dir: str | Path, scores: dict) -> torch.nn.Module:
     """The teacher with its units in the supernet's order: the same function, aligned channels
     (so hidden states compare channel by channel). Frozen, in eval mode."""

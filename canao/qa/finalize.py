@@ -24,7 +24,7 @@ from canao.lab import devices
 from canao.manifest import reusable, sha256_file, verify_manifest, verify_stage, write_manifest, write_text_atomic
 from canao.qa.config import BenchConfig, CompileConfig, FinalizeConfig, SquadFeatureConfig
 from canao.qa.data import Features, build_features, load_squad
-from canao.qa.distill import kd_loss, load_supernet, matched_layers, sorted_teacher, teacher_targets
+from canao.qa.distill import load_supernet, matched_layers, sorted_teacher, student_kd_loss, teacher_targets
 from canao.qa.model import load_qa_model, load_tokenizer
 from canao.qa.predictor import QAPredictor, evaluate, load_artifact
 from canao.qa.search import QA
@@ -61,10 +61,11 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
     teacher_layers = supernet.shape.num_layers
     work_dir = out_dir / "checkpoints"
     # One teacher pass serves every student: the hidden states any of them learns from.
-    hidden = sorted({i for s, _, _ in chosen.values() for i in matched_layers(s.layer_indices(teacher_layers))})
+    hidden = sorted({i for s, _, _ in chosen.values()
+                     for i in matched_layers(s.layer_indices(teacher_layers))}) if cfg.kd.hidden_weight else []
     targets = TeacherTargets.compute(
         work_dir / "teacher-targets", fingerprint, features.lengths(),
-        lambda index: teacher_targets(teacher, features.model_inputs(index), hidden if cfg.kd.hidden_weight else []),
+        lambda index: teacher_targets(teacher, features.model_inputs(index), hidden),
         cfg.train.eval_batch_size, cfg.train.bf16)
     eval_examples = load_squad(eval_file, cfg.data.eval_questions)
     teacher_metrics, _ = evaluate(QAPredictor(teacher, tokenizer, features_cfg, cfg.train.eval_batch_size),
@@ -109,13 +110,8 @@ def _distilled(cfg: FinalizeConfig, student: torch.nn.Module, layer_map: list[in
         if kept["fingerprint"] == fingerprint:
             return load_qa_model(done), kept["stats"]
 
-    def loss_fn(model, feats, index):
-        inputs = feats.model_inputs(index)
-        target = targets.batch(index, inputs["input_ids"].shape[1])
-        gold = (feats.start_positions[index], feats.end_positions[index])
-        return kd_loss(model(**inputs, output_hidden_states=True), target, layer_map, cfg.kd,
-                       inputs["attention_mask"], gold)
-
+    loss_fn = student_kd_loss(lambda index, inputs: targets.batch(index, inputs["input_ids"].shape[1]), layer_map,
+                              cfg.kd)
     stats = fit(student, features, loss_fn, cfg.train, cfg.seed, work_dir, fingerprint, desc=name,
                 lengths=features.lengths())
     student.save_pretrained(done)
