@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # The LiteRT converter's own environment: litert-torch cannot share one with TVM
-# (TOOLCHAIN.md). canao runs canao/compile/litert_convert.py with its python, so it holds only what
-# that script imports. Its pins live in requirements-litert.txt (the Dockerfile uses them too);
+# (TOOLCHAIN.md). canao runs the converter scripts (canao.qa.litert, canao.lm.litert) with its
+# python, so it holds only what they import. Its pins live in requirements-litert.txt (the Dockerfile uses them too);
 # reinstalls when that file changes.
 LITERT_VENV := .venv-litert
 LITERT_STAMP := $(LITERT_VENV)/.installed

@@ -4,6 +4,7 @@ the sha256 of every file, so a copy can be verified anywhere."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import canao
-from canao.hardware import host_cpu
+from canao.hardware import host, host_cpu
 
 MANIFEST = "manifest.json"
 
@@ -32,6 +33,14 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_records(records: list, path: str | Path, kept: list[dict] = ()) -> None:
+    """A benchmark's records (dataclasses) as JSON with the host they were measured from, written
+    atomically: a benchmark cut short leaves no file that looks complete. `kept`: records (as read
+    back) of another run to write first."""
+    write_text_atomic(path, json.dumps({"host": host().label(),
+                                        "records": [*kept, *(dataclasses.asdict(r) for r in records)]}, indent=1))
 
 
 @contextlib.contextmanager

@@ -99,7 +99,7 @@ def tiny_lm(tmp_path_factory):
 @pytest.fixture(scope="session")
 def compiled_lm(tiny_lm, tmp_path_factory) -> tuple[Path, dict]:
     """tiny_lm compiled untuned for x86-1t (context window 48, prefill 16): (artifact dir, its manifest)."""
-    from canao.compile.relax import compile_lm
+    from canao.lm.compile import compile_lm
     from canao.profiles import load_config
 
     tmp = tmp_path_factory.mktemp("compiled-lm")

@@ -9,18 +9,21 @@ import json
 from pathlib import Path
 
 from canao import hardware
-from canao.bench.generation import GenRecord, bench_generation, generation_table
-from canao.bench.protocol import BACKENDS, bench, compiled, table, write_records
+from canao.compile.relax import compiled
 from canao.config import resolve_path
 from canao.lab.devices import get_device
+from canao.lm.bench import GenRecord, bench_generation, generation_table
+from canao.lm.compile import compile_lm
 from canao.lm.config import GEN_BACKENDS
 from canao.lm.data import HELDOUT_FILE, build_corpus, perplexity, read_text_file
 from canao.lm.gguf import exported_gguf
 from canao.lm.model import load_causal_lm
 from canao.lm.model import load_tokenizer as load_lm_tokenizer
 from canao.lm.teacher import save_teacher
-from canao.manifest import read_manifest, write_text_atomic
+from canao.manifest import read_manifest, write_records, write_text_atomic
 from canao.profiles import load_config
+from canao.qa.bench import BACKENDS, bench, table
+from canao.qa.compile import compile_model
 from canao.qa.config import BertShape
 from canao.qa.model import init_qa_model, load_tokenizer
 
@@ -101,7 +104,7 @@ def suite(teacher_dir: Path, profile: str, out: Path, command: str, lm_teacher_d
         for device in map(get_device, bench_cfg.devices):
             for seq_len in bench_cfg.seq_lens:
                 compile_cfg = load_config("compile", profile, overrides=[f"seq_len={seq_len}"])
-                artifact = compiled(model_dir, device, compile_cfg)
+                artifact = compiled(model_dir, device, compile_cfg, compile_model)
                 manifest = read_manifest(artifact)
                 done = manifest["metrics"]["tuning"]
                 tuning.append(f"| {device.key} | {seq_len} | {done['tasks']} | {done['tasks_reused']} | "
@@ -163,7 +166,7 @@ def generation_suite(teacher_dir: Path, heldout_file: Path, student_dir: Path | 
         has_gguf = name == "teacher" or exported_gguf(model_dir) is not None
         backends = tuple(b for b in GEN_BACKENDS if has_gguf or b != "llama.cpp")
         records[name] = [r for device in map(get_device, cfg.devices) for r in bench_generation(
-            model_dir, compiled(model_dir, device, compile_cfg), device, backends, cfg, compile_cfg)]
+            model_dir, compiled(model_dir, device, compile_cfg, compile_lm), device, backends, cfg, compile_cfg)]
     peer = [r for r in records["teacher"] if r.backend == "llama.cpp"]
     sections = [f"### Generation: {name}\n\n{generation_table(rows, None if name == 'teacher' else peer)}"
                 for name, rows in records.items()]

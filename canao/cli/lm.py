@@ -13,8 +13,6 @@ import sys
 from pathlib import Path
 
 from canao import hardware
-from canao.bench.generation import bench_generation, generation_table
-from canao.bench.protocol import write_records
 from canao.cli.common import add_config_args
 from canao.lab import devices
 from canao.lm.config import GEN_BACKENDS, LMCompileConfig
@@ -85,7 +83,7 @@ def cmd_eval_lm(args) -> None:
 
 
 def cmd_compile_lm(args) -> None:
-    from canao.compile.relax import compile_lm
+    from canao.lm.compile import compile_lm
 
     overrides = [*args.overrides] + ([f"trials={args.trials}"] if args.trials is not None else [])
     cfg = load_config("compile-lm", args.profile, args.config, overrides)
@@ -124,6 +122,9 @@ def cmd_generate(args) -> None:
 
 
 def cmd_bench_lm(args) -> None:
+    from canao.lm.bench import bench_generation, generation_table
+    from canao.manifest import write_records
+
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
     cfg = load_config("bench-lm", args.profile, args.config, args.overrides)
     records = []

@@ -11,18 +11,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from canao.bench.protocol import BACKENDS, bench, compiled, table, write_records
 from canao.bench.suite import TRAINING_SECTION, put_section, suite
 from canao.cli.common import add_config_args, add_model_on_device_args
 from canao.config import PROFILES, resolve_path
 from canao.lab import devices, rpc
-from canao.manifest import verify_manifest
+from canao.manifest import verify_manifest, write_records
 from canao.mlops import registry, services
 from canao.profiles import load_config
+from canao.qa.bench import BACKENDS, bench, table
 
 
 def cmd_compile(args) -> None:
-    from canao.compile.relax import compile_model
+    from canao.qa.compile import compile_model
 
     overrides = [*args.overrides, f"seq_len={args.seq_len}"]
     if args.trials is not None:
@@ -33,11 +33,14 @@ def cmd_compile(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    from canao.compile.relax import compiled
+    from canao.qa.compile import compile_model
+
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
     compile_cfg = load_config("compile", args.profile, None, [f"seq_len={args.seq_len}"])
     bench_cfg = load_config("bench", args.profile, args.config, args.overrides)
     device = devices.get_device(args.device)
-    artifact = args.artifact or compiled(args.model, device, compile_cfg)
+    artifact = args.artifact or compiled(args.model, device, compile_cfg, compile_model)
     records = bench(artifact, args.model, device, backends, bench_cfg)
     write_records(records, args.out)
     print(table(records))

@@ -1,43 +1,37 @@
-"""The compiler stage: a transformers QA model -> TVM Relax -> tuned, device-specific module.
+"""The TVM backend every family compiles through: a torch module -> Relax -> tuned,
+device-specific library, checked against PyTorch.
 
-torch.export traces the model at one static sequence length; the Relax importer binds the
+torch.export traces the module at its inputs' static shapes; the Relax importer binds the
 weights as constants (so weight transposes fold away at compile time); a fast GELU and
 TVM's fast-math pass replace erf/exp with polynomial approximations; operators are fused;
 MetaSchedule tunes every fused kernel that the device's tuning database does not hold yet
 (the database is per device and shared by every compile, so a search's many subnets tune
-each kernel shape once); `tvm.compile` builds the module. The result must match PyTorch
-within `numerics_tol` or no artifact is written. The same model is exported for the peer
-runtimes (ONNX Runtime, LiteRT) into the same artifact directory, so the benchmark compares
-like with like.
-
-Decoder LMs (`compile_lm`) go the same way, through the same `build_checked`: a prefill and
-a decode step over a static KV cache, each a library of its own.
+each kernel shape once); `tvm.compile` builds the library. The result must match PyTorch
+within `numerics_tol` or no artifact is written. The families' compile stages
+(canao.qa.compile: a QA model and its peer exports; canao.lm.compile: a decoder's prefill
+and decode steps over a static KV cache) build through `build_checked`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from canao.compile import peers, tvm_cpu_intrinsics
-from canao.config import resolve_path, to_dict
+from canao.compile import tvm_cpu_intrinsics
+from canao.config import config_hash, resolve_path, to_dict
 from canao.hardware import Hardware, check_same
 from canao.lab import devices, rpc
 from canao.lab.devices import Device
-from canao.lm import model as lm_model
-from canao.lm.config import LMCompileConfig
-from canao.manifest import staged_dir, write_manifest, write_text_atomic
-from canao.qa.config import CompileConfig
-from canao.qa.model import example_inputs, load_for_export, load_tokenizer
+from canao.manifest import read_manifest, sha256_file, write_text_atomic
 
-TVM_LIBRARY = "tvm/model.so"
+COMPILED_CACHE = "outputs/compiled"  # compiled artifacts by device and content hash, relative to the project root
 TUNING_HARDWARE = "hardware.json"  # in a tuning database's directory: the Hardware it was tuned on
 
 
@@ -105,7 +99,7 @@ def open_tuning_database(tuning_dir: Path, hardware: Hardware, reuse_other_hardw
     check_same(recorded, hardware, f"{tuning_dir}: tuning database", reuse_other_hardware)
 
 
-def tune_and_build(mod, target, cfg: CompileConfig, tuning_dir: Path, hardware: Hardware) -> tuple[object, dict]:
+def tune_and_build(mod, target, cfg, tuning_dir: Path, hardware: Hardware) -> tuple[object, dict]:
     """Fuse, tune the kernels the database lacks, apply the database, build. Returns the
     executable and what tuning did (tasks, tasks reused from the database, seconds)."""
     import tvm
@@ -177,82 +171,30 @@ def build_checked(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], refe
     return diff, tuning
 
 
-def _new_out_dir(out_dir: str | Path) -> Path:
+def artifact_config(device: Device, cfg) -> dict:
+    """What an artifact's manifest records of how it was compiled: the device, its TVM target, the config."""
+    return {"device": device.key, "target": json.loads(str(devices.tvm_target(device))), **to_dict(cfg)}
+
+
+def new_out_dir(out_dir: str | Path) -> Path:
+    """`out_dir`, which a compile must create itself."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir}: already exists; choose another --out")
     return out_dir
 
 
-def compile_model(model_dir: str | Path, device: Device, cfg: CompileConfig, out_dir: str | Path) -> dict:
-    """Compile `model_dir` for `device` into `out_dir` (TVM library, peer exports,
-    tokenizer, config, manifest). Nothing is written unless every numerics check passes."""
-    hardware = device.hardware()
-    out_dir, model_dir = _new_out_dir(out_dir), Path(model_dir)
-    model = load_for_export(model_dir)
-    inputs = example_inputs(cfg.seq_len)
-    with torch.no_grad():
-        reference = [t.numpy() for t in model(*inputs)]
-
-    with staged_dir(out_dir) as staging:
-        numerics = {}
-        numerics["tvm"], tuning = build_checked(model, inputs, reference, device, cfg, staging / TVM_LIBRARY,
-                                                str(model_dir))
-        backends = {"tvm": TVM_LIBRARY}
-        numpy_inputs = [t.numpy() for t in inputs]
-        for name in cfg.peers:
-            path = peers.export(name, model_dir, model, cfg.seq_len, staging, hardware.int8_dot)
-            backends[name] = path.relative_to(staging).as_posix()
-            numerics[name] = max_abs_diff(peers.runner(name, path, threads=1)(*numpy_inputs), reference)
-        load_tokenizer(model_dir).save_pretrained(staging)
-        shutil.copy(model_dir / "config.json", staging / "config.json")
-        manifest = write_manifest(
-            staging, "compile",
-            config={"device": device.key, "target": json.loads(str(devices.tvm_target(device))), **to_dict(cfg)},
-            metrics={"numerics_max_abs_diff": numerics, "tuning": tuning},
-            inputs={"model": str(model_dir.resolve())},
-            backends=backends, hardware=hardware.to_dict(),
-        )
-    return manifest
-
-
-# The decoder's two compiled steps, by phase, and where each lives inside an artifact directory.
-LM_LIBRARIES = {"prefill": "tvm/prefill.so", "decode": "tvm/decode.so"}
-
-
-def compile_lm(model_dir: str | Path, device: Device, cfg: LMCompileConfig, out_dir: str | Path) -> dict:
-    """Compile a Llama-architecture causal LM of `model_dir` for `device` into `out_dir`: a
-    prefill step (`cfg.prefill_len` tokens) and a decode step (one token) over a static KV cache
-    of `cfg.max_context` positions (canao.lm.model.KVCacheStep), each checked against
-    PyTorch on a cache of random contents; plus tokenizer, config and manifest."""
-
-    out_dir, model_dir = _new_out_dir(out_dir), Path(model_dir)
-    model = lm_model.load_causal_lm(model_dir)
-    tokenizer = lm_model.load_tokenizer(model_dir)
-    step = lm_model.KVCacheStep(model, cfg.max_context).eval()
-    chunks = {"prefill": cfg.prefill_len, "decode": 1}
-    with staged_dir(out_dir) as staging:
-        numerics, tuning = {}, {}
-        for phase, library in LM_LIBRARIES.items():
-            # A chunk part-way into the cache, so the check covers the cache write and the causal mask.
-            inputs = lm_model.step_inputs(step, chunks[phase], start=(cfg.max_context - chunks[phase]) // 2)
-            with torch.no_grad():
-                reference = [t.numpy() for t in step(*inputs)]
-            numerics[phase], tuning[phase] = build_checked(step, inputs, reference, device, cfg, staging / library,
-                                                           f"{model_dir} ({phase})")
-        tokenizer.save_pretrained(staging)
-        model.config.save_pretrained(staging)
-        model.generation_config.save_pretrained(staging)
-        manifest = write_manifest(
-            staging, "compile-lm",
-            config={"device": device.key, "target": json.loads(str(devices.tvm_target(device))), **to_dict(cfg)},
-            metrics={"numerics_max_abs_diff": numerics, "tuning": tuning},
-            inputs={"model": str(model_dir.resolve())},
-            backends=dict(LM_LIBRARIES), hardware=device.hardware().to_dict(),
-            eos_token_ids=list(lm_model.eos_token_ids(model, tokenizer)),
-        )
-    return manifest
-
+def compiled(model_dir: str | Path, device: Device, cfg, compile_fn) -> Path:
+    """The artifact that `compile_fn(model_dir, device, cfg, out_dir)` (canao.qa.compile.compile_model,
+    canao.lm.compile.compile_lm) makes, compiled on first use and kept in
+    outputs/compiled/<device>/<weights, config and hardware hash>/ for later runs on that hardware."""
+    model_dir = Path(model_dir)
+    fingerprint = sha256_file(model_dir / "model.safetensors") + config_hash(cfg)
+    key = hashlib.sha256((fingerprint + device.hardware().fingerprint()).encode()).hexdigest()[:16]
+    out = resolve_path(COMPILED_CACHE) / device.key / key
+    if read_manifest(out) is None:
+        compile_fn(model_dir, device, cfg, out)
+    return out
 
 
 def _run_tvm(library: Path, inputs: list[np.ndarray], device: Device) -> list[np.ndarray]:

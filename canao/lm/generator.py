@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig
 
-from canao.compile.peers import LiteRTRunner, export_litert_step
+from canao.compile.peers import LiteRTRunner, convert_litert
 from canao.config import resolve_path
 from canao.lm import model as lm_model
 from canao.lm.config import LMCompileConfig
@@ -123,9 +123,17 @@ LITERT_STEPS_DIR = "outputs/compiled/litert-lm"  # converted decoders, one direc
 LITERT_STEPS_FILE = "steps.json"  # in each: the model directory, the cache's shape, the EOS ids
 
 
+def export_litert_step(model_dir: str | Path, max_context: int, tokens: int, path: str | Path) -> Path:
+    """One KV-cache step of the decoder of `model_dir` (canao.lm.model.KVCacheStep: `tokens`
+    tokens over a cache of `max_context` positions) as LiteRT, float32, converted by
+    canao.lm.litert in the converter's own environment."""
+    return convert_litert("canao.lm.litert", model_dir, path,
+                          ["--max-context", str(max_context), "--seq-len", str(tokens)])
+
+
 def litert_steps(model_dir: str | Path, cfg: LMCompileConfig, root: str | Path | None = None) -> Path:
     """The decode step and the prefill chunk of `model_dir`'s decoder as LiteRT files over a cache
-    of `cfg.max_context` positions (canao.compile.peers.export_litert_step), in a directory under `root`
+    of `cfg.max_context` positions (export_litert_step), in a directory under `root`
     (default LITERT_STEPS_DIR) named by the weights and the shapes; converted once, then reused."""
     model_dir = Path(model_dir)
     weights = sha256_file(model_dir / "model.safetensors")[:16]
@@ -153,7 +161,7 @@ class LiteRTDecoder:
     def __init__(self, steps_dir: str | Path, threads: int = 1):
         steps_dir = Path(steps_dir)
         info = json.loads((steps_dir / LITERT_STEPS_FILE).read_text())
-        self.steps = {phase: LiteRTRunner(steps_dir / f"{phase}.tflite", threads, inputs=lm_model.STEP_INPUTS,
+        self.steps = {phase: LiteRTRunner(steps_dir / f"{phase}.tflite", threads, "litert", inputs=lm_model.STEP_INPUTS,
                                           outputs=lm_model.STEP_OUTPUTS) for phase in ("decode", "prefill")}
         self.version = self.steps["decode"].version
         self.tokenizer = lm_model.load_tokenizer(info["model"])

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from canao.bench.generation import bench_generation
 from canao.codesign.latency_model import Family, measure_and_fit, sample_subnets
-from canao.compile.relax import compile_lm
 from canao.config import config_hash, to_dict
 from canao.lab.devices import Device
 from canao.lm import model as lm_model
+from canao.lm.bench import bench_generation
+from canao.lm.compile import compile_lm
 from canao.lm.config import DecoderShape, GenBenchConfig, LMCompileConfig, LMLatencyConfig
 from canao.lm.gguf import GGUF_FILE, export_gguf
 from canao.lm.model import subnet_config

@@ -25,21 +25,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from canao.bench.protocol import BACKENDS, BASELINE, bench, write_records
 from canao.codesign.pareto import FRONT_JSON, FRONT_PNG, TrialHook
-from canao.compile.relax import compile_lm, compile_model
 from canao.config import DeployConfig, config_hash, resolve_path, to_dict
 from canao.lab.devices import Device
+from canao.lm.compile import compile_lm
 from canao.lm.data import build_corpus
 from canao.lm.distill import train_decoder_supernet
 from canao.lm.finalize import finalize_student
 from canao.lm.latency import fit_decoder_latency_model
 from canao.lm.search import search_lm
 from canao.lm.teacher import save_teacher
-from canao.manifest import read_manifest, staged_dir, verify_manifest, write_manifest
+from canao.manifest import read_manifest, staged_dir, verify_manifest, write_manifest, write_records
 from canao.mlops import tracking
 from canao.mlops.registry import COMPILED_DIR, MODEL_DIR, Registry, content_version, directory_files
 from canao.profiles import load_config
+from canao.qa.bench import BACKENDS, BASELINE, bench
+from canao.qa.compile import compile_model
 from canao.qa.config import BenchConfig, BertShape
 from canao.qa.distill import train_supernet
 from canao.qa.finalize import BASELINE_DIR, finalize

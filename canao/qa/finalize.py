@@ -13,15 +13,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from canao.bench.protocol import bench
 from canao.codesign.elastic import extract
 from canao.codesign.kd import IMPORTANCE_FILE, TeacherTargets, fit
 from canao.codesign.pareto import FRONT_JSON, choose
-from canao.compile.relax import compile_model
 from canao.config import config_hash, from_dict, resolve_path, to_dict
 from canao.hardware import torch_threads
 from canao.lab import devices
 from canao.manifest import reusable, sha256_file, verify_manifest, verify_stage, write_manifest, write_text_atomic
+from canao.qa.bench import bench
+from canao.qa.compile import compile_model
 from canao.qa.config import BenchConfig, CompileConfig, FinalizeConfig, SquadFeatureConfig
 from canao.qa.data import Features, build_features, load_squad
 from canao.qa.distill import load_supernet, matched_layers, sorted_teacher, student_kd_loss, teacher_targets

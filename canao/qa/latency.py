@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from transformers import BertConfig
 
-from canao.bench.protocol import bench
 from canao.codesign.latency_model import Family, measure_and_fit, sample_subnets
-from canao.compile.relax import compile_model
 from canao.config import config_hash, to_dict
 from canao.lab.devices import Device
+from canao.qa.bench import bench
+from canao.qa.compile import compile_model
 from canao.qa.config import BenchConfig, BertShape, CompileConfig, LatencyConfig
 from canao.qa.model import load_tokenizer, subnet_config
 from canao.qa.modeling_canao_bert import CanaoBertForQuestionAnswering

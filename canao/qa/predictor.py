@@ -16,9 +16,46 @@ from canao.config import from_dict
 from canao.manifest import read_manifest
 from canao.qa.config import SquadFeatureConfig
 from canao.qa.data import Features, Prediction, SquadExample, build_features, postprocess, squad_score
-from canao.qa.model import example_inputs, load_qa_model, load_tokenizer
+from canao.qa.model import INPUT_NAMES, OUTPUT_NAMES, SpanLogits, example_inputs, load_qa_model, load_tokenizer
 
 log = logging.getLogger(__name__)
+
+
+class TorchRunner:
+    """PyTorch eager with transformers' default sdpa attention: the reference the peers are checked against."""
+
+    def __init__(self, model_dir: str | Path, threads: int, name: str = "torch"):
+        self.name, self.version, self.threads = name, torch.__version__, threads
+        self.model = SpanLogits(load_qa_model(model_dir)).eval()
+
+    @torch.inference_mode()
+    def __call__(self, input_ids, token_type_ids, attention_mask):
+        # The thread count is process-wide: another runner of the same process may have changed it.
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        start, end = self.model(*(torch.from_numpy(x) for x in (input_ids, token_type_ids, attention_mask)))
+        return start.numpy(), end.numpy()
+
+
+# The backends a QA model runs on, by name; a runner's inputs and outputs are the model's.
+RUNNERS = {
+    "tvm": peers.TVMRunner,
+    "torch": TorchRunner,
+    "onnxruntime": peers.OnnxRunner,
+    "onnxruntime-int8": peers.OnnxRunner,
+    "litert": peers.LiteRTRunner,
+    "litert-int8": peers.LiteRTRunner,
+}
+NAMED_RUNNERS = (peers.OnnxRunner, peers.LiteRTRunner)  # find tensors by INPUT_NAMES and OUTPUT_NAMES
+
+
+def backend_runner(name: str, path: str | Path, threads: int) -> peers.Runner:
+    """A runner for backend `name` (tvm or a peer with `path` its file, or torch with `path` the model directory)."""
+    if name not in RUNNERS:
+        raise ValueError(f"backend {name!r}: unknown; one of {list(RUNNERS)}")
+    kind = RUNNERS[name]
+    names = {"inputs": INPUT_NAMES, "outputs": OUTPUT_NAMES} if kind in NAMED_RUNNERS else {}
+    return kind(path, threads, name=name, **names)
 
 
 class SpanPredictor:
@@ -106,7 +143,7 @@ def load_artifact(artifact_dir: Path, manifest: dict, backend: str, threads: int
     runners, timings, failures = {}, {}, {}
     for name in candidates:
         try:
-            runner = peers.runner(name, Path(artifact_dir) / backends[name], threads)
+            runner = backend_runner(name, Path(artifact_dir) / backends[name], threads)
             # Few runs: enough to rank backends that differ by tens of percent, and an untuned
             # TVM library (seconds a window) does not hold the start-up for long.
             timings[name] = round(statistics.median(peers.time_calls(runner, inputs, warmup=1, runs=5)), 3)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import optuna
 
-from canao.bench.protocol import BASELINE
 from canao.codesign.elastic import extract
 from canao.codesign.kd import SUPERNET_DIR
 from canao.codesign.pareto import (
@@ -38,6 +37,7 @@ from canao.codesign.pareto import (
 )
 from canao.config import config_hash, from_dict, resolve_path, to_dict
 from canao.manifest import read_manifest, sha256_file, write_manifest
+from canao.qa.bench import BASELINE
 from canao.qa.config import BenchConfig, CompileConfig, SearchConfig, SpaceConfig, SquadFeatureConfig
 from canao.qa.data import build_features, load_squad, postprocess, squad_score
 from canao.qa.distill import load_supernet

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from canao.cli.main import main
-from canao.compile import peers
-from canao.compile.relax import NumericsError, compile_model
+from canao.compile.relax import NumericsError
 from canao.lab.devices import DeviceLabError, get_device
 from canao.profiles import load_config
+from canao.qa.compile import compile_model
 from canao.qa.config import BertShape
 from canao.qa.model import example_inputs, init_qa_model, load_for_export
+from canao.qa.predictor import backend_runner
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_tiny_bert_compiles_for_llvm_within_tolerance(tiny_model, tmp_path):
 
     with torch.no_grad():
         reference = [t.numpy() for t in load_for_export(tiny_model)(*map(torch.from_numpy, inputs))]
-    compiled = peers.runner("tvm", tmp_path / "out" / manifest["backends"]["tvm"], threads=1)
+    compiled = backend_runner("tvm", tmp_path / "out" / manifest["backends"]["tvm"], threads=1)
     for out, ref in zip(compiled(*inputs), reference, strict=True):
         np.testing.assert_allclose(out, ref, atol=1e-3)
 

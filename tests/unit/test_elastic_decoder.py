@@ -9,9 +9,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 from canao.codesign.elastic import extract
-from canao.compile.relax import compile_lm
 from canao.config import ConfigError
 from canao.lab.devices import get_device
+from canao.lm.compile import compile_lm
 from canao.lm.config import DecoderShape, DecoderSpaceConfig
 from canao.lm.model import DecoderSupernet, KVCacheStep, importance, load_causal_lm, load_tokenizer, sort_by_importance
 from canao.lm.space import DecoderSpace, DecoderSubnet, decoder_params

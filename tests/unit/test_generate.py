@@ -10,13 +10,13 @@ import torch
 
 from canao import config
 from canao.bench import suite as bench_suite
-from canao.bench.generation import GenRecord, bench_generation, generation_table
 from canao.bench.suite import suite, suite_lm_inputs
 from canao.cli.main import main
 from canao.config import ConfigError
 from canao.lab import devices
 from canao.lab.devices import get_device
 from canao.lm import generator
+from canao.lm.bench import GenRecord, bench_generation, generation_table
 from canao.lm.config import GEN_BACKENDS
 from canao.lm.model import KVCacheStep, load_causal_lm
 from canao.profiles import load_config

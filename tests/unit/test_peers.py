@@ -5,10 +5,11 @@ import numpy as np
 import onnx
 import pytest
 
-from canao.compile import peers
 from canao.compile.relax import max_abs_diff
+from canao.qa.compile import export, export_litert
 from canao.qa.config import BertShape
 from canao.qa.model import example_inputs, init_qa_model, load_for_export
+from canao.qa.predictor import TorchRunner, backend_runner
 
 SEQ_LEN = 32
 
@@ -32,7 +33,7 @@ def inputs():
 
 @pytest.fixture(scope="module")
 def reference(model_dir, inputs):
-    return peers.TorchRunner(model_dir, threads=1)(*inputs)
+    return TorchRunner(model_dir, threads=1)(*inputs)
 
 
 def cosine(outputs, reference) -> float:
@@ -52,8 +53,8 @@ def cosine(outputs, reference) -> float:
 def test_peer_matches_pytorch(name, atol, min_cosine, model_dir, span_model, inputs, reference, tmp_path, request):
     if name.startswith("litert"):
         request.getfixturevalue("litert_env")
-    path = peers.export(name, model_dir, span_model, SEQ_LEN, tmp_path, int8_dot=True)
-    outputs = peers.runner(name, path, threads=1)(*inputs)
+    path = export(name, model_dir, span_model, SEQ_LEN, tmp_path, int8_dot=True)
+    outputs = backend_runner(name, path, threads=1)(*inputs)
     assert [(o.dtype, o.shape) for o in outputs] == [(np.float32, (1, SEQ_LEN))] * 2
     if atol is not None:
         assert max_abs_diff(outputs, reference) < atol
@@ -72,25 +73,25 @@ def test_onnx_int8_keeps_7_bit_weights_for_a_cpu_without_int8_dot_products(model
                                                                               reference, tmp_path):
     """Without VNNI or dotprod, ONNX Runtime's u8 x s8 products saturate 16-bit sums: 7-bit weights
     (reduce_range) avoid it; with them the weights use all 8 bits."""
-    with_dot = peers.export("onnxruntime-int8", model_dir, span_model, SEQ_LEN, tmp_path / "dot", int8_dot=True)
-    without = peers.export("onnxruntime-int8", model_dir, span_model, SEQ_LEN, tmp_path / "no-dot", int8_dot=False)
+    with_dot = export("onnxruntime-int8", model_dir, span_model, SEQ_LEN, tmp_path / "dot", int8_dot=True)
+    without = export("onnxruntime-int8", model_dir, span_model, SEQ_LEN, tmp_path / "no-dot", int8_dot=False)
     assert int8_weight_range(with_dot) == 127
     assert int8_weight_range(without) <= 64
-    assert cosine(peers.runner("onnxruntime-int8", without, threads=1)(*inputs), reference) > 0.99
+    assert cosine(backend_runner("onnxruntime-int8", without, threads=1)(*inputs), reference) > 0.99
 
 
 def test_unknown_backend_is_named(model_dir, span_model, tmp_path):
     with pytest.raises(ValueError, match="'tensorrt': unknown"):
-        peers.export("tensorrt", model_dir, span_model, SEQ_LEN, tmp_path, int8_dot=True)
+        export("tensorrt", model_dir, span_model, SEQ_LEN, tmp_path, int8_dot=True)
     with pytest.raises(ValueError, match="'tensorrt': unknown"):
-        peers.runner("tensorrt", tmp_path, threads=1)
+        backend_runner("tensorrt", tmp_path, threads=1)
 
 
 def test_litert_export_without_its_environment_says_how_to_build_it(model_dir, tmp_path, monkeypatch):
     missing = tmp_path / "no-venv" / "bin" / "python"
     monkeypatch.setenv("CANAO_LITERT_PYTHON", str(missing))
     with pytest.raises(FileNotFoundError, match="make litert-env") as error:
-        peers.export_litert(model_dir, SEQ_LEN, tmp_path / "model.tflite")
+        export_litert(model_dir, SEQ_LEN, tmp_path / "model.tflite")
     assert str(missing) in str(error.value)
 
 
@@ -100,5 +101,5 @@ def test_litert_conversion_failure_carries_the_converters_stderr(model_dir, tmp_
     failing_python.chmod(0o755)
     monkeypatch.setenv("CANAO_LITERT_PYTHON", str(failing_python))
     with pytest.raises(RuntimeError, match=r"exit 3[\s\S]*ValueError: bad op"):
-        peers.export_litert(model_dir, SEQ_LEN, tmp_path / "model.tflite")
+        export_litert(model_dir, SEQ_LEN, tmp_path / "model.tflite")
 

@@ -14,10 +14,10 @@ from canao.apps.loadtest import check_loopback
 from canao.apps.serve import create_app
 from canao.apps.service import Service
 from canao.cli.main import main
-from canao.compile.relax import compile_model
 from canao.config import PROFILES, ConfigError
 from canao.lab.devices import get_device
 from canao.profiles import load_config
+from canao.qa.compile import compile_model
 from canao.qa.config import SquadFeatureConfig
 from canao.qa.data import SquadExample, build_features
 from canao.qa.predictor import QAPredictor

@@ -1,4 +1,5 @@
-"""One benchmark protocol for every backend: warm-up, repeated timed runs, p50/p90/min.
+"""bench: a compiled QA artifact timed on a device in every backend under one protocol:
+warm-up, repeated timed runs, p50/p90/min.
 
 The TVM module runs on the device through the lab's tracker (`time_evaluator` on the
 device server, pinned to the device's cores with its thread count). The peers (LiteRT,
@@ -10,29 +11,22 @@ PyTorch fp32 and the hardware it was measured on.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import multiprocessing
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from canao import hardware
-from canao.bench.generation import GenRecord
 from canao.compile import peers
-from canao.compile.relax import compile_lm, compile_model
-from canao.config import config_hash, resolve_path
 from canao.lab import devices, rpc
 from canao.lab.devices import Device
-from canao.lm.config import LMCompileConfig
-from canao.manifest import read_manifest, sha256_file, verify_manifest, write_text_atomic
-from canao.qa.config import BenchConfig, CompileConfig
+from canao.manifest import verify_manifest
+from canao.qa.config import BenchConfig
 from canao.qa.model import example_inputs
+from canao.qa.predictor import backend_runner
 
 BACKENDS = ("tvm", "litert", "litert-int8", "onnxruntime", "onnxruntime-int8", "torch")
 BASELINE = "litert"  # speedups are relative to LiteRT fp32, the strongest fp32 peer on CPUs
-COMPILED_CACHE = "outputs/compiled"  # compiled artifacts by device and content hash, relative to the project root
 
 
 @dataclass(frozen=True)
@@ -59,7 +53,7 @@ def summarize(times_ms: list[float]) -> dict:
 def _time_peer(backend: str, path: str, device: Device, warmup: int, runs: int, seq_len: int) -> tuple[list, str]:
     """In a child process: pin to the device's cores, then time the peer runtime."""
     devices.pin(device)
-    runner = peers.runner(backend, Path(path), threads=device.threads)
+    runner = backend_runner(backend, Path(path), threads=device.threads)
     return peers.time_calls(runner, [t.numpy() for t in example_inputs(seq_len)], warmup, runs), runner.version
 
 
@@ -105,20 +99,6 @@ def _tvm_version() -> str:
     return f"tvm {tvm.__version__}"
 
 
-def compiled(model_dir: str | Path, device: Device, cfg: CompileConfig | LMCompileConfig) -> Path:
-    """The compiled artifact of `model_dir` for `device` under `cfg` (a QA model's compile
-    config, or a decoder's compile-lm config), compiled on first use and kept in
-    outputs/compiled/<device>/<weights, config and hardware hash>/ for later runs on that hardware."""
-    model_dir = Path(model_dir)
-    fingerprint = sha256_file(model_dir / "model.safetensors") + config_hash(cfg)
-    key = hashlib.sha256((fingerprint + device.hardware().fingerprint()).encode()
-                         ).hexdigest()[:16]
-    out = resolve_path(COMPILED_CACHE) / device.key / key
-    if read_manifest(out) is None:
-        (compile_lm if isinstance(cfg, LMCompileConfig) else compile_model)(model_dir, device, cfg, out)
-    return out
-
-
 def table(records: list[Record]) -> str:
     """Markdown table with each backend's speedup over LiteRT fp32 on the same device and length."""
     base = {(r.device, r.seq_len): r.p50_ms for r in records if r.backend == BASELINE}
@@ -130,10 +110,3 @@ def table(records: list[Record]) -> str:
         lines.append(f"| {r.device} | {r.seq_len} | {r.backend} | {r.p50_ms:.2f} | {r.p90_ms:.2f} | "
                      f"{r.min_ms:.2f} | {speedup} | {r.numerics_max_abs_diff:.1e} |")
     return "\n".join(lines)
-
-
-def write_records(records: list[Record] | list[GenRecord], path: str | Path, kept: list[dict] = ()) -> None:
-    """Write atomically: a benchmark cut short leaves no file that looks complete. `kept`: records
-    (as read back) of another run to write first."""
-    write_text_atomic(path, json.dumps({"host": hardware.host().label(),
-                                        "records": [*kept, *(asdict(r) for r in records)]}, indent=1))
