@@ -38,6 +38,29 @@ class SquadDataConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """New inputs for the teacher to label, made from the training questions (canao.qa.augment)."""
+
+    crop: int = 0  # copies of each question whose context is cut to other whole sentences around its answer
+    repair: int = 0  # copies of each question paired with another paragraph of its article (no answer there)
+    replace: int = 0  # copies of each question with words of its context outside the answer replaced
+    replace_rate: float = 0.15  # share of the context's words a `replace` copy swaps for words of its article
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("crop", "repair", "replace"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"augment.{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.replace_rate <= 1:
+            raise ConfigError(f"augment.replace_rate: must be in (0, 1], got {self.replace_rate}")
+
+    @property
+    def copies(self) -> int:
+        """New questions made from each training question."""
+        return self.crop + self.repair + self.replace
+
+
+@dataclass(frozen=True)
 class SquadFeatureConfig:
     max_seq_len: int = 384  # tokens per window: [CLS] question [SEP] context-slice [SEP]
     doc_stride: int = 128  # tokens shared by consecutive windows of a long context
@@ -109,6 +132,7 @@ class DistillConfig:
     random_subnets: int = 2  # random subnets per step, besides the largest and the smallest (sandwich rule)
     importance_batches: int = 16  # training batches that rank heads and neurons before distilling
     data: SquadDataConfig = field(default_factory=SquadDataConfig)  # train_questions: first N train questions
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # teacher-labelled inputs beyond the questions
     features: SquadFeatureConfig = field(default_factory=SquadFeatureConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -168,6 +192,7 @@ class FinalizeConfig:
     seed: int = 42
     kd: KDConfig = field(default_factory=KDConfig)
     data: SquadDataConfig = field(default_factory=SquadDataConfig)  # fine-tune and evaluation questions
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # teacher-labelled inputs beyond the questions
     train: TrainConfig = field(default_factory=TrainConfig)
     benchmark: bool = True  # compile the student for the search's device and time it against the peers
     bench_backends: tuple[str, ...] = ("tvm", "litert")  # backends timed for the student and the teacher

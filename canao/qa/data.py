@@ -42,7 +42,8 @@ class SquadExample:
     qid: str
     question: str
     context: str
-    answers: tuple[Answer, ...]  # gold answers; empty when only answering
+    answers: tuple[Answer, ...]  # gold answers; empty when only answering, or when the context holds none
+    article: str = ""  # title of the article the context comes from (SQuAD files group paragraphs by it)
 
 
 def load_squad(path: str | Path, limit: int = 0) -> list[SquadExample]:
@@ -72,7 +73,7 @@ def load_squad(path: str | Path, limit: int = 0) -> list[SquadExample]:
                 seen.add(qid)
                 question = _field(qa, "question", str, where_q)
                 answers = _answers(_field(qa, "answers", list, where_q), context, where_q)
-                examples.append(SquadExample(qid, question, context, answers))
+                examples.append(SquadExample(qid, question, context, answers, title))
                 if limit and len(examples) == limit:
                     return examples
     return examples

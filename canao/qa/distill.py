@@ -16,6 +16,7 @@ from canao.codesign.kd import IMPORTANCE_FILE, SUPERNET_DIR, fit, hidden_mse, im
 from canao.config import KDConfig, config_hash, resolve_path, to_dict
 from canao.hardware import torch_threads
 from canao.manifest import reusable, sha256_file, verify_manifest, verify_stage, write_manifest
+from canao.qa.augment import with_copies
 from canao.qa.config import BertShape, DistillConfig
 from canao.qa.data import Features, build_features, load_squad
 from canao.qa.model import (
@@ -109,7 +110,8 @@ def train_supernet(cfg: DistillConfig, teacher_dir: str | Path, out_dir: str | P
     torch.manual_seed(cfg.seed)
     train_file = resolve_path(cfg.data.train_file)
     tokenizer = load_tokenizer(teacher_dir)
-    features = build_features(load_squad(train_file, cfg.data.train_questions), tokenizer, cfg.features)
+    features = build_features(with_copies(load_squad(train_file, cfg.data.train_questions), cfg.augment),
+                              tokenizer, cfg.features)
     model = load_qa_model(teacher_dir)
     space = SearchSpace(cfg.space, BertShape.of(model.config))
 

@@ -20,6 +20,7 @@ from canao.config import config_hash, from_dict, resolve_path, to_dict
 from canao.hardware import torch_threads
 from canao.lab import devices
 from canao.manifest import reusable, sha256_file, verify_manifest, verify_stage, write_manifest, write_text_atomic
+from canao.qa.augment import with_copies
 from canao.qa.bench import bench
 from canao.qa.compile import compile_model
 from canao.qa.config import BenchConfig, CompileConfig, FinalizeConfig, SquadFeatureConfig
@@ -53,7 +54,8 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
     teacher = sorted_teacher(teacher_dir, load_file(supernet_dir / IMPORTANCE_FILE))
     tokenizer = load_tokenizer(teacher_dir)
     train_file, eval_file = resolve_path(cfg.data.train_file), resolve_path(cfg.data.eval_file)
-    features = build_features(load_squad(train_file, cfg.data.train_questions), tokenizer, features_cfg)
+    features = build_features(with_copies(load_squad(train_file, cfg.data.train_questions), cfg.augment),
+                              tokenizer, features_cfg)
     chosen = {"student": (subnet, out_dir, point)}
     if cfg.baseline and "baseline" in result:
         chosen["baseline"] = (SubnetConfig.from_dict(result["baseline"]["subnet"]), out_dir / BASELINE_DIR,
