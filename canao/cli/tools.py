@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from canao.bench.suite import TRAINING_SECTION, put_section, suite
+from canao.bench.suite import STUDENTS_SECTION, TRAINING_SECTION, put_section, suite
 from canao.cli.common import add_config_args, add_model_on_device_args
 from canao.config import PROFILES, resolve_path
 from canao.lab import devices, rpc
-from canao.manifest import verify_manifest, write_records
+from canao.manifest import verify_manifest, write_records, write_text_atomic
 from canao.mlops import registry, services
 from canao.profiles import load_config
 from canao.qa.bench import BACKENDS, bench, table
@@ -120,6 +120,35 @@ def cmd_bench_kd(args) -> None:
         put_section(Path(args.benchmarks), TRAINING_SECTION, training_section(result))
 
 
+def cmd_bench_students(args) -> None:
+    from canao.bench.students import students_section, study
+    from canao.qa.config import SquadFeatureConfig
+    from canao.qa.space import SubnetConfig
+
+    overrides = [*args.overrides, f"data.train_questions={args.questions}",
+                 f"data.eval_questions={args.eval_questions}"]
+    cfg = load_config("finalize", args.profile, args.config, overrides)
+    try:
+        listed = json.loads(Path(args.subnets).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--subnets {args.subnets}: not a readable JSON file: {e}") from None
+    if not isinstance(listed, list) or not listed:
+        raise ValueError(f"--subnets {args.subnets}: must hold a non-empty JSON list of subnets")
+    subnets = [SubnetConfig.from_dict(s, f"--subnets {args.subnets}: [{i}]") for i, s in enumerate(listed)]
+    features = SquadFeatureConfig(max_seq_len=args.seq_len, doc_stride=args.seq_len // 4)
+    space = load_config("distill", args.profile).space
+    try:
+        result = study(resolve_path(args.teacher), subnets, space, cfg, features, args.importance_batches,
+                       resolve_path("outputs/bench-students"), resolve_path(args.supernet) if args.supernet else None)
+    except ValueError as e:
+        raise ValueError(f"--subnets {args.subnets}: {e}") from None
+    result["command"] = args.command_line
+    write_text_atomic(Path(args.out), json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    if args.benchmarks:
+        put_section(Path(args.benchmarks), STUDENTS_SECTION, students_section(result))
+
+
 def cmd_submit(args) -> None:
     from pipelines.submit import submit  # the kfp side lives outside canao/
 
@@ -142,6 +171,21 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="window length (doc stride: a quarter of it)")
     p.add_argument("--benchmarks", help="also write the figures into this Markdown file's section")
     p.set_defaults(func=cmd_bench_kd)
+
+    p = sub.add_parser("bench-students", help="candidate students distilled alike and scored: which are worth it")
+    add_config_args(p)
+    p.add_argument("--teacher", required=True, help="the teacher's model directory")
+    p.add_argument("--subnets", required=True, help="a JSON file: a list of subnets, e.g. [{\"num_layers\": 3, "
+                   "\"hidden_size\": 384, \"heads\": [4, 4, 4], \"ffn_sizes\": [1024, 512, 1024], "
+                   "\"layers\": [0, 2, 5]}]")
+    p.add_argument("--questions", type=int, default=3000, help="first N training questions to distil on")
+    p.add_argument("--eval-questions", type=int, default=1000, help="first N dev-a questions to score on")
+    p.add_argument("--seq-len", type=int, default=256, help="window length (doc stride: a quarter of it)")
+    p.add_argument("--importance-batches", type=int, default=16, help="training batches that rank heads and neurons")
+    p.add_argument("--supernet", help="a `canao distill` output: also score each subnet as its slice (the proxy)")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--benchmarks", help="also write the figures into this Markdown file's section")
+    p.set_defaults(func=cmd_bench_students)
 
     p = sub.add_parser("compile", help="compile a QA model with TVM for a device (+ peer exports)")
     add_model_on_device_args(p)

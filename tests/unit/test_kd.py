@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from canao.bench.suite import TRAINING_SECTION, markdown_section
+from canao.bench.suite import STUDENTS_SECTION, TRAINING_SECTION, markdown_section
 from canao.cli.main import main
 from canao.codesign.kd import TeacherTargets, epoch_batches, fit
 from canao.config import KDConfig, TrainConfig, resolve_path
@@ -122,3 +122,31 @@ def test_bench_kd_times_both_recipes_into_its_section(tmp_path, capsys):
     section = markdown_section(benchmarks.read_text(), TRAINING_SECTION)
     assert f"| {result['kept_targets']['windows_per_s']} |" in section and "`canao bench-kd" in section
     assert "kept as it is" in benchmarks.read_text()
+
+
+def test_bench_students_distils_each_candidate_alike_into_its_section(memorized_qa, tmp_path, capsys):
+    subnets = tmp_path / "subnets.json"
+    subnets.write_text(json.dumps([{"num_layers": 1, "hidden_size": 16, "heads": [1], "ffn_sizes": [32]},
+                                   {"num_layers": 2, "hidden_size": 32, "heads": [2, 2], "ffn_sizes": [64, 32],
+                                    "layers": [0, 1]}]))
+    benchmarks, out = tmp_path / "BENCHMARKS.md", tmp_path / "students.json"
+    benchmarks.write_text("# Benchmarks\n\n## Serving load test\n\nkept as it is\n")
+    assert main(["bench-students", "--profile", "tiny", "--teacher", str(memorized_qa[0]), "--subnets", str(subnets),
+                 "--questions", "6", "--eval-questions", "4", "--seq-len", "64", "--importance-batches", "1",
+                 "--out", str(out), "--benchmarks", str(benchmarks)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["students"]
+    assert [r["subnet"]["num_layers"] for r in rows] == [1, 2] and rows[1]["subnet"]["layers"] == [0, 1]
+    assert rows[0]["steps"] == rows[1]["steps"] > 0 and rows[0]["flops"] < rows[1]["flops"]
+    assert result["eval_questions"] == 4 and result["command"].startswith("canao bench-students")
+    section = markdown_section(benchmarks.read_text(), STUDENTS_SECTION)
+    assert all(f"| {r['label']} |" in section for r in rows) and "kept as it is" in benchmarks.read_text()
+
+    for bad, named in (('[{"num_layers": 1}]', "[0]: expected keys"),
+                       ('[{"num_layers": 1, "hidden_size": 48, "heads": [1], "ffn_sizes": [32]}]',
+                        "subnets[0]: subnet.hidden_size: 48 not in [16, 32]")):
+        subnets.write_text(bad)
+        assert main(["bench-students", "--profile", "tiny", "--teacher", str(memorized_qa[0]), "--subnets",
+                     str(subnets), "--out", str(tmp_path / "bad.json")]) == 2
+        assert f"--subnets {subnets}: " in (err := capsys.readouterr().err) and named in err, err
+        assert not (tmp_path / "bad.json").exists()
