@@ -130,13 +130,37 @@ def reusable(out_dir: str | Path, fingerprint: str, what: str) -> dict | None:
     return existing
 
 
+def check_file_name(name: object, where: str) -> str:
+    """`name` if it is a relative path of plain parts (no '..', nothing absolute), the only file
+    names a manifest may hold; else a ValueError naming it and `where` it was read."""
+    if (not isinstance(name, str) or not name or name.startswith("/") or "\\" in name
+            or any(part in ("", ".", "..") for part in name.split("/"))):
+        raise ValueError(f"{where}: {name!r} is not a relative file name (absolute, '..', or empty parts)")
+    return name
+
+
+def inside(directory: str | Path, name: object, where: str) -> Path:
+    """`directory`/`name` for a file name read from a manifest (`where` names the field), which
+    must pass `check_file_name` and stay inside `directory` with symbolic links followed; else a
+    ValueError. No name from a bucket or a manifest is trusted as a path."""
+    path = Path(directory) / check_file_name(name, where)
+    if not path.resolve().is_relative_to(Path(directory).resolve()):
+        raise ValueError(f"{where}: {name!r} leads outside {directory} through a symbolic link")
+    return path
+
+
 def verify_manifest(directory: str | Path) -> dict:
-    """The manifest of `directory` after checking every file's sha256 against it."""
+    """The manifest of `directory` after checking every file's sha256 against it; every file it
+    names, and every backend's file of a compiled artifact, must lie inside `directory`."""
     manifest = read_manifest(directory)
     if manifest is None:
         raise FileNotFoundError(f"{directory}: no {MANIFEST}; the artifact is incomplete")
+    where = f"{Path(directory) / MANIFEST}"
+    for key, name in manifest.get("backends", {}).items():
+        if name not in manifest["files"]:
+            raise ValueError(f"{where}: field 'backends.{key}': {name!r} is not one of the artifact's files")
     for name, expected in manifest["files"].items():
-        path = Path(directory) / name
+        path = inside(directory, name, f"{where}: field 'files'")
         if not path.is_file():
             raise ValueError(f"{path}: listed in {MANIFEST} but missing")
         if sha256_file(path) != expected:

@@ -26,7 +26,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from canao.manifest import MANIFEST, sha256_file, staged_dir
+from canao.manifest import MANIFEST, check_file_name, sha256_file, staged_dir
 
 PREFIX = "models"
 MODEL_DIR, COMPILED_DIR = "model", "compiled"  # in a version: the model, and compiled/<device key>/ per device
@@ -49,6 +49,16 @@ def _md5(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _file_name(rel: object, where: str) -> None:
+    """A file name inside a version: relative, plain parts, not the manifest's own name."""
+    try:
+        check_file_name(rel, where)
+    except ValueError as e:
+        raise RegistryError(str(e)) from None
+    if rel == MANIFEST:
+        raise RegistryError(f"{where}: {rel!r} is the version's own manifest")
 
 
 def _check_segment(value: str, what: str) -> None:
@@ -162,8 +172,7 @@ class Registry:
         (metrics, lineage, ...) in its manifest; refuses a version that exists."""
         prefix = self._prefix(name, version)
         for rel in files:
-            if rel == MANIFEST or rel.startswith("/") or ".." in Path(rel).parts:
-                raise RegistryError(f"{rel}: not a valid file name inside a version")
+            _file_name(rel, "a pushed file")
         self.ensure_bucket()
         if self.has_version(name, version):
             raise VersionExistsError(f"{self.uri(name, version)}: version exists; versions are immutable")
@@ -201,6 +210,13 @@ class Registry:
             raise FileExistsError(f"{out_dir}: already exists; choose another --out")
         manifest = self.manifest(name, version)
         prefix = self._prefix(name, version)
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not all(isinstance(e, dict) and isinstance(e.get("sha256"), str)
+                                                  for e in files.values()):
+            raise RegistryError(f"{self.uri(name, version)}{MANIFEST}: field 'files' must map file names to "
+                                "{\"sha256\": ...}")
+        for rel in files:  # every name checked before anything is written
+            _file_name(rel, f"{self.uri(name, version)}{MANIFEST}: field 'files'")
         with staged_dir(out_dir) as staging:
             for rel, entry in manifest["files"].items():
                 target = staging / rel

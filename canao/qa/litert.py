@@ -1,7 +1,8 @@
 """Convert a BERT-QA model directory to a LiteRT (.tflite) model, optionally dynamic-range int8.
 
 Runs with the LiteRT converter's python (canao.compile.litert_convert says why), so it imports
-only torch, transformers and that module. canao runs it through `canao.qa.compile.export_litert`:
+only torch, transformers, that module and the student's classes (canao.qa.modeling_canao_bert,
+torch and transformers alone). canao runs it through `canao.qa.compile.export_litert`:
 
     .venv-litert/bin/python -m canao.qa.litert --model DIR --seq-len 128 --out model.tflite [--int8]
 """
@@ -10,6 +11,7 @@ import torch
 from transformers import AutoModelForQuestionAnswering, BertForQuestionAnswering
 
 from canao.compile.litert_convert import arguments, convert, parse
+from canao.qa.modeling_canao_bert import register_local
 
 # These mirror canao.qa.model (SpanLogits, INPUT_NAMES, OUTPUT_NAMES), which needs packages the
 # converter's environment lacks.
@@ -31,9 +33,10 @@ def main() -> None:
     parser = arguments(__doc__.splitlines()[0])
     parser.add_argument("--int8", action="store_true", help="dynamic-range int8 weights (recipe dynamic_wi8_afp32)")
     args = parse(parser)
-    # Eager attention: the exporters trace it best (as canao.qa.model.load_for_export).
-    # trust_remote_code: a searched student carries its own modeling file (per-layer widths).
-    model = AutoModelForQuestionAnswering.from_pretrained(args.model, trust_remote_code=True,
+    # Eager attention: the exporters trace it best (as canao.qa.model.load_for_export). A student
+    # loads with canao's own classes, never with the modeling file saved beside its weights.
+    register_local()
+    model = AutoModelForQuestionAnswering.from_pretrained(args.model, trust_remote_code=False,
                                                           attn_implementation="eager").eval()
     # int32 token ids: the converter narrows int64 inputs to int32 anyway (the same graph either
     # way), and tracing with int32 avoids its downcast warning.

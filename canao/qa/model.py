@@ -28,8 +28,10 @@ from transformers import (
 from canao.codesign.elastic import ElasticModel, permute_cols, permute_rows, taylor_importance, unit_channels
 from canao.qa.config import BertShape
 from canao.qa.data import Features
-from canao.qa.modeling_canao_bert import CanaoBertConfig, CanaoBertForQuestionAnswering
+from canao.qa.modeling_canao_bert import CanaoBertConfig, CanaoBertForQuestionAnswering, register_local
 from canao.qa.space import SubnetConfig
+
+register_local()  # students load with canao's own classes; the modeling file beside them never runs
 
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -47,8 +49,7 @@ def minilm_dir() -> Path:
 
 def load_tokenizer(model_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
     """The WordPiece tokenizer of `model_dir`, or MiniLM's (which random models share)."""
-    # trust_remote_code: a student's config.json names its modeling file (see load_qa_model).
-    tokenizer = AutoTokenizer.from_pretrained(model_dir or minilm_dir(), trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir or minilm_dir(), trust_remote_code=False)
     if not tokenizer.is_fast:
         raise TypeError(f"{model_dir}: a fast tokenizer is needed for character offsets")
     return tokenizer
@@ -72,12 +73,13 @@ def init_qa_model(init: str, random_shape: BertShape, seed: int) -> BertForQuest
 
 
 def load_qa_model(model_dir: str | Path, **kwargs) -> BertForQuestionAnswering:
-    """A teacher (plain BERT) or a searched student (per-layer widths: its modeling file,
-    canao/qa/modeling_canao_bert.py, is saved beside its weights, hence trust_remote_code)."""
+    """A teacher (plain BERT) or a searched student (per-layer widths), with canao's own classes
+    (canao/qa/modeling_canao_bert.py as installed): the copy saved beside a student's weights is
+    for users outside canao and is never executed here."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: not a model directory (no config.json)")
-    return AutoModelForQuestionAnswering.from_pretrained(model_dir, trust_remote_code=True, **kwargs).eval()
+    return AutoModelForQuestionAnswering.from_pretrained(model_dir, trust_remote_code=False, **kwargs).eval()
 
 
 class SpanLogits(torch.nn.Module):

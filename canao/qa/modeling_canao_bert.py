@@ -4,12 +4,13 @@ A plain `BertConfig` has one head count and one FFN width for every layer; a sub
 by the search has its own per layer. This file is self-contained (torch and transformers
 only): `save_pretrained` copies it next to the weights and names it in config.json's
 `auto_map`, so any environment with transformers loads a student with
-`AutoModelForQuestionAnswering.from_pretrained(dir, trust_remote_code=True)`, canao or not
-(the LiteRT converter runs in its own environment).
+`AutoModelForQuestionAnswering.from_pretrained(dir, trust_remote_code=True)`, canao or not.
+canao itself never runs that copy: `register_local` gives transformers' Auto classes these
+classes, as installed, and canao's loaders pass `trust_remote_code=False`.
 """
 
 from torch import nn
-from transformers import BertConfig, BertForQuestionAnswering
+from transformers import AutoConfig, AutoModelForQuestionAnswering, BertConfig, BertForQuestionAnswering
 
 
 class CanaoBertConfig(BertConfig):
@@ -48,3 +49,11 @@ class CanaoBertForQuestionAnswering(BertForQuestionAnswering):
 # save_pretrained then copies this file beside the weights and writes config.json's auto_map.
 CanaoBertConfig.register_for_auto_class()
 CanaoBertForQuestionAnswering.register_for_auto_class("AutoModelForQuestionAnswering")
+
+
+def register_local() -> None:
+    """Let the Auto classes load a student with the classes of this file as installed, so that a
+    loader passing `trust_remote_code=False` never executes the copy saved in a student's
+    directory (whoever can write a bucket could have changed it)."""
+    AutoConfig.register(CanaoBertConfig.model_type, CanaoBertConfig, exist_ok=True)
+    AutoModelForQuestionAnswering.register(CanaoBertConfig, CanaoBertForQuestionAnswering, exist_ok=True)

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -64,6 +65,30 @@ def test_push_pull_list_and_immutability(store, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["lineage"] == {"teacher": "t"}
     assert main(["registry", "show", "qa", "sha-none", "--bucket", "canao-test"]) == 2
     assert "no such version" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("crafted", ["../../escaped.bin", "/tmp/canao-absolute.bin", "model/../../up.bin",
+                                     "manifest.json"])
+def test_a_crafted_manifest_is_refused_on_pull_and_nothing_is_written(store, tmp_path, crafted):
+    """Whoever can write the bucket can write a version's manifest: its file names are not trusted."""
+    registry = Registry("canao-crafted")
+    files = make_files(tmp_path / "src", 1, 100)
+    version = content_version(files)
+    manifest = registry.push("qa", version, files, {})
+    entry = manifest["files"].pop("model/part-00.bin")
+    manifest["files"][crafted] = entry
+    registry.client.put_object(Bucket="canao-crafted", Key=f"models/qa/{version}/manifest.json",
+                               Body=json.dumps(manifest).encode())
+    registry.client.put_object(Bucket="canao-crafted", Key=f"models/qa/{version}/{crafted}",
+                               Body=(tmp_path / "src" / "part-00.bin").read_bytes())
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(RegistryError, match="field 'files'"):
+        registry.pull("qa", version, work / "a" / "b" / "pulled")
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and "src" not in p.parts] == []
+    assert not Path("/tmp/canao-absolute.bin").exists()
+    with pytest.raises(RegistryError, match="a pushed file"):
+        registry.push("qa", "v-bad", {crafted: tmp_path / "src" / "part-00.bin"}, {})
 
 
 def test_wrong_credentials_are_a_clear_error_and_write_nothing(store, tmp_path, monkeypatch, capsys):

@@ -1,6 +1,7 @@
 """The deploy stage's backend rule and the stage cache's keys."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 from canao import hardware
 from canao.config import PROFILES
 from canao.lab.devices import get_device
-from canao.manifest import read_manifest, write_manifest
+from canao.manifest import read_manifest, sha256_file, verify_manifest, write_manifest
 from canao.mlops.stages import RUNNERS, Context, cache_key, choose_backend, execute
 from canao.profiles import load_config
 
@@ -111,3 +112,24 @@ def test_a_stage_killed_mid_run_leaves_no_result_and_its_rerun_resumes(tmp_path,
     assert "resuming from" in capsys.readouterr().out
     _, cached = execute("teacher", "tiny", overrides, {}, tmp_path / "again", Context(get_device("x86-1t")))
     assert cached
+
+
+def test_a_manifest_naming_a_file_outside_its_directory_is_refused(tmp_path):
+    """A compiled artifact may come from a bucket: neither its files nor its backends may point outside it."""
+    artifact, secret = tmp_path / "artifact", tmp_path / "secret.bin"
+    artifact.mkdir()
+    (artifact / "model.so").write_bytes(b"library")
+    secret.write_bytes(b"secret")
+    write_manifest(artifact, "compile", {}, {}, backends={"tvm": "model.so"})
+    assert verify_manifest(artifact)["backends"] == {"tvm": "model.so"}
+    good = json.loads((artifact / "manifest.json").read_text())
+    digest = good["files"]["model.so"]
+    (artifact / "link.so").symlink_to(secret)
+    for files, backends, refused in (
+            ({"../secret.bin": digest}, {"tvm": "../secret.bin"}, "field 'files': '../secret.bin'"),
+            ({str(secret): digest}, {"tvm": str(secret)}, "field 'files'"),
+            ({"link.so": sha256_file(secret)}, {"tvm": "link.so"}, "symbolic link"),
+            (good["files"], {"tvm": "../secret.bin"}, "field 'backends.tvm'")):
+        (artifact / "manifest.json").write_text(json.dumps({**good, "files": files, "backends": backends}))
+        with pytest.raises(ValueError, match=refused):
+            verify_manifest(artifact)

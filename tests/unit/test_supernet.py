@@ -10,6 +10,7 @@ from canao.codesign.elastic import extract
 from canao.config import ConfigError
 from canao.qa.config import BertShape, SpaceConfig
 from canao.qa.model import Supernet, init_qa_model, load_qa_model, sort_by_importance
+from canao.qa.modeling_canao_bert import CanaoBertForQuestionAnswering
 from canao.qa.space import SearchSpace, SubnetConfig, first_layers_spread, params, uniform_baseline
 
 SHAPE = BertShape(num_layers=3, hidden_size=48, num_heads=3, ffn_size=96)  # head size 16
@@ -138,3 +139,17 @@ def test_the_uniform_baseline_is_the_largest_uniform_subnet_within_its_budget():
     # below the smallest subnet: the fastest uniform one, its latency over the budget for all to see
     assert uniform_baseline(space, ms, 0.1) == dataclasses.replace(space.smallest(), layers=(0,))
     assert first_layers_spread(3, 6) == [0, 2, 4] and first_layers_spread(2, 6) == [0, 3]
+
+
+def test_a_student_loads_with_canaos_classes_and_never_runs_its_saved_modeling_file(supernet, tmp_path):
+    student = extract(supernet, SubnetConfig(2, 32, (2, 1), (96, 32)))
+    student.save_pretrained(tmp_path / "student")
+    marker = tmp_path / "the-modeling-file-ran"
+    modeling = tmp_path / "student" / "modeling_canao_bert.py"
+    assert modeling.is_file()  # kept for users outside canao
+    modeling.write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit('tampered modeling file')\n")
+    reloaded = load_qa_model(tmp_path / "student")
+    assert type(reloaded) is CanaoBertForQuestionAnswering and not marker.exists()
+    x = inputs()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**x).start_logits, student(**x).start_logits)
