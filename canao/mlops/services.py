@@ -136,15 +136,17 @@ def wait_ready(service: dict, deadline: float | None = None) -> None:
     _wait_http(service["url"] + HEALTH[service["name"]], service, deadline)
 
 
-def start_mlflow(directory: Path, port: int) -> dict:
-    """MLflow server with sqlite runs and local artifacts under `directory`."""
+def start_mlflow(directory: Path, port: int, allowed_hosts: str | None = None) -> dict:
+    """MLflow server with sqlite runs and local artifacts under `directory`; `allowed_hosts`: the
+    Host headers it answers (MLflow's --allowed-hosts), by default MLflow's (localhost, private IPs)."""
     _check_free(port, "mlflow")
     directory.mkdir(parents=True, exist_ok=True)
     log = directory / "mlflow.log"
     command = [str(Path(sys.executable).with_name("mlflow")), "server",
                "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
                "--artifacts-destination", str(directory / "artifacts"),
-               "--host", HOST, "--port", str(port), "--workers", "1"]
+               "--host", HOST, "--port", str(port), "--workers", "1",
+               *(["--allowed-hosts", allowed_hosts] if allowed_hosts else [])]
     # Job execution needs a Huey consumer process per worker; nothing here uses it.
     pid = _spawn(command, log, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     return {"name": "mlflow", "pid": pid, "port": port, "url": f"http://{HOST}:{port}", "log": str(log)}
