@@ -5,11 +5,13 @@ import numpy as np
 import onnx
 import pytest
 
+from canao.codesign.elastic import extract
 from canao.compile.relax import max_abs_diff
 from canao.qa.compile import export, export_litert
 from canao.qa.config import BertShape
-from canao.qa.model import example_inputs, init_qa_model, load_for_export
+from canao.qa.model import Supernet, example_inputs, init_qa_model, load_for_export
 from canao.qa.predictor import TorchRunner, backend_runner
+from canao.qa.space import SubnetConfig
 
 SEQ_LEN = 32
 
@@ -103,3 +105,17 @@ def test_litert_conversion_failure_carries_the_converters_stderr(model_dir, tmp_
     with pytest.raises(RuntimeError, match=r"exit 3[\s\S]*ValueError: bad op"):
         export_litert(model_dir, SEQ_LEN, tmp_path / "model.tflite")
 
+
+
+def test_a_student_converts_to_litert_without_running_its_saved_modeling_file(litert_env, tmp_path):
+    """The converter's environment loads a student with canao's classes too (canao.qa.litert)."""
+    student = extract(Supernet(init_qa_model("random", BertShape(3, 48, 3, 96), seed=0)),
+                      SubnetConfig(2, 32, (2, 1), (96, 32)))
+    student.save_pretrained(tmp_path / "student")
+    marker = tmp_path / "the-modeling-file-ran"
+    (tmp_path / "student" / "modeling_canao_bert.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    inputs = tuple(x.numpy() for x in example_inputs(SEQ_LEN))
+    path = export_litert(tmp_path / "student", SEQ_LEN, tmp_path / "student.tflite")
+    outputs = backend_runner("litert", path, threads=1)(*inputs)
+    assert max_abs_diff(outputs, TorchRunner(tmp_path / "student", threads=1)(*inputs)) < 1e-3
+    assert not marker.exists()
