@@ -19,7 +19,8 @@ from scipy.stats import spearmanr
 from canao import hardware
 from canao.codesign.elastic import extract
 from canao.codesign.kd import TeacherTargets, fit
-from canao.config import resolve_path
+from canao.config import config_hash, resolve_path
+from canao.manifest import sha256_file
 from canao.qa.augment import with_copies
 from canao.qa.config import BertShape, FinalizeConfig, SpaceConfig, SquadFeatureConfig
 from canao.qa.data import build_features, load_squad
@@ -52,12 +53,16 @@ def study(teacher_dir: Path, subnets: list[SubnetConfig], space: SpaceConfig, cf
     teacher.requires_grad_(False)
     hidden = sorted({i for s in subnets for i in matched_layers(s.layer_indices(shape.num_layers))})
     eval_examples = load_squad(resolve_path(cfg.data.eval_file), cfg.data.eval_questions)
+    # What the kept targets and each student's checkpoints were made from: a study killed and run
+    # again resumes them only if nothing changed.
+    fingerprint = "-".join([sha256_file(teacher_dir / "model.safetensors")[:16], config_hash(cfg),
+                            config_hash(features_cfg), str(importance_batches), ",".join(map(str, hidden))])
     supernet = Supernet(copy.deepcopy(teacher))
     proxy = load_supernet(supernet_dir)[0] if supernet_dir else None
     rows = []
     try:
         started = time.perf_counter()
-        targets = TeacherTargets.compute(work_dir / "targets", "students", features.lengths(),
+        targets = TeacherTargets.compute(work_dir / "targets", fingerprint, features.lengths(),
                                          lambda index: teacher_targets(teacher, features.model_inputs(index), hidden),
                                          cfg.train.eval_batch_size, cfg.train.bf16)
         targets_seconds = round(time.perf_counter() - started, 1)
@@ -68,7 +73,8 @@ def study(teacher_dir: Path, subnets: list[SubnetConfig], space: SpaceConfig, cf
             loss_fn = student_kd_loss(lambda index, inputs: targets.batch(index, inputs["input_ids"].shape[1]),
                                       layer_map, cfg.kd)
             student = extract(supernet, subnet)
-            stats = fit(student, features, loss_fn, cfg.train, cfg.seed, work_dir / f"student-{n}", "students",
+            stats = fit(student, features, loss_fn, cfg.train, cfg.seed, work_dir / f"student-{n}",
+                        f"{fingerprint}-{config_hash(subnet)}",
                         desc=f"student {n + 1}/{len(subnets)}", lengths=features.lengths())
             scores, _ = evaluate(QAPredictor(student, tokenizer, features_cfg, cfg.train.eval_batch_size),
                                  eval_examples, progress=False)

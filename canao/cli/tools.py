@@ -113,7 +113,7 @@ def cmd_bench_kd(args) -> None:
     subnet = SubnetConfig.from_dict(json.loads(args.subnet), "--subnet")
     features = SquadFeatureConfig(max_seq_len=args.seq_len, doc_stride=args.seq_len // 4)
     result = kd_throughput(Path(args.teacher) if args.teacher else minilm_dir(), subnet, args.questions, features,
-                           cfg.train, cfg.kd, resolve_path("outputs/bench-kd"))
+                           cfg.train, cfg.kd, resolve_path(args.work_dir))
     result["command"] = args.command_line
     print(json.dumps(result, indent=1))
     if args.benchmarks:
@@ -139,7 +139,7 @@ def cmd_bench_students(args) -> None:
     space = load_config("distill", args.profile).space
     try:
         result = study(resolve_path(args.teacher), subnets, space, cfg, features, args.importance_batches,
-                       resolve_path("outputs/bench-students"), resolve_path(args.supernet) if args.supernet else None)
+                       resolve_path(args.work_dir), resolve_path(args.supernet) if args.supernet else None)
     except ValueError as e:
         raise ValueError(f"--subnets {args.subnets}: {e}") from None
     result["command"] = args.command_line
@@ -170,6 +170,7 @@ def register(sub) -> None:
     p.add_argument("--questions", type=int, default=600, help="first N training questions")
     p.add_argument("--seq-len", type=int, default=256, help="window length (doc stride: a quarter of it)")
     p.add_argument("--benchmarks", help="also write the figures into this Markdown file's section")
+    p.add_argument("--work-dir", default="outputs/bench-kd", help="scratch directory, removed afterwards")
     p.set_defaults(func=cmd_bench_kd)
 
     p = sub.add_parser("bench-students", help="candidate students distilled alike and scored: which are worth it")
@@ -185,6 +186,7 @@ def register(sub) -> None:
     p.add_argument("--supernet", help="a `canao distill` output: also score each subnet as its slice (the proxy)")
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--benchmarks", help="also write the figures into this Markdown file's section")
+    p.add_argument("--work-dir", default="outputs/bench-students", help="scratch directory, removed afterwards")
     p.set_defaults(func=cmd_bench_students)
 
     p = sub.add_parser("compile", help="compile a QA model with TVM for a device (+ peer exports)")

@@ -114,7 +114,7 @@ def test_bench_kd_times_both_recipes_into_its_section(tmp_path, capsys):
     benchmarks.write_text("# Benchmarks\n\n## Serving load test\n\nkept as it is\n")
     subnet = '{"num_layers": 1, "hidden_size": 384, "heads": [2], "ffn_sizes": [256]}'
     assert main(["bench-kd", "--profile", "tiny", "--questions", "8", "--seq-len", "64", "--subnet", subnet,
-                 "--benchmarks", str(benchmarks)]) == 0
+                 "--benchmarks", str(benchmarks), "--work-dir", str(tmp_path / "work")]) == 0
     out = capsys.readouterr().out
     result = json.loads(out[out.index("\n{") + 1:])  # the figures follow the progress lines
     assert result["teacher_every_step"]["steps"] == result["kept_targets"]["steps"] > 0
@@ -133,7 +133,7 @@ def test_bench_students_distils_each_candidate_alike_into_its_section(memorized_
     benchmarks.write_text("# Benchmarks\n\n## Serving load test\n\nkept as it is\n")
     assert main(["bench-students", "--profile", "tiny", "--teacher", str(memorized_qa[0]), "--subnets", str(subnets),
                  "--questions", "6", "--eval-questions", "4", "--seq-len", "64", "--importance-batches", "1",
-                 "--out", str(out), "--benchmarks", str(benchmarks)]) == 0
+                 "--out", str(out), "--benchmarks", str(benchmarks), "--work-dir", str(tmp_path / "work")]) == 0
     result = json.loads(out.read_text())
     rows = result["students"]
     assert [r["subnet"]["num_layers"] for r in rows] == [1, 2] and rows[1]["subnet"]["layers"] == [0, 1]
@@ -147,6 +147,6 @@ def test_bench_students_distils_each_candidate_alike_into_its_section(memorized_
                         "subnets[0]: subnet.hidden_size: 48 not in [16, 32]")):
         subnets.write_text(bad)
         assert main(["bench-students", "--profile", "tiny", "--teacher", str(memorized_qa[0]), "--subnets",
-                     str(subnets), "--out", str(tmp_path / "bad.json")]) == 2
+                     str(subnets), "--out", str(tmp_path / "bad.json"), "--work-dir", str(tmp_path / "work")]) == 2
         assert f"--subnets {subnets}: " in (err := capsys.readouterr().err) and named in err, err
         assert not (tmp_path / "bad.json").exists()
