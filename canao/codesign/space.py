@@ -1,5 +1,4 @@
-"""What every family's search space shares: evenly spaced kept layers and the checks of a
-dimension's allowed values.
+"""What every family's search space shares: the checks of a dimension's allowed values.
 
 The allowed values are chosen for the compiler, not only for accuracy:
 - widths (hidden and FFN) are multiples of `align` (64 for MiniLM): every matmul dimension
@@ -14,13 +13,6 @@ The allowed values are chosen for the compiler, not only for accuracy:
 from __future__ import annotations
 
 from canao.config import ConfigError
-
-
-def evenly_spaced(kept: int, total: int) -> list[int]:
-    """Which `kept` of `total` teacher blocks a subnet keeps: evenly spaced, always the last (whose
-    output the head reads), so the subnet spans the teacher's depth the way DynaBERT drops layers."""
-    step = total / kept
-    return [round((i + 1) * step) - 1 for i in range(kept)]
 
 
 def check_choices(name: str, values, bound: int) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from canao.codesign.space import check_choices, evenly_spaced
+from canao.codesign.space import check_choices
 from canao.config import ConfigError
 from canao.lm.config import DecoderShape, DecoderSpaceConfig
 
@@ -25,6 +25,13 @@ def decoder_shape(llama_config) -> DecoderShape:
         raise ValueError(f"head_dim: {head_dim}, not hidden_size / num_attention_heads "
                          f"({shape.hidden_size // shape.num_heads}); such a decoder cannot be a supernet's teacher")
     return shape
+
+
+def evenly_spaced(kept: int, total: int) -> list[int]:
+    """Which `kept` of `total` teacher blocks a subnet keeps: evenly spaced, always the last (whose
+    output the head reads), so the subnet spans the teacher's depth the way DynaBERT drops layers."""
+    step = total / kept
+    return [round((i + 1) * step) - 1 for i in range(kept)]
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,7 @@ class BenchConfig:
 class SpaceConfig:
     """Allowed subnet values (canao/codesign/space.py says why these: shapes the compiler handles well)."""
 
-    layer_counts: tuple[int, ...] = (2, 3, 4, 5, 6)  # kept teacher blocks, evenly spaced
+    layer_counts: tuple[int, ...] = (2, 3, 4, 5, 6)  # kept teacher blocks (canao.qa.space says which)
     hidden_sizes: tuple[int, ...] = (128, 192, 256, 320, 384)  # residual widths
     head_counts: tuple[int, ...] = (2, 4, 6, 8, 10, 12)  # attention heads per layer (head size stays the teacher's)
     ffn_sizes: tuple[int, ...] = (256, 512, 768, 1024, 1280, 1536)  # FFN widths per layer

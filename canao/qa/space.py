@@ -1,7 +1,9 @@
 """The BERT-QA search space: subnets of a BERT teacher as the compiler will see them.
 
-A subnet keeps `num_layers` of the teacher's blocks (evenly spaced, so it spans the
-teacher's depth the way DynaBERT drops layers), a residual width `hidden_size`, and per
+A subnet keeps `num_layers` of the teacher's blocks (`first_layers_spread`: layer 0 and every
+(total/kept)-th after it, the top block dropped first; chosen by measurement, BENCHMARKS.md's
+"Which students": with the same widths, 3 of 6 blocks kept as 0,2,4 distilled to F1 39.8 where
+1,3,5 (evenly spaced, the top kept) reached 21.0 and 0,2,5 12.9), a residual width `hidden_size`, and per
 kept layer a number of attention heads and an FFN width. Heads keep the teacher's head
 size, so a layer's attention width is `heads * head_size`; it cannot exceed `hidden_size`
 (the extracted model is a plain BERT whose head count is bounded by hidden / head size).
@@ -14,7 +16,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from canao.codesign.space import check_choices, evenly_spaced
+from canao.codesign.space import check_choices
 from canao.config import ConfigError
 from canao.qa.config import BertShape, SpaceConfig
 
@@ -25,7 +27,7 @@ class SubnetConfig:
     hidden_size: int  # residual width: the first `hidden_size` channels of the (importance-ordered) teacher
     heads: tuple[int, ...]  # attention heads of each kept block (the most important first)
     ffn_sizes: tuple[int, ...]  # FFN width of each kept block (the most important neurons first)
-    layers: tuple[int, ...] = ()  # the teacher blocks kept, in order; () = evenly spaced (`layer_indices`)
+    layers: tuple[int, ...] = ()  # the teacher blocks kept, in order; () = `first_layers_spread`
 
     def __post_init__(self):
         if self.layers and (len(self.layers) != self.num_layers or list(self.layers) != sorted(set(self.layers))
@@ -34,7 +36,7 @@ class SubnetConfig:
                              f"layer indices in increasing order")
 
     def layer_indices(self, teacher_layers: int) -> list[int]:
-        return list(self.layers) or evenly_spaced(self.num_layers, teacher_layers)
+        return list(self.layers) or first_layers_spread(self.num_layers, teacher_layers)
 
     def to_dict(self) -> dict:
         return {"num_layers": self.num_layers, "hidden_size": self.hidden_size,
@@ -130,7 +132,7 @@ class SearchSpace:
 
 def first_layers_spread(kept: int, total: int) -> list[int]:
     """Every (total/kept)-th teacher block from the first (DistilBERT's every other layer): the
-    blocks a user keeps by hand, layer 0 always among them."""
+    blocks a user keeps by hand, and the QA space's choice, layer 0 always among them."""
     return [i * total // kept for i in range(kept)]
 
 

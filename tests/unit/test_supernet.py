@@ -84,10 +84,10 @@ def test_subnet_gradients_reach_only_the_shared_slice(supernet):
     subnet = SubnetConfig(1, 16, (1,), (32,))
     supernet.zero_grad()
     supernet(subnet, **inputs()).start_logits.sum().backward()
-    layer = supernet.model.bert.encoder.layer[2]  # one kept layer: the last
+    layer = supernet.model.bert.encoder.layer[0]  # one kept layer: the first
     grad = layer.intermediate.dense.weight.grad
     assert grad[:32, :16].abs().sum() > 0 and grad[32:].abs().sum() == 0 and grad[:, 16:].abs().sum() == 0
-    assert supernet.model.bert.encoder.layer[0].intermediate.dense.weight.grad is None
+    assert supernet.model.bert.encoder.layer[2].intermediate.dense.weight.grad is None
     supernet.zero_grad()
 
 
@@ -106,8 +106,8 @@ def test_space_rejects_bad_configs_and_subnets():
         space.validate(SubnetConfig(2, 32, (1, 2), (32,)))
     with pytest.raises(ValueError, match="subnet.num_layers: 4 not in"):
         space.validate(SubnetConfig(4, 32, (1,) * 4, (32,) * 4))
-    assert SubnetConfig(3, 16, (1,) * 3, (32,) * 3).layer_indices(6) == [1, 3, 5]
-    assert SubnetConfig(3, 16, (1,) * 3, (32,) * 3, layers=(0, 2, 4)).layer_indices(6) == [0, 2, 4]
+    assert SubnetConfig(3, 16, (1,) * 3, (32,) * 3).layer_indices(6) == [0, 2, 4]
+    assert SubnetConfig(3, 16, (1,) * 3, (32,) * 3, layers=(1, 3, 5)).layer_indices(6) == [1, 3, 5]
     with pytest.raises(ValueError, match=r"subnet.layers: \[2, 0\] must be 2 distinct"):
         SubnetConfig(2, 32, (1, 1), (32, 32), layers=(2, 0))
     with pytest.raises(ValueError, match=r"subnet.layers: \[1, 3\] past the teacher's 3"):
