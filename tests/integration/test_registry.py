@@ -79,8 +79,6 @@ def test_a_crafted_manifest_is_refused_on_pull_and_nothing_is_written(store, tmp
     manifest["files"][crafted] = entry
     registry.client.put_object(Bucket="canao-crafted", Key=f"models/qa/{version}/manifest.json",
                                Body=json.dumps(manifest).encode())
-    registry.client.put_object(Bucket="canao-crafted", Key=f"models/qa/{version}/{crafted}",
-                               Body=(tmp_path / "src" / "part-00.bin").read_bytes())
     work = tmp_path / "work"
     work.mkdir()
     with pytest.raises(RegistryError, match="field 'files'"):
