@@ -78,7 +78,8 @@ def study(teacher_dir: Path, subnets: list[SubnetConfig], space: SpaceConfig, cf
                         desc=f"student {n + 1}/{len(subnets)}", lengths=features.lengths())
             scores, _ = evaluate(QAPredictor(student, tokenizer, features_cfg, cfg.train.eval_batch_size),
                                  eval_examples, progress=False)
-            row = {"subnet": subnet.to_dict(), "label": subnet.label(), "params": params(subnet, shape, 0, 0),
+            kept = dataclasses.replace(subnet, layers=tuple(layer_map))  # recorded whatever the space's rule
+            row = {"subnet": kept.to_dict(), "label": kept.label(), "params": params(subnet, shape, 0, 0),
                    "flops": flops(subnet, shape, features_cfg.max_seq_len), "f1": round(scores["f1"], 2),
                    "exact_match": round(scores["exact_match"], 2), "steps": stats["steps"],
                    "train_seconds": stats["train_seconds"], "final_loss_terms": stats["final_loss_terms"]}
