@@ -24,7 +24,7 @@ from canao.manifest import sha256_file
 from canao.qa.augment import with_copies
 from canao.qa.config import BertShape, FinalizeConfig, SpaceConfig, SquadFeatureConfig
 from canao.qa.data import build_features, load_squad
-from canao.qa.distill import load_supernet, matched_layers, student_kd_loss, teacher_targets
+from canao.qa.distill import kept_targets_of, load_supernet, matched_layers, student_kd_loss, teacher_targets
 from canao.qa.model import Supernet, importance, load_qa_model, load_tokenizer, sort_by_importance
 from canao.qa.predictor import QAPredictor, evaluate
 from canao.qa.space import SearchSpace, SubnetConfig, flops, params
@@ -39,9 +39,10 @@ def study(teacher_dir: Path, subnets: list[SubnetConfig], space: SpaceConfig, cf
     as a slice of that supernet."""
     teacher = load_qa_model(teacher_dir)
     shape = BertShape.of(teacher.config)
+    allowed = SearchSpace(space, shape)
     for i, subnet in enumerate(subnets):
         try:
-            SearchSpace(space, shape).validate(subnet)
+            allowed.validate(subnet)
         except ValueError as e:
             raise ValueError(f"subnets[{i}]: {e}") from None
     hardware.torch_threads(cfg.train.threads)
@@ -70,8 +71,7 @@ def study(teacher_dir: Path, subnets: list[SubnetConfig], space: SpaceConfig, cf
                                      eval_examples, progress=False)
         for n, subnet in enumerate(subnets):
             layer_map = subnet.layer_indices(shape.num_layers)
-            loss_fn = student_kd_loss(lambda index, inputs: targets.batch(index, inputs["input_ids"].shape[1]),
-                                      layer_map, cfg.kd)
+            loss_fn = student_kd_loss(kept_targets_of(targets), layer_map, cfg.kd)
             student = extract(supernet, subnet)
             stats = fit(student, features, loss_fn, cfg.train, cfg.seed, work_dir / f"student-{n}",
                         f"{fingerprint}-{config_hash(subnet)}",

@@ -21,7 +21,7 @@ from canao.codesign.kd import TeacherTargets, fit
 from canao.config import KDConfig, TrainConfig, resolve_path
 from canao.qa.config import SquadDataConfig, SquadFeatureConfig
 from canao.qa.data import build_features, load_squad
-from canao.qa.distill import matched_layers, student_kd_loss, teacher_targets
+from canao.qa.distill import kept_targets_of, matched_layers, student_kd_loss, teacher_targets
 from canao.qa.model import Supernet, load_qa_model, load_tokenizer
 from canao.qa.space import SubnetConfig
 
@@ -56,7 +56,7 @@ def kd_throughput(teacher_dir: Path, subnet: SubnetConfig, questions: int, featu
                                       lambda index: teacher_targets(teacher, features.model_inputs(index), hidden),
                                       train.eval_batch_size, train.bf16)
         targets_seconds = time.perf_counter() - started
-        after = run("kept-targets", lambda index, inputs: kept.batch(index, inputs["input_ids"].shape[1]),
+        after = run("kept-targets", kept_targets_of(kept),
                     train.length_pool)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)

@@ -12,7 +12,16 @@ from pathlib import Path
 
 import torch
 
-from canao.codesign.kd import IMPORTANCE_FILE, SUPERNET_DIR, fit, hidden_mse, importance_once, sandwich, soft_kl
+from canao.codesign.kd import (
+    IMPORTANCE_FILE,
+    SUPERNET_DIR,
+    TeacherTargets,
+    fit,
+    hidden_mse,
+    importance_once,
+    sandwich,
+    soft_kl,
+)
 from canao.config import KDConfig, config_hash, resolve_path, to_dict
 from canao.hardware import torch_threads
 from canao.manifest import reusable, sha256_file, verify_manifest, verify_stage, write_manifest
@@ -67,6 +76,11 @@ def kd_loss(student_out, target: dict[str, torch.Tensor], layer_map: list[int], 
         ce = torch.nn.functional.cross_entropy
         terms["hard"] = cfg.hard_weight * (ce(start, gold[0]) + ce(end, gold[1])) / 2
     return terms
+
+
+def kept_targets_of(targets: TeacherTargets):
+    """A `student_kd_loss` `targets_of` that reads the teacher's kept `targets`, trimmed to the batch's length."""
+    return lambda index, inputs: targets.batch(index, inputs["input_ids"].shape[1])
 
 
 def student_kd_loss(targets_of, layer_map: list[int], cfg: KDConfig):

@@ -25,7 +25,14 @@ from canao.qa.bench import bench
 from canao.qa.compile import compile_model
 from canao.qa.config import BenchConfig, CompileConfig, FinalizeConfig, SquadFeatureConfig
 from canao.qa.data import Features, build_features, load_squad
-from canao.qa.distill import load_supernet, matched_layers, sorted_teacher, student_kd_loss, teacher_targets
+from canao.qa.distill import (
+    kept_targets_of,
+    load_supernet,
+    matched_layers,
+    sorted_teacher,
+    student_kd_loss,
+    teacher_targets,
+)
 from canao.qa.model import load_qa_model, load_tokenizer
 from canao.qa.predictor import QAPredictor, evaluate, load_artifact
 from canao.qa.search import QA
@@ -112,7 +119,7 @@ def _distilled(cfg: FinalizeConfig, student: torch.nn.Module, layer_map: list[in
         if kept["fingerprint"] == fingerprint:
             return load_qa_model(done), kept["stats"]
 
-    loss_fn = student_kd_loss(lambda index, inputs: targets.batch(index, inputs["input_ids"].shape[1]), layer_map,
+    loss_fn = student_kd_loss(kept_targets_of(targets), layer_map,
                               cfg.kd)
     stats = fit(student, features, loss_fn, cfg.train, cfg.seed, work_dir, fingerprint, desc=name,
                 lengths=features.lengths())
