@@ -119,7 +119,27 @@ def search_report(student_dir: str | Path) -> str:
               f"**{'met' if met else 'not met'}**."]
     if baseline:
         lines += ["", _against_baseline(m, baseline)]
+    if m.get("budgets"):
+        lines += ["", *_budgets_table(m)]
     return "\n".join(lines) + "\n"
+
+
+def _budgets_table(m: dict) -> list[str]:
+    """Every budget finalize trained a student (and a uniform baseline) for, as deployed."""
+    deployed = {**m, **{k: m[f"student_{k}"] for k in ("ms", "best_backend", "best_backend_f1")}}
+    rows = [("deployed", deployed)] + [(name, b) for name, b in m["budgets"].items()]
+    lines = ["Finalized at each budget (the same recipe and steps; compiled, timed back to back with the teacher, "
+             "scored as compiled on its fastest backend):", "",
+             "| budget | model | config | runs on | p50 ms | LiteRT fp32 on the teacher / model | dev-a F1 | "
+             "below the teacher |", "|---|---|---|---|---|---|---|---|"]
+    for name, student in rows:
+        for kind, figures in (("searched", student), ("uniform baseline", student.get("baseline"))):
+            if figures:
+                lines.append(f"| {name} ({figures['budget_ms']:.2f} ms) | {kind} | {_label(figures['subnet'])} | "
+                             f"{figures['best_backend']} | {min(figures['ms'].values()):.2f} | "
+                             f"{figures['speedup_vs_teacher_litert']:.2f}x | {figures['best_backend_f1']:.2f} | "
+                             f"{m['teacher_f1'] - figures['best_backend_f1']:.2f} |")
+    return lines
 
 
 def _against_baseline(m: dict, baseline: dict) -> str:

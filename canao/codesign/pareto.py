@@ -107,11 +107,29 @@ def latency_budget(cfg, teacher_ms: dict[str, float], baseline: str) -> float:
     `min_speedup`; 0 = none."""
     budgets = [cfg.latency_budget_ms] if cfg.latency_budget_ms else []
     if cfg.min_speedup:
-        if baseline not in teacher_ms:
-            raise ValueError(f"min_speedup: the latency model holds no {baseline} timing of the teacher's shape "
-                             f"(only {', '.join(teacher_ms)}); add {baseline} to the latency stage's backends")
-        budgets.append(teacher_ms[baseline] / cfg.min_speedup)
+        budgets.append(speedup_budget(cfg.min_speedup, teacher_ms, baseline, "min_speedup"))
     return min(budgets, default=0.0)
+
+
+def speedup_budget(speedup: float, teacher_ms: dict[str, float], baseline: str, field: str) -> float:
+    """The latency in ms that is `speedup` times faster than the teacher on `baseline`."""
+    if baseline not in teacher_ms:
+        raise ValueError(f"{field}: the latency model holds no {baseline} timing of the teacher's shape "
+                         f"(only {', '.join(teacher_ms)}); add {baseline} to the latency stage's backends")
+    return teacher_ms[baseline] / speedup
+
+
+def front_budgets(cfg, teacher_ms: dict[str, float], baseline: str) -> list[dict]:
+    """The looser budgets finalize also trains a student for (`cfg.front_speedups`), each as
+    {"min_speedup", "latency_budget_ms"}, loosest first."""
+    return [{"min_speedup": s, "latency_budget_ms": speedup_budget(s, teacher_ms, baseline, "front_speedups")}
+            for s in sorted(cfg.front_speedups)]
+
+
+def search_budget(budget: float, extra: list[dict]) -> float:
+    """The budget the search itself runs under: the loosest of the deployed `budget` and the
+    `extra` front budgets, so the front covers each; 0 (none) when the deployed one is none."""
+    return max([budget, *(b["latency_budget_ms"] for b in extra)]) if budget else 0.0
 
 
 def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
@@ -170,8 +188,8 @@ def plot_front(result: dict, path: Path, objectives: Objectives) -> None:
     measured = [p for p in front if p["measured_ms"] is not None]
     ax.scatter([p["measured_ms"] for p in measured], [p[key] for p in measured], marker="x", s=60, c="tab:orange",
                label="front, measured on the device", zorder=3)
-    if "baseline" in result:  # the family's uniform student at the same budget, with supernet weights
-        baseline = result["baseline"]
+    # the family's uniform student at each budget, with supernet weights
+    for baseline in [b["baseline"] for b in [result, *result.get("front_budgets", [])] if "baseline" in b]:
         ax.scatter([baseline["predicted_ms"]], [baseline[key]], marker="s", s=50, c="black", zorder=3,
                    label=f"uniform baseline (predicted): {baseline['label']}")
     teacher = result["teacher"]
@@ -181,6 +199,8 @@ def plot_front(result: dict, path: Path, objectives: Objectives) -> None:
     ax.axhline(teacher[key], ls=":", c="gray", label=f"teacher {key} {teacher[key]:.1f} (supernet, largest)")
     if result["latency_budget_ms"]:
         ax.axvspan(result["latency_budget_ms"], ax.get_xlim()[1], color="gray", alpha=0.1, label="over budget")
+    for b in result.get("front_budgets", []):
+        ax.axvline(b["latency_budget_ms"], ls="-.", c="gray", label=f"{b['min_speedup']:g}x budget")
     ax.set_xscale("log")  # backends and subnets span orders of magnitude (untuned TVM vs LiteRT)
     ax.set_xlabel(objectives.latency_label.format(**result))
     ax.set_ylabel(objectives.accuracy_label)
@@ -191,10 +211,10 @@ def plot_front(result: dict, path: Path, objectives: Objectives) -> None:
     plt.close(fig)
 
 
-def choose(result: dict, objectives: Objectives) -> dict:
+def choose(result: dict, objectives: Objectives, budget_ms: float | None = None) -> dict:
     """The front point to ship: the most accurate one whose latency (measured, else predicted) is
-    within the budget."""
-    budget = result["latency_budget_ms"]
+    within `budget_ms` (default: the search's deployed budget, `latency_budget_ms`)."""
+    budget = result["latency_budget_ms"] if budget_ms is None else budget_ms
     fitting = [p for p in result["front"]
                if not budget or (p["measured_ms"] if p["measured_ms"] is not None else p["predicted_ms"]) <= budget]
     if not fitting:

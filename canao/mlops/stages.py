@@ -43,7 +43,7 @@ from canao.qa.bench import BACKENDS, BASELINE, bench
 from canao.qa.compile import compile_model
 from canao.qa.config import BenchConfig, BertShape
 from canao.qa.distill import train_supernet
-from canao.qa.finalize import BASELINE_DIR, finalize
+from canao.qa.finalize import BASELINE_DIR, BUDGETS_DIR, STUDENT_PREFIXED, finalize
 from canao.qa.latency import fit_latency_model
 from canao.qa.search import search
 from canao.qa.space import SubnetConfig, flops
@@ -183,6 +183,31 @@ def _qa_block(directory: Path) -> dict:
     return {"dir": str(directory), "exact_match": metrics["exact_match"], "f1": metrics["f1"]}
 
 
+def _finalized_budgets(model_dir: Path) -> dict:
+    """For a finalize output, `students` (one per budget finalize trained, the deployed one first)
+    and `baseline` (each budget's uniform baseline), each entry as finalize measured it: the
+    fastest backend as compiled when it benchmarked (else PyTorch), back to back with the teacher."""
+    manifest = verify_manifest(model_dir)
+    if manifest["stage"] != "finalize":
+        return {}
+    m = manifest["metrics"]
+    deployed = {**m, **{k: m[f"student_{k}"] for k in STUDENT_PREFIXED if f"student_{k}" in m}}
+    students = [(".", deployed)] + [(f"{BUDGETS_DIR}/{name}", b) for name, b in m.get("budgets", {}).items()]
+    baselines = [(f"{relative}/{BASELINE_DIR}", figures["baseline"]) for relative, figures in students
+                 if "baseline" in figures]
+
+    def entry(relative: str, figures: dict) -> dict:
+        benchmarked = "best_backend" in figures
+        return {"budget": figures.get("budget", "deployed"), "budget_ms": figures.get("budget_ms"),
+                "dir": str(model_dir / relative), "config": figures["subnet"],
+                "backend": figures["best_backend"] if benchmarked else "pytorch",
+                "speedup_vs_litert_fp32_teacher": figures.get("speedup_vs_teacher_litert"),
+                "exact_match": figures["best_backend_exact_match" if benchmarked else "exact_match"],
+                "f1": figures["best_backend_f1" if benchmarked else "f1"]}
+
+    return {"students": [entry(*s) for s in students], "baseline": [entry(*b) for b in baselines]}
+
+
 def _architecture(model_dir: Path) -> dict:
     """The model's shape as a subnet (`SubnetConfig.to_dict()`): a plain BERT has one head
     count and FFN width for every layer, a searched student (CanaoBertConfig) one per layer."""
@@ -227,9 +252,9 @@ def run_deploy(cfg: DeployConfig, inputs: dict[str, Path], out_dir: Path, contex
     speedup = baseline[0] / choice["p50_ms"] if baseline else None
     teacher, student = _qa_block(inputs["teacher"]), _qa_block(inputs["model"])
     stats = model_stats(inputs["model"], compiled["config"]["seq_len"])
-    # the student alone: the uniform baseline finalize made beside it is a figure, not a deliverable
+    # the student alone: the baselines and looser budgets' students finalize made beside it are figures
     student_files = {rel: path for rel, path in directory_files(inputs["model"], MODEL_DIR).items()
-                     if not rel.startswith(f"{MODEL_DIR}/{BASELINE_DIR}/")}
+                     if not rel.startswith((f"{MODEL_DIR}/{BASELINE_DIR}/", f"{MODEL_DIR}/{BUDGETS_DIR}/"))}
     files = {**student_files, **directory_files(inputs["compiled"], f"{COMPILED_DIR}/{device}")}
     version = content_version(files)
     registry = Registry(cfg.bucket)
@@ -259,6 +284,7 @@ def run_deploy(cfg: DeployConfig, inputs: dict[str, Path], out_dir: Path, contex
         "device": device,
         "backend": choice,
         "speedup_vs_litert_fp32_teacher": speedup,
+        **_finalized_budgets(inputs["model"]),
         "registry_uri": uri,
         "registry_version": version,
         "mlflow_model": {"name": cfg.model_name, "version": model_version, "alias": cfg.alias},

@@ -173,6 +173,9 @@ class SearchConfig:
     # ...nor the teacher's shape on LiteRT fp32 (the peer to beat, as the latency stage measured it on
     # this device) divided by this: a budget that holds on any machine; 0 = none. The tighter one applies.
     min_speedup: float = 0.0
+    # Looser budgets, as speed-ups over the same peer, at which finalize also trains the front's best
+    # point (and a uniform baseline) beside the deployed one; the search covers the loosest.
+    front_speedups: tuple[float, ...] = ()
     params_budget: int = 0  # parameters must not exceed this; 0 = no budget
     val_questions: int = 500  # the LAST N training questions: held out of distillation, scored each trial
     eval_batch_size: int = 64  # windows per forward pass
@@ -183,6 +186,8 @@ class SearchConfig:
         if self.trials < 1 or self.population_size < 2 or self.val_questions < 1:
             raise ConfigError("trials, val_questions: must be >= 1; population_size: >= 2")
         check_min_speedup(self.min_speedup)
+        if not all(s > 0 for s in self.front_speedups):  # also refuses NaN
+            raise ConfigError(f"front_speedups: every speed-up must be > 0, got {list(self.front_speedups)}")
 
 
 @dataclass(frozen=True)

@@ -39,18 +39,55 @@ from canao.qa.search import QA
 from canao.qa.space import SubnetConfig
 
 BASELINE_DIR = "baseline"  # the uniform baseline's model, inside the student's directory
+BUDGETS_DIR = "budgets"  # the students of the search's looser budgets (`front_speedups`), one directory each
 STATS_FILE = "fit.json"  # a finished distillation's figures, beside its weights in the work directory
+# The deployed student's benchmark figures are named student_<key> in finalize's metrics.
+STUDENT_PREFIXED = ("ms", "best_backend", "best_backend_f1", "best_backend_exact_match")
+
+
+@dataclasses.dataclass(frozen=True)
+class Finalized:
+    """One model finalize trains: the front point chosen within a budget, or that budget's
+    uniform baseline."""
+
+    budget: str  # "" for the deployed budget, else a looser one's speed-up, e.g. "4x"
+    is_baseline: bool
+    origin: dict  # the front point or baseline entry of front.json it comes from
+    budget_ms: float  # the latency budget it was chosen within (0: none)
+
+    @property
+    def name(self) -> str:  # "student", "baseline", "4x", "4x/baseline"
+        own = "baseline" if self.is_baseline else ""
+        return "/".join(filter(None, [self.budget, own])) or "student"
+
+    @property
+    def directory(self) -> str:  # relative to finalize's output directory
+        return "/".join(filter(None, [self.budget and f"{BUDGETS_DIR}/{self.budget}",
+                                      self.is_baseline and BASELINE_DIR]))
+
+
+def plan(result: dict, with_baseline: bool) -> list[Finalized]:
+    """What finalize trains for a search `result` (front.json): the deployed budget's student,
+    then per looser budget the front's most accurate point within it, each followed by its
+    budget's uniform baseline when `with_baseline` and the search made one."""
+    models = []
+    for label, budget in [("", result)] + [(f"{b['min_speedup']:g}x", b) for b in result.get("front_budgets", [])]:
+        ms = budget["latency_budget_ms"]
+        models.append(Finalized(label, False, choose(result, QA, ms), ms))
+        if with_baseline and "baseline" in budget:
+            models.append(Finalized(label, True, budget["baseline"], ms))
+    return models
 
 
 def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | Path, search_dir: str | Path,
              out_dir: str | Path) -> dict:
     """The student model directory (save_pretrained layout + manifest with dev EM/F1); beside it,
-    in `BASELINE_DIR`, the search's uniform baseline finalized alike, so its figures compare."""
+    in `BASELINE_DIR`, the search's uniform baseline finalized alike, so its figures compare, and
+    in `BUDGETS_DIR`, the students (and baselines) of the search's looser budgets."""
     teacher_dir, supernet_dir, search_dir, out_dir = map(Path, (teacher_dir, supernet_dir, search_dir, out_dir))
     search_manifest = verify_stage(search_dir, "search", "a search")
     result = json.loads((search_dir / FRONT_JSON).read_text())
-    point = choose(result, QA)
-    subnet = SubnetConfig.from_dict(point["subnet"])
+    models = plan(result, cfg.baseline)
     fingerprint = config_hash(cfg) + "-" + search_manifest["files"][FRONT_JSON][:16]
     existing = reusable(out_dir, fingerprint, "student")
     if existing is not None:
@@ -63,14 +100,11 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
     train_file, eval_file = resolve_path(cfg.data.train_file), resolve_path(cfg.data.eval_file)
     features = build_features(with_copies(load_squad(train_file, cfg.data.train_questions), cfg.augment),
                               tokenizer, features_cfg)
-    chosen = {"student": (subnet, out_dir, point)}
-    if cfg.baseline and "baseline" in result:
-        chosen["baseline"] = (SubnetConfig.from_dict(result["baseline"]["subnet"]), out_dir / BASELINE_DIR,
-                              result["baseline"])
     teacher_layers = supernet.shape.num_layers
+    subnets = {m.name: SubnetConfig.from_dict(m.origin["subnet"]) for m in models}
     work_dir = out_dir / "checkpoints"
     # One teacher pass serves every student: the hidden states any of them learns from.
-    hidden = sorted({i for s, _, _ in chosen.values()
+    hidden = sorted({i for s in subnets.values()
                      for i in matched_layers(s.layer_indices(teacher_layers))}) if cfg.kd.hidden_weight else []
     targets = TeacherTargets.compute(
         work_dir / "teacher-targets", fingerprint, features.lengths(),
@@ -79,34 +113,64 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
     eval_examples = load_squad(eval_file, cfg.data.eval_questions)
     teacher_metrics, _ = evaluate(QAPredictor(teacher, tokenizer, features_cfg, cfg.train.eval_batch_size),
                                   eval_examples)
-    scores = {}
-    for name, (student_subnet, directory, origin) in chosen.items():
-        print(f"finalize: {name} {origin['label']} (search F1 {origin['f1']:.2f}); fine-tuning on "
+    scores, done = {}, {}  # done: subnet -> the name that trained it (two budgets may choose the same point)
+    for m in models:
+        subnet, directory = subnets[m.name], out_dir / m.directory
+        if subnet in done:
+            print(f"finalize: {m.name} is {done[subnet]}'s subnet; copying it", flush=True)
+            _copy_model(out_dir / next(x.directory for x in models if x.name == done[subnet]), directory)
+            scores[m.name] = {**scores[done[subnet]], "budget": m.budget or "deployed", "budget_ms": m.budget_ms}
+            continue
+        print(f"finalize: {m.name} {m.origin['label']} (search F1 {m.origin['f1']:.2f}); fine-tuning on "
               f"{len(features)} windows", flush=True)
-        student, stats = _distilled(cfg, extract(supernet, student_subnet),
-                                    student_subnet.layer_indices(teacher_layers), features, targets,
-                                    work_dir / name, fingerprint, name)
+        student, stats = _distilled(cfg, extract(supernet, subnet), subnet.layer_indices(teacher_layers), features,
+                                    targets, work_dir / m.name, fingerprint, m.name)
         student.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
         scored, _ = evaluate(QAPredictor(student, tokenizer, features_cfg, cfg.train.eval_batch_size), eval_examples)
-        scores[name] = {**scored, **stats, "f1_drop": teacher_metrics["f1"] - scored["f1"],
-                        "subnet": origin["subnet"], "params": origin["params"], "search_f1": origin["f1"]}
+        scores[m.name] = {**scored, **stats, "f1_drop": teacher_metrics["f1"] - scored["f1"],
+                          "subnet": m.origin["subnet"], "params": m.origin["params"], "search_f1": m.origin["f1"],
+                          "budget": m.budget or "deployed", "budget_ms": m.budget_ms}
+        done[subnet] = m.name
     shutil.rmtree(work_dir, ignore_errors=True)
-    metrics = {**scores.pop("student"), "teacher_exact_match": teacher_metrics["exact_match"],
-               "teacher_f1": teacher_metrics["f1"], **scores}
+    common = {}
     if cfg.benchmark:
-        metrics.update(_benchmark(cfg, out_dir, teacher_dir, search_dir, result, eval_examples, metrics))
+        figures, common = _benchmark(cfg, out_dir, teacher_dir, search_dir, result, eval_examples, models)
+        for name, figure in figures.items():
+            scores[name].update(figure)
+    student = scores["student"]
+    # the student's figures keep their names of before baselines (search-report and deploy read them)
+    metrics = {**{(f"student_{k}" if k in STUDENT_PREFIXED else k): v for k, v in student.items()},
+               "teacher_exact_match": teacher_metrics["exact_match"], "teacher_f1": teacher_metrics["f1"], **common}
+    budgets = {}
+    for m in models[1:]:  # each budget's student comes before its baseline
+        if not m.budget:
+            metrics["baseline"] = scores[m.name]
+        elif m.is_baseline:
+            budgets[m.budget]["baseline"] = scores[m.name]
+        else:
+            budgets[m.budget] = dict(scores[m.name])
+    if budgets:
+        metrics["budgets"] = budgets
     inputs = {"teacher": str(teacher_dir.resolve()), "supernet": str(supernet_dir.resolve()),
               "search": str(search_dir.resolve()),
               "train_file": {"path": str(train_file), "sha256": sha256_file(train_file)},
               "eval_file": {"path": str(eval_file), "sha256": sha256_file(eval_file)}}
     # `features` in the config: QAPredictor.from_dir windows inputs the way the student was trained.
     config = {**to_dict(cfg), "features": to_dict(features_cfg)}
-    if "baseline" in metrics:  # a model directory of its own, loadable like the student
-        write_manifest(out_dir / BASELINE_DIR, "finalize", {**config, "subnet": metrics["baseline"]["subnet"]},
-                       metrics["baseline"], inputs, config_hash=fingerprint)
-    return write_manifest(out_dir, "finalize", {**config, "subnet": point["subnet"]}, metrics, inputs,
+    for m in reversed(models[1:]):  # each a model directory of its own, loadable like the student; inner ones first
+        write_manifest(out_dir / m.directory, "finalize", {**config, "subnet": m.origin["subnet"]}, scores[m.name],
+                       inputs, config_hash=fingerprint)
+    return write_manifest(out_dir, "finalize", {**config, "subnet": models[0].origin["subnet"]}, metrics, inputs,
                           config_hash=fingerprint)
+
+
+def _copy_model(source: Path, directory: Path) -> None:
+    """The model files of `source` (not its subdirectories) into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.is_file():
+            shutil.copy2(path, directory / path.name)
 
 
 def _distilled(cfg: FinalizeConfig, student: torch.nn.Module, layer_map: list[int], features: Features,
@@ -129,45 +193,39 @@ def _distilled(cfg: FinalizeConfig, student: torch.nn.Module, layer_map: list[in
 
 
 def _benchmark(cfg: FinalizeConfig, out_dir: Path, teacher_dir: Path, search_dir: Path, result: dict,
-               eval_examples: list, metrics: dict) -> dict:
-    """Compile the student (into out_dir/compiled), the baseline if there is one (into its own
-    compiled/) and the teacher (a scratch directory, removed afterwards) for the search's device
-    with the latency stage's compiler settings, and time them back to back: two timings taken
-    at different times on a shared machine are not comparable, so a speed-up never mixes them.
-    Each student's fastest backend is then scored on `eval_examples` as compiled (an int8 backend
-    loses accuracy of its own), so a speed-up comes with the F1 of what runs at that speed."""
+               eval_examples: list, models: list[Finalized]) -> tuple[dict, dict]:
+    """Compile every finalized model (into its compiled/) and the teacher (a scratch directory,
+    removed afterwards) for the search's device with the latency stage's compiler settings, and
+    time them back to back: two timings taken at different times on a shared machine are not
+    comparable, so a speed-up never mixes them. Each model's fastest backend is then scored on
+    `eval_examples` as compiled (an int8 backend loses accuracy of its own), so a speed-up comes
+    with the F1 of what runs at that speed. Returns the figures by model name, and the device,
+    sequence length and teacher's timings they share."""
     search_manifest = verify_manifest(search_dir)
     latency_manifest = verify_manifest(search_manifest["inputs"]["latency"])
     compile_cfg = from_dict(CompileConfig, latency_manifest["config"]["compile"], "compile.")
     bench_cfg = from_dict(BenchConfig, latency_manifest["config"]["bench"], "bench.")
     compile_cfg = dataclasses.replace(compile_cfg, peers=tuple(b for b in cfg.bench_backends if b != "tvm"))
     device = devices.get_device(result["device"])
-    students = {"student": out_dir} | ({"baseline": out_dir / BASELINE_DIR} if "baseline" in metrics else {})
-    compiled = {name: compile_model(d, device, compile_cfg, d / "compiled") for name, d in students.items()}
+    directories = {m.name: out_dir / m.directory for m in models}
+    compiled = {name: compile_model(d, device, compile_cfg, d / "compiled") for name, d in directories.items()}
     scratch = out_dir / "teacher-compiled"
     try:
         compile_model(teacher_dir, device, compile_cfg, scratch)
         teacher_ms = {r.backend: r.p50_ms for r in bench(scratch, teacher_dir, device, cfg.bench_backends,
                                                                 bench_cfg)}
-        student_ms = {name: {r.backend: r.p50_ms for r in bench(d / "compiled", d, device, cfg.bench_backends,
-                                                                bench_cfg)} for name, d in students.items()}
+        model_ms = {name: {r.backend: r.p50_ms for r in bench(d / "compiled", d, device, cfg.bench_backends,
+                                                              bench_cfg)} for name, d in directories.items()}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     figures = {}
-    for name, directory in students.items():
-        best_ms, best_backend = min((v, b) for b, v in student_ms[name].items())
+    for name, directory in directories.items():
+        best_ms, best_backend = min((v, b) for b, v in model_ms[name].items())
         predictor, _, _ = load_artifact(directory / "compiled", compiled[name], best_backend, device.threads)
         compiled_metrics, _ = evaluate(predictor, eval_examples)
-        figures[name] = {"ms": student_ms[name], "best_backend": best_backend,
+        figures[name] = {"ms": model_ms[name], "best_backend": best_backend,
                          "best_backend_f1": compiled_metrics["f1"],
                          "best_backend_exact_match": compiled_metrics["exact_match"]}
         if "litert" in teacher_ms:
             figures[name]["speedup_vs_teacher_litert"] = teacher_ms["litert"] / best_ms
-    out = {"device": device.key, "seq_len": compile_cfg.seq_len, "teacher_ms": teacher_ms,
-           **{f"student_{k}": v for k, v in figures.pop("student").items()}}
-    if "baseline" in figures:
-        out["baseline"] = {**metrics["baseline"], **figures["baseline"]}
-    # the student's speed-up keeps its name of before baselines (search-report and deploy read it)
-    if "student_speedup_vs_teacher_litert" in out:
-        out["speedup_vs_teacher_litert"] = out.pop("student_speedup_vs_teacher_litert")
-    return out
+    return figures, {"device": device.key, "seq_len": compile_cfg.seq_len, "teacher_ms": teacher_ms}

@@ -81,6 +81,11 @@ def test_pipeline_resumes_after_a_failed_stage_and_records_what_its_summary_says
         assert {"dir", "exact_match", "f1"} <= set(summary[block])
     student = summary["student"]
     assert not student["is_teacher"] and student["dir"] != summary["teacher"]["dir"]
+    # one finalized student per budget (tiny: the deployed one only) and no baseline (tiny skips it)
+    [finalized] = summary["students"]
+    assert finalized["budget"] == "deployed" and finalized["config"] == student["config"]
+    assert {"dir", "backend", "speedup_vs_litert_fp32_teacher", "exact_match", "f1"} <= set(finalized)
+    assert summary["baseline"] == []
     front = json.loads(Path(summary["front"]).read_text())
     assert front["latency_budget_ms"] == 10.0  # the tightest budget
     assert student["config"] in [point["subnet"] for point in front["front"]]

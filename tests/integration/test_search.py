@@ -40,11 +40,14 @@ def stages(tmp_path_factory, lab, litert_env):
     supernet = root / "supernet"
     train_supernet(load_config("distill", "tiny"), teacher, supernet)
     latency = root / "latency"
-    fit_latency_model(load_config("latency", "tiny", overrides=[f"compile.tuning_dir={root / 'tuning'}"]),
-                      get_device("x86-1t"), latency, teacher)
+    # LiteRT fp32 too: the search's budgets are speed-ups over the teacher on it.
+    fit_latency_model(load_config("latency", "tiny", overrides=[
+        f"compile.tuning_dir={root / 'tuning'}", "backends=[tvm, onnxruntime, litert]",
+        "compile.peers=[onnxruntime, litert]"]), get_device("x86-1t"), latency, teacher)
     trials = []
     found = root / "search"
-    search(load_config("search", "tiny"), supernet, latency, found,
+    # Deployed at the teacher's LiteRT fp32 speed, and a student for a budget twice as loose.
+    search(load_config("search", "tiny", overrides=["min_speedup=1", "front_speedups=[0.5]"]), supernet, latency, found,
            on_trial=lambda number, params, metrics: trials.append((number, params, metrics)))
     student = root / "student"
     # Timed on LiteRT fp32 too: the speed-up and the search report are against the teacher on it.
@@ -60,11 +63,11 @@ def test_latency_model_round_trips_through_its_artifact(stages):
     assert model.device == "x86-1t" and model.seq_len == 32 and len(model.measurements) == 4
     assert sum(m["heldout"] for m in model.measurements) == 1
     for m in model.measurements:
-        assert set(m["ms"]) == {"tvm", "onnxruntime"} and all(v > 0 for v in m["ms"].values())
+        assert set(m["ms"]) == {"tvm", "onnxruntime", "litert"} and all(v > 0 for v in m["ms"].values())
     refit = LatencyModel.fit(model.device, model.seq_len, model.teacher, model.measurements, model.family)
     assert refit.coefficients == model.coefficients and refit.error == model.error
     subnet = SubnetConfig.from_dict(model.measurements[0]["subnet"])
-    assert model.fastest(subnet) == min((model.predict(subnet, b), b) for b in ("tvm", "onnxruntime"))
+    assert model.fastest(subnet) == min((model.predict(subnet, b), b) for b in ("tvm", "onnxruntime", "litert"))
     assert set(manifest["metrics"]["error"]["tvm"]) == {"model", "flops_proxy", "fitted_on", "heldout"}
 
 
@@ -80,7 +83,7 @@ def test_search_returns_a_non_dominated_front_with_measurements(stages):
         assert set(p) >= {"subnet", "f1", "predicted_ms", "measured_ms", "params", "flops"} and p["flops"] > 0
     measured = [p for p in front if p["measured_ms"] is not None]
     assert len(measured) == 1 and measured[0]["f1"] == max(p["f1"] for p in front)
-    assert set(result["teacher"]["measured_ms_by_backend"]) == {"tvm", "onnxruntime"}
+    assert set(result["teacher"]["measured_ms_by_backend"]) == {"tvm", "onnxruntime", "litert"}
     assert (stages["search"] / FRONT_PNG).read_bytes()[:4] == b"\x89PNG"
     assert [n for n, _, _ in stages["trials"]] == list(range(6))
     assert all({"f1", "predicted_ms", "params"} <= set(m) for _, _, m in stages["trials"])
@@ -99,8 +102,13 @@ def test_search_holds_the_uniform_baseline_at_the_shipped_points_latency(stages)
     baseline, shipped = result["baseline"], choose(result, QA)
     subnet = SubnetConfig.from_dict(baseline["subnet"])
     assert subnet.layers[0] == 0 and len(set(subnet.heads)) == len(set(subnet.ffn_sizes)) == 1
-    assert baseline["predicted_ms"] <= shipped["predicted_ms"]  # tiny sets no budget: the shipped point's latency
+    teacher_litert = result["teacher"]["measured_ms_by_backend"]["litert"]
+    assert result["latency_budget_ms"] == teacher_litert  # min_speedup 1
+    assert baseline["predicted_ms"] <= result["latency_budget_ms"] and shipped["predicted_ms"] <= teacher_litert
     assert 0 <= baseline["f1"] <= 100 and baseline["label"] == subnet.label()
+    [looser] = result["front_budgets"]  # 0.5x: a budget of twice the teacher's time, and its own baseline
+    assert looser["min_speedup"] == 0.5 and looser["latency_budget_ms"] == 2 * teacher_litert
+    assert looser["baseline"]["predicted_ms"] <= looser["latency_budget_ms"]
 
 
 def test_finalize_writes_a_student_that_predicts_compiles_and_is_benchmarked(stages):
@@ -115,6 +123,14 @@ def test_finalize_writes_a_student_that_predicts_compiles_and_is_benchmarked(sta
     assert baseline["speedup_vs_teacher_litert"] == m["teacher_ms"]["litert"] / min(baseline["ms"].values())
     assert 0 <= baseline["best_backend_f1"] <= 100 and set(baseline["final_loss_terms"]) == {"kl", "hidden", "hard"}
     assert QAPredictor.from_dir(stages["student"] / BASELINE_DIR).features_cfg.max_seq_len == 128
+    looser = m["budgets"]["0.5x"]  # the looser budget's student and baseline, finalized and timed alike
+    for figures, directory in ((looser, stages["student"] / "budgets/0.5x"),
+                               (looser["baseline"], stages["student"] / "budgets/0.5x/baseline")):
+        assert figures["steps"] == m["steps"] and set(figures["ms"]) == {"tvm", "litert"}
+        assert figures["speedup_vs_teacher_litert"] == m["teacher_ms"]["litert"] / min(figures["ms"].values())
+        assert figures["budget"] == "0.5x" and figures["budget_ms"] > m["budget_ms"]
+        assert verify_manifest(directory)["metrics"]["f1"] == figures["f1"]
+        assert QAPredictor.from_dir(directory).features_cfg.max_seq_len == 128
     assert verify_manifest(stages["student"] / "compiled")["config"]["device"] == "x86-1t"
     predictor = QAPredictor.from_dir(stages["student"])
     assert predictor.features_cfg.max_seq_len == 128
@@ -174,6 +190,7 @@ def test_search_report_writes_the_chain_figures_into_its_section_and_keeps_the_r
     assert all(f"| {b} | {e['fitted_on']} | {e['heldout']} | {e['model']['mape_pct']} |" in section
                for b, e in error.items())
     assert "Goal (>= 8x within 1.5 F1): **" in section
+    assert f"| 0.5x ({m['budgets']['0.5x']['budget_ms']:.2f} ms) | uniform baseline | " in section
 
 
 def test_search_report_names_a_wrong_input(stages, capsys):

@@ -3,12 +3,13 @@
 import pytest
 
 from canao.codesign.latency_model import LatencyModel, sample_subnets
-from canao.codesign.pareto import choose, dominated, latency_budget
+from canao.codesign.pareto import choose, dominated, front_budgets, latency_budget, search_budget
 from canao.config import PROFILES, ConfigError
 from canao.lm.config import LMSearchConfig
 from canao.lm.search import GENERATION
 from canao.profiles import load_config
 from canao.qa.config import BertShape, SearchConfig, SpaceConfig
+from canao.qa.finalize import plan
 from canao.qa.latency import BERT_QA, features
 from canao.qa.search import QA
 from canao.qa.space import SearchSpace, SubnetConfig
@@ -73,6 +74,33 @@ def test_front_helpers():
     assert choose({"latency_budget_ms": 0.0, "front": points}, QA) == points[1]
     with pytest.raises(ValueError, match="no front point within the latency budget of 1.0 ms"):
         choose({"latency_budget_ms": 1.0, "front": points}, QA)
+    assert choose({"latency_budget_ms": 3.0, "front": points}, QA, budget_ms=4.0) == points[1]
+
+
+def test_looser_budgets_widen_the_search_and_each_gets_a_student_and_a_baseline():
+    teacher_ms = {"litert": 96.0}
+    cfg = SearchConfig(min_speedup=8, front_speedups=(2.0, 4.0))
+    looser = front_budgets(cfg, teacher_ms, QA.baseline)
+    assert looser == [{"min_speedup": 2.0, "latency_budget_ms": 48.0}, {"min_speedup": 4.0, "latency_budget_ms": 24.0}]
+    assert search_budget(12.0, looser) == 48.0 and search_budget(0.0, looser) == 0.0  # none stays none
+    with pytest.raises(ValueError, match="front_speedups: the latency model holds no litert timing"):
+        front_budgets(cfg, {"tvm": 120.0}, QA.baseline)
+    with pytest.raises(ConfigError, match=r"front_speedups: every speed-up must be > 0, got \[4.0, 0.0\]"):
+        SearchConfig(front_speedups=(4.0, 0.0))
+
+    def point(f1, ms, layers):
+        return {"f1": f1, "predicted_ms": ms, "measured_ms": None, "subnet": {"num_layers": layers}}
+
+    front = [point(40.0, 10.0, 3), point(55.0, 20.0, 4), point(65.0, 40.0, 6)]
+    baselines = {ms: {"f1": 30.0, "predicted_ms": ms, "subnet": {"num_layers": 2}} for ms in (12.0, 24.0, 48.0)}
+    result = {"latency_budget_ms": 12.0, "front": front, "baseline": baselines[12.0],
+              "front_budgets": [{**b, "baseline": baselines[b["latency_budget_ms"]]} for b in looser]}
+    models = plan(result, with_baseline=True)
+    assert [(m.name, m.directory, m.origin, m.budget_ms) for m in models] == [
+        ("student", "", front[0], 12.0), ("baseline", "baseline", baselines[12.0], 12.0),
+        ("2x", "budgets/2x", front[2], 48.0), ("2x/baseline", "budgets/2x/baseline", baselines[48.0], 48.0),
+        ("4x", "budgets/4x", front[1], 24.0), ("4x/baseline", "budgets/4x/baseline", baselines[24.0], 24.0)]
+    assert [m.name for m in plan(result, with_baseline=False)] == ["student", "2x", "4x"]
 
 
 def test_latency_budget_is_the_tighter_of_the_absolute_and_the_speedup_over_the_peer():
