@@ -128,6 +128,7 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
         student.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
         scored, _ = evaluate(QAPredictor(student, tokenizer, features_cfg, cfg.train.eval_batch_size), eval_examples)
+        print(f"finalize: {m.name}: dev F1 {scored['f1']:.2f} (teacher {teacher_metrics['f1']:.2f})", flush=True)
         scores[m.name] = {**scored, **stats, "f1_drop": teacher_metrics["f1"] - scored["f1"],
                           "subnet": m.origin["subnet"], "params": m.origin["params"], "search_f1": m.origin["f1"],
                           "budget": m.budget or "deployed", "budget_ms": m.budget_ms}
