@@ -137,11 +137,19 @@ class LoadtestConfig:
 class DeployConfig:
     model_name: str = "canao-qa"  # registry name: s3://<bucket>/models/<model_name>/<version>/, and MLflow's
     bucket: str = "canao"  # S3 bucket of the registry (endpoint and credentials come from the environment)
-    alias: str = "production"  # MLflow Model Registry alias moved to the new version
+    alias: str = "production"  # MLflow Model Registry alias moved to the new version, if it passes the gate:
+    min_f1: float = 0.0  # its dev F1 at least this (0: no floor), and no lower than the alias holder's
+    max_p50_ms: float = 0.0  # its p50 latency on the device at most this (0: no ceiling)
     # Which measured backend serves: the fastest whose start/end logits stay within a bound of
     # PyTorch fp32: the compile stage's numerics_tol for fp32 backends, this looser one for int8
     # backends (quantization moves logits by design; a bound this size keeps the answer spans).
     int8_numerics_tol: float = 0.5
+
+    def __post_init__(self):
+        if not 0 <= self.min_f1 <= 100:
+            raise ConfigError(f"min_f1: must be an F1 in [0, 100], got {self.min_f1}")
+        if not self.max_p50_ms >= 0:
+            raise ConfigError(f"max_p50_ms: must be >= 0 (0 = no ceiling), got {self.max_p50_ms}")
 
 
 def check_samples(samples: int, holdout: int) -> None:

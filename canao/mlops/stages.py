@@ -269,11 +269,15 @@ def run_deploy(cfg: DeployConfig, inputs: dict[str, Path], out_dir: Path, contex
                         "pipeline_run": context.pipeline_run, "mlflow_run_id": context.parent_run_id},
         })
     uri = registry.uri(cfg.model_name, version)
-    model_version = None
+    promotion = None
     if context.parent_run_id:
-        model_version = tracking.register_model(cfg.model_name, uri, context.parent_run_id, cfg.alias,
-                                                {"registry_version": version, "device": device,
-                                                 "backend": choice["backend"]})
+        promotion = tracking.register_model(cfg.model_name, uri, context.parent_run_id, cfg.alias,
+                                            {"registry_version": version, "device": device,
+                                             "backend": choice["backend"]},
+                                            {"f1": student["f1"], "p50_ms": choice["p50_ms"]},
+                                            tracking.Gate(cfg.min_f1, cfg.max_p50_ms))
+        print(f"deploy: {'promoted' if promotion['promoted'] else 'not promoted'}: {promotion['reason']}",
+              flush=True)
     deployment = {
         "teacher": teacher,
         # `canao deploy` without --teacher ships the teacher itself.
@@ -287,7 +291,8 @@ def run_deploy(cfg: DeployConfig, inputs: dict[str, Path], out_dir: Path, contex
         **_finalized_budgets(inputs["model"]),
         "registry_uri": uri,
         "registry_version": version,
-        "mlflow_model": {"name": cfg.model_name, "version": model_version, "alias": cfg.alias},
+        "mlflow_model": {"name": cfg.model_name, "alias": cfg.alias,
+                         **(promotion or {"version": None, "promoted": False, "reason": "no MLflow run"})},
     }
 
     def fill(staging: Path) -> dict:

@@ -9,9 +9,12 @@ The server is env MLFLOW_TRACKING_URI.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
@@ -174,18 +177,82 @@ def log_front(run_id: str, front_json: str | Path, front_png: str | Path | None 
         log_artifact(run_id, front_png, "front")
 
 
-def register_model(name: str, source_uri: str, run_id: str, alias: str, tags: dict[str, str]) -> str:
-    """A Model Registry version of `name` pointing at `source_uri`, with `alias` moved to it;
-    returns the version number."""
+# A promotion lock older than this is a deploy that died holding it: the next deploy takes it over.
+STALE_LOCK_SECONDS = 600
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What a version must show before an alias moves to it."""
+
+    min_f1: float  # its held-out F1 at least this (0: no floor)
+    max_p50_ms: float  # its p50 latency at most this (0: no ceiling)
+
+
+def register_model(name: str, source_uri: str, run_id: str, alias: str, tags: dict[str, str],
+                   figures: dict[str, float], gate: Gate) -> dict:
+    """A Model Registry version of `name` pointing at `source_uri`, its `figures` ("f1", "p50_ms")
+    kept as tags; `alias` moves to it only if it passes `gate` and its F1 is no lower than that of
+    the version the alias holds, checked and moved under the alias's promotion lock (one
+    compare-and-set, whatever else deploys at the same time). Returns {"version", "promoted",
+    "reason", "previous"} (previous: the version the alias held, or None)."""
     mlflow = client()
     try:
         mlflow.get_registered_model(name)
     except MlflowException:
         _call("creating the registered model", mlflow.create_registered_model, name)
     version = _call("creating a model version", mlflow.create_model_version, name, source=source_uri,
-                    run_id=run_id, tags=tags)
-    _call("setting the alias", mlflow.set_registered_model_alias, name, alias, version.version)
-    return str(version.version)
+                    run_id=run_id, tags={**tags, **{k: repr(float(v)) for k, v in figures.items()}}).version
+    with _promotion_lock(mlflow, name, alias):
+        try:
+            holder = mlflow.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            holder = None
+        reason = _refusal(figures, gate, holder)
+        if reason is None:
+            _call("setting the alias", mlflow.set_registered_model_alias, name, alias, version)
+    previous = holder.version if holder else None
+    return {"version": str(version), "promoted": reason is None, "previous": previous,
+            "reason": reason or (f"{name}@{alias}: version {previous} -> {version}" if previous else
+                                 f"{name}@{alias}: first version {version}")}
+
+
+def _refusal(figures: dict[str, float], gate: Gate, holder) -> str | None:
+    """Why a version with `figures` must not take the alias from `holder` (a ModelVersion or None)."""
+    f1, ms = figures["f1"], figures["p50_ms"]
+    if gate.min_f1 and f1 < gate.min_f1:
+        return f"F1 {f1:.2f} is below the deploy config's min_f1 {gate.min_f1:g}"
+    if gate.max_p50_ms and ms > gate.max_p50_ms:
+        return f"p50 {ms:.2f} ms is over the deploy config's max_p50_ms {gate.max_p50_ms:g}"
+    held = holder.tags.get("f1") if holder else None
+    if held is not None and f1 < float(held):
+        return f"F1 {f1:.2f} is below the F1 {float(held):.2f} of version {holder.version}, which the alias holds"
+    return None
+
+
+@contextlib.contextmanager
+def _promotion_lock(mlflow: MlflowClient, name: str, alias: str):
+    """Held while an alias is compared and moved: a registered model named for it, which the
+    server creates for one caller only (its name is unique)."""
+    lock = f"{name}.{alias}.promotion-lock"
+    for attempt in range(2):
+        try:
+            mlflow.create_registered_model(lock, description="held by a canao deploy promoting this alias")
+            break
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise TrackingError(f"MLflow at {tracking_uri()}: taking the promotion lock {lock!r} failed: {e}") \
+                    from None
+            held = _call("reading the promotion lock", mlflow.get_registered_model, lock)
+            age = time.time() - held.creation_timestamp / 1000
+            if attempt or age < STALE_LOCK_SECONDS:
+                raise TrackingError(f"MLflow at {tracking_uri()}: another deploy holds the promotion lock {lock!r} "
+                                    f"(for {age:.0f} s); retry when it is done") from None
+            _call("removing a stale promotion lock", mlflow.delete_registered_model, lock)
+    try:
+        yield
+    finally:
+        _call("releasing the promotion lock", mlflow.delete_registered_model, lock)
 
 
 def model_source(name: str, alias: str) -> str:

@@ -222,11 +222,11 @@ def test_serve_pulls_name_at_alias_through_mlflow_and_serves_the_compiled_artifa
     bucket, name, version = parse_uri(uri)
     assert (bucket, name) == ("canao-serve", "canao-qa")
 
-    with spawned_server("canao-qa@production", "tiny", ["device=x86-1t"]) as url:
+    with spawned_server("canao-qa@tiny", "tiny", ["device=x86-1t"]) as url:
         info = httpx.get(f"{url}/v1/info", timeout=10).json()["models"]["qa"]
         answer = httpx.post(f"{url}/v1/qa", json={"context": example.context, "question": example.question},
                             timeout=30).json()
-    assert info["name"] == "canao-qa@production" and info["stage"] == "compile" and info["device"] == "x86-1t"
+    assert info["name"] == "canao-qa@tiny" and info["stage"] == "compile" and info["device"] == "x86-1t"
     assert info["version"] == sha256_file(compiled / "manifest.json")[:12]  # the deployed artifact, pulled whole
     assert answer["answer"] == example.answers[0].text
 
@@ -238,7 +238,46 @@ def test_serve_pulls_name_at_alias_through_mlflow_and_serves_the_compiled_artifa
     assert pull_cached(uri, tmp_path / "pulled") == pulled
     assert sha256_file(weights) == sha256_file(model / "model.safetensors")
 
+    # A worse deploy registers its version but leaves the alias where it was.
+    assert main(["deploy", "--profile", "tiny", "--set", "bucket=canao-serve", "--set", "max_p50_ms=1",
+                 "--model", str(model), "--compiled", str(compiled), "--benchmark", str(bench),
+                 "--mlflow-run", run_id, "--out", str(tmp_path / "refused")]) == 0
+    refused = json.loads((tmp_path / "refused" / "deployment.json").read_text())["mlflow_model"]
+    assert not refused["promoted"] and "p50 2.00 ms is over the deploy config's max_p50_ms 1" in refused["reason"]
+    assert tracking.model_source("canao-qa", "tiny") == uri
+
     # An alias nobody set is a clear error naming the reference, before the server binds.
     capsys.readouterr()
     assert main(["serve", "--profile", "tiny", "--model", "canao-qa@staging"]) == 2
     assert "canao-qa@staging" in capsys.readouterr().err
+
+
+def test_an_alias_moves_only_to_a_version_that_passes_the_gate_and_beats_its_holder(store, monkeypatch):
+    from canao.mlops import tracking
+
+    run_id = tracking.start_pipeline_run("promotion", {"device": "x86-1t", "profile": "tiny"}, {})
+    gate = tracking.Gate(min_f1=30.0, max_p50_ms=10.0)
+
+    def deploy(source: str, f1: float, ms: float) -> dict:
+        return tracking.register_model("gated", f"s3://b/models/gated/{source}/", run_id, "live", {},
+                                       {"f1": f1, "p50_ms": ms}, gate)
+
+    first = deploy("v1", 50.0, 5.0)
+    assert first["promoted"] and first["previous"] is None
+    for source, f1, ms, why in (("v2", 40.0, 5.0, "below the F1 50.00 of version 1, which the alias holds"),
+                                ("v3", 20.0, 5.0, "below the deploy config's min_f1 30"),
+                                ("v4", 60.0, 12.0, "over the deploy config's max_p50_ms 10")):
+        refused = deploy(source, f1, ms)
+        assert not refused["promoted"] and why in refused["reason"] and refused["previous"] == first["version"]
+        assert tracking.model_source("gated", "live") == "s3://b/models/gated/v1/"
+    better = deploy("v5", 60.0, 5.0)
+    assert better["promoted"] and better["previous"] == first["version"]
+    assert tracking.model_source("gated", "live") == "s3://b/models/gated/v5/"
+
+    # The compare-and-set runs under a lock: while another deploy holds it, nothing moves.
+    tracking.client().create_registered_model("gated.live.promotion-lock")
+    with pytest.raises(tracking.TrackingError, match="another deploy holds the promotion lock 'gated.live.promotion"):
+        deploy("v6", 70.0, 5.0)
+    assert tracking.model_source("gated", "live") == "s3://b/models/gated/v5/"
+    monkeypatch.setattr(tracking, "STALE_LOCK_SECONDS", 0)  # ...unless that deploy died holding it
+    assert deploy("v7", 70.0, 5.0)["promoted"] and tracking.model_source("gated", "live") == "s3://b/models/gated/v7/"
