@@ -117,8 +117,13 @@ def _mark_failed(run_name: str) -> None:
         pass  # the run was never opened (or MLflow is gone): nothing to mark
 
 
+def _times(speedup: float | None) -> str:
+    return f"{speedup:.2f}x" if speedup else "n/a"
+
+
 def describe(summary: dict) -> str:
     teacher, student, backend = summary["teacher"], summary["student"], summary["backend"]
+    model = summary["mlflow_model"]
     speedup = summary["speedup_vs_litert_fp32_teacher"]
     return "\n".join([
         f"teacher      EM {teacher['exact_match']:.2f}  F1 {teacher['f1']:.2f}  ({teacher['dir']})",
@@ -126,8 +131,13 @@ def describe(summary: dict) -> str:
         f"{student['params'] / 1e6:.1f}M params, {student['flops'] / 1e9:.2f} GFLOPs at {student['seq_len']} tokens",
         f"front        {summary['front']}",
         f"device       {summary['device']}: {backend['backend']} p50 {backend['p50_ms']:.2f} ms, "
-        f"{f'{speedup:.2f}x' if speedup else 'n/a'} vs LiteRT fp32 teacher",
+        f"{_times(speedup)} vs LiteRT fp32 teacher",
         f"registry     {summary['registry_uri']}",
+        f"alias        {'moved' if model['promoted'] else 'not moved'}: {model['reason']}",
+        *(f"budget {s['budget']:<6} {kind}: {s['backend']} F1 {s['f1']:.2f}, "
+          f"{_times(s['speedup_vs_litert_fp32_teacher'])} vs LiteRT fp32 teacher"
+          for kind, entries in (("searched", summary.get("students", [])), ("baseline", summary.get("baseline", [])))
+          for s in entries),
         f"mlflow       {summary['mlflow_url']}",
     ])
 
