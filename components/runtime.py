@@ -33,13 +33,6 @@ def with_latency_budget(overrides: dict, latency_budgets_ms: list) -> dict:
     return {**overrides, "search": [*overrides.get("search", []), f"latency_budget_ms={min(latency_budgets_ms)}"]}
 
 
-def without_finalize_timing(overrides: dict) -> dict:
-    """`overrides` with finalize's own compile-and-time step (its config's `benchmark`) off,
-    unless `overrides` turns it on: the pipeline's compile and benchmark tasks time the
-    student and the teacher, and the deployment's figures come from them."""
-    return {**overrides, "finalize": ["benchmark=false", *overrides.get("finalize", [])]}
-
-
 def open_run(run_name: str, profile: str, device: str, latency_budgets_ms: list) -> str:
     return tracking.start_pipeline_run(run_name, {"device": device, "profile": profile, "pipeline_run": run_name},
                                        {"device": device, "profile": profile, "latency_budgets_ms": latency_budgets_ms})
@@ -58,3 +51,16 @@ def close_run(parent_run_id: str, deployment) -> None:
                  tags={"registry_uri": summary["registry_uri"], "backend": summary["backend"]["backend"]})
     tracking.log_artifact(parent_run_id, Path(deployment.path) / DEPLOYMENT)
     tracking.end_run(parent_run_id)
+
+
+def end_failed_run(run_name: str, state: str) -> None:
+    """The exit handler's work: a pipeline that did not succeed leaves its MLflow run (found by its
+    name: an exit task takes no other task's output) FAILED, not RUNNING; a successful one was
+    closed FINISHED by close_run, and one that failed before opening its run has none."""
+    if state == "SUCCEEDED":
+        return
+    try:
+        run_id = tracking.find_pipeline_run(run_name)
+    except tracking.TrackingError:
+        return
+    tracking.end_run(run_id, "FAILED")

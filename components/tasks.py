@@ -58,9 +58,9 @@ def search(profile: str, overrides: dict, device: str, parent_run_id: str, laten
 @component
 def finalize(profile: str, overrides: dict, device: str, parent_run_id: str, teacher: Input[Model],
              supernet: Input[Model], front: Input[Artifact], model: Output[Model], metrics: Output[Metrics]):
-    from components.runtime import run_stage, without_finalize_timing
+    from components.runtime import run_stage
 
-    run_stage("finalize", profile, without_finalize_timing(overrides),
+    run_stage("finalize", profile, overrides,
               {"teacher": teacher, "supernet": supernet, "search": front}, model, metrics, device, parent_run_id)
 
 
@@ -98,3 +98,10 @@ def close_run(parent_run_id: str, deployment: Input[Artifact]):
     from components.runtime import close_run
 
     close_run(parent_run_id, deployment)
+
+
+@component
+def end_failed_run(run_name: str, status: dsl.PipelineTaskFinalStatus):
+    from components.runtime import end_failed_run
+
+    end_failed_run(run_name, status.state)

@@ -7,13 +7,13 @@ from pathlib import Path
 
 from kfp import compiler
 
-from pipelines.canao_compress import canao_compress
+from pipelines.canao_compress import canao_compress_on_cluster
 
 
 def compile_pipeline(path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(canao_compress, str(path))
+    compiler.Compiler().compile(canao_compress_on_cluster, str(path))
     return path
 
 

@@ -7,7 +7,7 @@ import datetime
 import kfp
 import urllib3.exceptions
 
-from pipelines.canao_compress import canao_compress
+from pipelines.canao_compress import canao_compress_on_cluster
 
 
 def submit(host: str, experiment: str, profile: str, device: str, latency_budgets_ms: list[float]) -> dict:
@@ -18,7 +18,7 @@ def submit(host: str, experiment: str, profile: str, device: str, latency_budget
         raise ConnectionError(f"--host {host}: no Kubeflow Pipelines API answers there ({e.__class__.__name__}: "
                               f"{getattr(e, 'reason', e)})") from None
     result = client.create_run_from_pipeline_func(
-        canao_compress, experiment_name=experiment, run_name=run_name,
+        canao_compress_on_cluster, experiment_name=experiment, run_name=run_name,
         arguments={"device": device, "profile": profile, "latency_budgets_ms": latency_budgets_ms,
                    "run_name": run_name},
     )

@@ -281,3 +281,16 @@ def test_an_alias_moves_only_to_a_version_that_passes_the_gate_and_beats_its_hol
     assert tracking.model_source("gated", "live") == "s3://b/models/gated/v5/"
     monkeypatch.setattr(tracking, "STALE_LOCK_SECONDS", 0)  # ...unless that deploy died holding it
     assert deploy("v7", 70.0, 5.0)["promoted"] and tracking.model_source("gated", "live") == "s3://b/models/gated/v7/"
+
+
+def test_the_exit_handler_ends_a_failed_pipelines_run_failed_and_leaves_a_succeeded_one(store):
+    from canao.mlops import tracking
+    from components.runtime import end_failed_run
+
+    failed = tracking.start_pipeline_run("exit-failed", {"pipeline_run": "exit-failed"}, {})
+    succeeded = tracking.start_pipeline_run("exit-succeeded", {"pipeline_run": "exit-succeeded"}, {})
+    end_failed_run("exit-failed", "FAILED")
+    end_failed_run("exit-succeeded", "SUCCEEDED")
+    end_failed_run("never-opened", "FAILED")  # a run that failed before opening its MLflow run: nothing to end
+    assert tracking.client().get_run(failed).info.status == "FAILED"
+    assert tracking.client().get_run(succeeded).info.status == "RUNNING"  # close_run ends it FINISHED

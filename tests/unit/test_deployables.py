@@ -32,17 +32,33 @@ def test_compiled_pipeline_runs_every_task_in_the_image_with_secrets_from_kubern
     assert spec["pipelineInfo"]["name"] == "canao-compress"
     assert set(spec["root"]["inputDefinitions"]["parameters"]) == {
         "device", "profile", "latency_budgets_ms", "run_name", "overrides"}
-    tasks = spec["root"]["dag"]["tasks"]
+    # Every task inside an exit handler whose task ends the MLflow run FAILED when any fails.
+    assert set(spec["root"]["dag"]["tasks"]) == {"end-failed-run", "exit-handler-1"}
+    exit_task = spec["root"]["dag"]["tasks"]["end-failed-run"]
+    assert exit_task["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert exit_task["inputs"]["parameters"]["status"]["taskFinalStatus"]["producerTask"] == "exit-handler-1"
+    tasks = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
     assert STAGE_TASKS | {"open-run", "close-run"} == set(tasks)
+    for name, task in {**tasks, "end-failed-run": exit_task}.items():
+        # kfp's cache off (the tasks with side effects must run; canao's stage cache resumes), retries
+        # on the tasks that are MLflow and S3 calls
+        assert not task.get("cachingOptions", {}).get("enableCache"), name
+        assert ("retryPolicy" in task) == (name in {"open-run", "deploy", "close-run", "end-failed-run"}), name
     executors = spec["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {IMAGE}
+    for name, executor in executors.items():  # requests equal to limits: a task gets what it is sized for
+        resources = executor["container"]["resources"]
+        assert resources["resourceCpuRequest"] == resources["resourceCpuLimit"], name
+        assert resources["resourceMemoryRequest"] == resources["resourceMemoryLimit"], name
+    assert executors["exec-teacher"]["container"]["resources"]["resourceMemoryLimit"] == "8Gi"
     assert all("pip install" not in " ".join(e["container"]["command"]) for e in executors.values())
     configs = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert len(configs) == len(executors)
     for config in configs.values():
         secrets = {s["secretName"]: {e["envVar"] for e in s["keyToEnv"]} for s in config["secretAsEnv"]}
         assert secrets == {name: set(keys) for name, keys in SECRETS.items()}
-        assert config["pvcMount"][0]["mountPath"] == "/shared"
+        assert {m["mountPath"] for m in config["pvcMount"]} == {"/shared", "/cache"}
+        assert {e["envVar"] for e in config["configMapAsEnv"][0]["keyToEnv"]} == {"CANAO_TRACKER", "CANAO_CACHE_DIR"}
     assert "AWS_SECRET_ACCESS_KEY:" not in text.replace("envVar: AWS_SECRET_ACCESS_KEY", "")
 
 
