@@ -248,15 +248,26 @@ def with_text(tokenizer, tokens: Iterable[tuple[int, float]]) -> Iterator[tuple[
         yield token, ms, added
 
 
+# Stands for the user's text while the chat template is rendered (a private-use character no
+# template writes), so the template's own markup and the user's text are tokenized apart.
+USER_TEXT = "\ue000"
+
+
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
     """Token ids of `prompt`, wrapped as one user turn of the tokenizer's chat template if `chat`
-    (and the tokenizer has one)."""
+    (and the tokenizer has one). The prompt is always text: a control token written in it
+    (`<|im_start|>`, `<|im_end|>`) becomes the tokens of those characters, never the control
+    token, so a user cannot open a system turn or end their own."""
     if not prompt.strip():
         raise ValueError("prompt: empty; give some text")
-    if chat and tokenizer.chat_template:
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=False))
-    return tokenizer(prompt, add_special_tokens=False).input_ids
+    text = tokenizer(prompt, add_special_tokens=False, split_special_tokens=True).input_ids
+    if not (chat and tokenizer.chat_template):
+        return text
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": USER_TEXT}], add_generation_prompt=True,
+                                             tokenize=False)
+    before, after = rendered.split(USER_TEXT)
+    return (tokenizer(before, add_special_tokens=False).input_ids + text
+            + tokenizer(after, add_special_tokens=False).input_ids)
 
 
 def timings(times_ms: list[float]) -> dict:
