@@ -91,6 +91,8 @@ class ServeConfig:
     #                   NAME@ALIAS) serves; "" = the only one the version holds
     threads: int = 0  # inference threads; 0 = one per core this process may run on
     max_body_bytes: int = 65536  # larger request bodies get 413 before they are read whole
+    body_timeout_s: float = 10.0  # a body not received whole by then gets 408 and its connection closed
+    max_connections: int = 64  # open connections (and their requests) at once; one more gets 503 at once
     max_context_chars: int = 20000  # longer contexts get 422; a context is split into windows, each a forward pass
     max_question_chars: int = 500  # longer questions get 422 (a question must also fit in one window)
     max_pending: int = 8  # requests admitted at once, computing or queued; one more gets 429 at once
@@ -103,10 +105,10 @@ class ServeConfig:
 
     def __post_init__(self):
         for name in ("max_body_bytes", "max_context_chars", "max_question_chars", "max_pending", "max_prompt_chars",
-                     "max_new_tokens"):
+                     "max_new_tokens", "max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("request_timeout_s", "generate_timeout_s"):
+        for name in ("request_timeout_s", "generate_timeout_s", "body_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.threads < 0:

@@ -5,6 +5,7 @@ full queue answers 429 and a timeout 503, and the limits come from ServeConfig a
 the OpenAPI schema. The page is one fixed file.
 """
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
@@ -174,26 +175,32 @@ class Observe:
 
 class BodyLimit:
     """ASGI middleware: a body over `max_bytes` gets 413, whether its Content-Length says so or it
-    arrives in chunks; a body within the limit is read whole and handed on."""
+    arrives in chunks; one not received whole within `timeout_s` of its headers gets 408 and its
+    connection closed (a client that never finishes its body holds nothing); a body within both
+    limits is read whole and handed on."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > self.max_bytes:
-            return await self._too_large(scope, receive, send)
+            return await self._refuse(scope, receive, send, 413, self._too_large)
         body, more = b"", True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.max_bytes:
-                return await self._too_large(scope, receive, send)
-            more = message.get("more_body", False)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    body += message.get("body", b"")
+                    if len(body) > self.max_bytes:
+                        return await self._refuse(scope, receive, send, 413, self._too_large)
+                    more = message.get("more_body", False)
+        except TimeoutError:
+            return await self._refuse(scope, receive, send, 408, f"not received whole within {self.timeout_s} s")
         replayed = False
 
         async def replay():
@@ -205,8 +212,14 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, scope, receive, send):
-        response = JSONResponse({"detail": f"request body: over the limit of {self.max_bytes} bytes"}, 413)
+    @property
+    def _too_large(self) -> str:
+        return f"over the limit of {self.max_bytes} bytes"
+
+    @staticmethod
+    async def _refuse(scope, receive, send, status: int, why: str):
+        # Connection: close: the rest of the body is never read, so the connection cannot carry another request.
+        response = JSONResponse({"detail": f"request body: {why}"}, status, headers={"Connection": "close"})
         await response(scope, receive, send)
 
 
@@ -243,7 +256,7 @@ def create_app(service: Service) -> FastAPI:
                   description="Real-time extractive question answering and text generation with compiled "
                               "transformers. Also served, outside this schema: the web page at / and Prometheus "
                               "metrics at /metrics.")
-    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes, timeout_s=cfg.body_timeout_s)
     app.add_middleware(Observe, metrics=service.metrics)
 
     @app.exception_handler(RequestValidationError)
@@ -332,5 +345,6 @@ def create_app(service: Service) -> FastAPI:
 def serve(model_ref: str | None, lm_ref: str | None, cfg: ServeConfig) -> None:
     import uvicorn
 
+    # limit_concurrency: connections beyond max_connections get 503 at once instead of a socket each.
     uvicorn.run(create_app(Service(model_ref, cfg, lm_ref)), host=cfg.host, port=cfg.port, log_level="info",
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, limit_concurrency=cfg.max_connections)

@@ -24,3 +24,44 @@ def test_loadtest_of_a_spawned_server_answers_everything(memorized_qa, tmp_path,
     section = markdown_section(document, SERVING_SECTION)
     assert table in section and "an older run" not in document and "## Text generation\n\nkept" in document
     assert f"`canao loadtest --profile tiny --model {memorized_qa[0]} --out {out} --benchmarks {benchmarks}`" in section
+
+
+def test_a_client_that_never_finishes_its_body_is_cut_off_and_connections_are_capped(memorized_qa):
+    import socket
+    import time
+
+    import httpx
+
+    from canao.apps.loadtest import spawned_server
+
+    # tiny: body_timeout_s 2, max_connections 8
+    with spawned_server(str(memorized_qa[0]), "tiny", []) as url:
+        port = int(url.rsplit(":", 1)[1])
+        slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+        slow.sendall(b"POST /v1/qa HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"context\": ")
+        started = time.monotonic()
+        answer = b""
+        while chunk := slow.recv(4096):  # until the server closes the connection
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"not received whole within 2.0 s" in answer
+        assert 1.5 < time.monotonic() - started < 6
+        slow.close()
+
+        # Of 20 clients that never finish their bodies, the server holds at most max_connections at once
+        # and answers the rest 503 at once instead of holding a socket each.
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
+        for sock in clients:
+            sock.sendall(b"POST /v1/qa HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\n{")
+        refused = 0
+        for sock in clients:
+            sock.settimeout(1.0)
+            try:
+                refused += sock.recv(4096).startswith(b"HTTP/1.1 503 ")
+            except TimeoutError:
+                pass  # held: still waiting for its body
+        assert refused >= 20 - 8
+        for sock in clients:
+            sock.close()
+        time.sleep(0.5)
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
