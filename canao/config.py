@@ -93,6 +93,9 @@ class ServeConfig:
     max_body_bytes: int = 65536  # larger request bodies get 413 before they are read whole
     body_timeout_s: float = 10.0  # a body not received whole by then gets 408 and its connection closed
     max_connections: int = 64  # open connections (and their requests) at once; one more gets 503 at once
+    # Host header values answered (a leading "*." matches any subdomain); any other gets 400, so a
+    # page on another origin cannot reach this server through DNS rebinding.
+    allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
     max_context_chars: int = 20000  # longer contexts get 422; a context is split into windows, each a forward pass
     max_question_chars: int = 500  # longer questions get 422 (a question must also fit in one window)
     max_pending: int = 8  # requests admitted at once, computing or queued; one more gets 429 at once
@@ -113,6 +116,9 @@ class ServeConfig:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.threads < 0:
             raise ConfigError(f"threads: must be >= 0, got {self.threads}")
+        if not self.allowed_hosts or not all(h and "/" not in h and " " not in h for h in self.allowed_hosts):
+            raise ConfigError(f"allowed_hosts: host names (\"*.example.org\" for its subdomains), got "
+                              f"{list(self.allowed_hosts)}")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from canao.apps.service import (
     PAGE,
@@ -257,6 +258,7 @@ def create_app(service: Service) -> FastAPI:
                               "transformers. Also served, outside this schema: the web page at / and Prometheus "
                               "metrics at /metrics.")
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes, timeout_s=cfg.body_timeout_s)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(cfg.allowed_hosts))
     app.add_middleware(Observe, metrics=service.metrics)
 
     @app.exception_handler(RequestValidationError)

@@ -40,8 +40,12 @@ def test_the_deployment_serves_with_probes_on_its_port_and_secrets_by_reference(
     assert (args.model, args.lm_model) == ("canao-qa@production", "")  # no generation model deployed yet
     cfg = load_config("serve", args.profile, None, [*args.overrides, f"host={args.host}", f"port={args.port}"])
     assert container["ports"] == [{"name": "http", "containerPort": cfg.port}]
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    # The probes send a Host the server answers (the kubelet's default is the pod's IP, which it refuses).
+    host = [{"name": "Host", "value": "serving"}]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http", "httpHeaders": host}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http", "httpHeaders": host}
+    assert container["startupProbe"]["httpGet"]["httpHeaders"] == host
+    assert {"serving", "serving.canao.svc.cluster.local"} <= set(cfg.allowed_hosts)
     assert cfg.threads == int(container["resources"]["limits"]["cpu"])  # not the node's core count
     assert {s["secretRef"]["name"] for s in container["envFrom"]} == {"canao-s3", "canao-pipeline"}
     assert all("value" not in e or "KEY" not in e["name"] for e in container["env"])  # no credential in the file

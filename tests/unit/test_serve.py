@@ -167,6 +167,12 @@ def test_a_body_over_the_limit_gets_413_declared_or_chunked(client):
     assert "content-length" not in response.request.headers
 
 
+def test_only_the_allowed_host_names_are_answered(client, asked):
+    assert client.get("/healthz", headers={"host": "evil.example"}).status_code == 400
+    assert client.post("/v1/qa", json=asked, headers={"host": "rebound.attacker.test:8000"}).status_code == 400
+    assert client.get("/healthz", headers={"host": "localhost:8000"}).status_code == 200
+
+
 def test_a_full_queue_answers_429_at_once_and_room_comes_back(memorized_qa, asked):
     with serving(memorized_qa[0], "max_pending=1") as (client, service):
         release = threading.Event()
@@ -293,5 +299,11 @@ def test_bad_limits_are_refused_naming_the_key():
         load_config("serve", "tiny", overrides=["generate_timeout_s=-1"])
     with pytest.raises(ConfigError, match="max_new_tokens: must be >= 1"):
         load_config("serve", "tiny", overrides=["max_new_tokens=0"])
+    with pytest.raises(ConfigError, match="body_timeout_s: must be > 0"):
+        load_config("serve", "tiny", overrides=["body_timeout_s=0"])
+    with pytest.raises(ConfigError, match="max_connections: must be >= 1"):
+        load_config("serve", "tiny", overrides=["max_connections=0"])
+    with pytest.raises(ConfigError, match="allowed_hosts: host names"):
+        load_config("serve", "tiny", overrides=["allowed_hosts=[]"])
     with pytest.raises(ConfigError, match="clients: must be counts >= 1"):
         load_config("loadtest", "tiny", overrides=["clients=[4, 0]"])
