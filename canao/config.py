@@ -89,6 +89,8 @@ class ServeConfig:
     #                        PyTorch within the artifact's numerics_tol (int8 ones do not), timed at start-up
     device: str = ""  # device key (device_lab/devices.yaml) whose compiled artifact a registry model (--model
     #                   NAME@ALIAS) serves; "" = the only one the version holds
+    registry_cache: str = "outputs/registry"  # where registry models are pulled (env CANAO_REGISTRY_CACHE overrides)
+    resolve_timeout_s: float = 60.0  # a registry model not resolved and pulled by then: the server stops (exit 1)
     threads: int = 0  # inference threads; 0 = one per core this process may run on
     max_body_bytes: int = 65536  # larger request bodies get 413 before they are read whole
     body_timeout_s: float = 10.0  # a body not received whole by then gets 408 and its connection closed
@@ -111,7 +113,7 @@ class ServeConfig:
                      "max_new_tokens", "max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("request_timeout_s", "generate_timeout_s", "body_timeout_s"):
+        for name in ("request_timeout_s", "generate_timeout_s", "body_timeout_s", "resolve_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.threads < 0:

@@ -6,6 +6,7 @@ the OpenAPI schema. The page is one fixed file.
 """
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
@@ -344,9 +345,22 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
-def serve(model_ref: str | None, lm_ref: str | None, cfg: ServeConfig) -> None:
+def serve(model_ref: str | None, lm_ref: str | None, cfg: ServeConfig) -> int:
+    """Serve until stopped (0), or until a model cannot be served (1: /readyz said why, the log too)."""
     import uvicorn
 
+    # MLflow's client retries a refused request for minutes by default; pull_model retries instead,
+    # within resolve_timeout_s.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    service = Service(model_ref, cfg, lm_ref)
     # limit_concurrency: connections beyond max_connections get 503 at once instead of a socket each.
-    uvicorn.run(create_app(Service(model_ref, cfg, lm_ref)), host=cfg.host, port=cfg.port, log_level="info",
-                timeout_graceful_shutdown=5, limit_concurrency=cfg.max_connections)
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host=cfg.host, port=cfg.port, log_level="info",
+                                           timeout_graceful_shutdown=5, limit_concurrency=cfg.max_connections))
+
+    def give_up() -> None:
+        server.should_exit = True
+
+    service.on_give_up = give_up
+    server.run()
+    return 1 if service.load_error else 0

@@ -37,8 +37,7 @@ from canao.qa.predictor import SpanPredictor, open_predictor
 PAGE = Path(__file__).with_name("web") / "index.html"
 
 
-# Pulled registry versions, relative to the project root; env CANAO_REGISTRY_CACHE overrides.
-REGISTRY_CACHE = "outputs/registry"
+RESOLVE_RETRY_S = 2.0  # between attempts to resolve and pull a registry model
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)  # one decode step
 
@@ -48,24 +47,37 @@ MODEL_OPTIONS = {"qa": "--model", "generate": "--lm-model"}
 log = logging.getLogger("uvicorn.error")  # uvicorn formats and prints this logger
 
 
-def resolve_model(ref: str, device: str = "", option: str = "--model") -> Path:
-    """The local directory holding model `ref` (given by `option`): a directory (a model or a
-    compiled artifact), or a registry reference NAME@ALIAS (what k8s/serving passes). A reference is
-    resolved through the MLflow Model Registry to its S3 version, which is pulled (verified)
-    into REGISTRY_CACHE; `servable` then picks the directory to serve from it."""
+def check_reference(ref: str, option: str = "--model") -> Path | None:
+    """Model `ref` (given by `option`) as a local directory (a model or a compiled artifact), or
+    None for a registry reference NAME@ALIAS (what k8s/serving passes), resolved later by
+    `pull_model`; anything else is an error naming the option."""
     path = Path(ref).expanduser()
     if path.is_dir():
         return path.resolve()
     name, at, alias = ref.partition("@")
     if not (at and name and alias):
         raise FileNotFoundError(f"{option} {ref}: neither a directory nor a registry reference NAME@ALIAS")
+    return None
 
-    try:
-        source = tracking.model_source(name, alias)
-    except tracking.TrackingError as e:
-        raise ValueError(f"{option} {ref}: {e}") from None
-    cache = resolve_path(os.environ.get("CANAO_REGISTRY_CACHE") or REGISTRY_CACHE)
-    return servable(registry.pull_cached(source, cache), device)
+
+def pull_model(ref: str, cfg: ServeConfig, option: str = "--model") -> Path:
+    """The directory to serve for registry reference `ref` (NAME@ALIAS): resolved through the
+    MLflow Model Registry to its S3 version, pulled (verified) into the registry cache
+    (`cfg.registry_cache`, env CANAO_REGISTRY_CACHE overrides), then `servable`'s choice in it.
+    Tried again every few seconds while MLflow or S3 fails (a server starting, an alias not yet
+    set) until `cfg.resolve_timeout_s` have passed; then the last error, naming the option."""
+    name, _, alias = ref.partition("@")
+    cache = resolve_path(os.environ.get("CANAO_REGISTRY_CACHE") or cfg.registry_cache)
+    deadline = time.monotonic() + cfg.resolve_timeout_s
+    while True:
+        try:
+            return servable(registry.pull_cached(tracking.model_source(name, alias), cache), cfg.device)
+        except (tracking.TrackingError, registry.RegistryError) as e:
+            if time.monotonic() + RESOLVE_RETRY_S > deadline:
+                raise ValueError(f"{option} {ref}: not resolved within resolve_timeout_s "
+                                 f"({cfg.resolve_timeout_s:g} s): {e}") from None
+            log.warning("%s %s: %s; trying again in %g s", option, ref, e, RESOLVE_RETRY_S)
+            time.sleep(RESOLVE_RETRY_S)
 
 
 def servable(version_dir: Path, device: str) -> Path:
@@ -210,11 +222,14 @@ class Service:
         refs = {task: ref for task, ref in (("qa", model_ref), ("generate", lm_ref)) if ref}
         if not refs:
             raise ValueError("nothing to serve: give --model (question answering), --lm-model (generation) or both")
-        # A bad reference fails here, before the server binds.
-        self.model_dirs = {task: resolve_model(ref, cfg.device, MODEL_OPTIONS[task]) for task, ref in refs.items()}
+        # A malformed reference fails here, before the server binds; a registry one is pulled by `load`,
+        # after it binds (a slow MLflow or S3 must not outlast a startup probe: /healthz answers meanwhile).
+        self.refs = refs
+        self.model_dirs = {task: check_reference(ref, MODEL_OPTIONS[task]) for task, ref in refs.items()}
         # A registry model goes by its reference (canao-qa@production), not the directory it was pulled into.
-        self.model_names = {task: self.model_dirs[task].name if Path(ref).expanduser().is_dir() else ref
+        self.model_names = {task: ref if self.model_dirs[task] is None else self.model_dirs[task].name
                             for task, ref in refs.items()}
+        self.on_give_up: Callable[[], None] | None = None  # called when a model cannot be served (serve stops)
         self.cfg = cfg
         self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="canao-inference")
         self.metrics = Metrics()
@@ -228,13 +243,18 @@ class Service:
         return self.infos.keys() == self.model_dirs.keys()
 
     def load(self) -> None:
-        """Load the models (on the worker thread: requests queue behind it)."""
+        """Pull the registry models and load every model (on the worker thread: requests queue
+        behind it). A failure is reported by /readyz, and `on_give_up` is called."""
         for task, model_dir in self.model_dirs.items():
             try:
+                if model_dir is None:
+                    model_dir = self.model_dirs[task] = pull_model(self.refs[task], self.cfg, MODEL_OPTIONS[task])
                 runner, info = LOADERS[task](model_dir, self.cfg)
-            except Exception as e:  # reported by /readyz; the process stays up to say why
+            except Exception as e:
                 self.load_error = f"{type(e).__name__}: {e}"
-                log.error("%s: cannot serve: %s", model_dir, self.load_error)
+                log.error("%s: cannot serve: %s", model_dir or self.refs[task], self.load_error)
+                if self.on_give_up is not None:
+                    self.on_give_up()
                 return
             self.runners[task], self.infos[task] = runner, replace(info, name=self.model_names[task])
             self.metrics.model.labels(task, info.name, info.version, info.backend, info.device).set(1)

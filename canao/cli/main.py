@@ -32,12 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["canao", *argv])  # what reproduces a figure, for the records that quote it
     try:
-        args.func(args)
+        code = args.func(args)  # a command returns an exit status only where it can end otherwise than 0
     except (ConfigError, SquadFormatError, FileNotFoundError, FileExistsError, ValueError, ConnectionError,
             registry.RegistryError, services.ServiceError) as e:
         print(f"canao {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

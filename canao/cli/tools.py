@@ -56,11 +56,11 @@ def cmd_bench_suite(args) -> None:
                 generation_only=args.generation_only)
 
 
-def cmd_serve(args) -> None:
+def cmd_serve(args) -> int:
     from canao.apps.serve import serve
 
     overrides = [*args.overrides, *(f"{k}={v}" for k, v in (("host", args.host), ("port", args.port)) if v)]
-    serve(args.model, args.lm_model, load_config("serve", args.profile, args.config, overrides))
+    return serve(args.model, args.lm_model, load_config("serve", args.profile, args.config, overrides))
 
 
 def cmd_loadtest(args) -> None:

@@ -246,10 +246,58 @@ def test_serve_pulls_name_at_alias_through_mlflow_and_serves_the_compiled_artifa
     assert not refused["promoted"] and "p50 2.00 ms is over the deploy config's max_p50_ms 1" in refused["reason"]
     assert tracking.model_source("canao-qa", "tiny") == uri
 
-    # An alias nobody set is a clear error naming the reference, before the server binds.
-    capsys.readouterr()
-    assert main(["serve", "--profile", "tiny", "--model", "canao-qa@staging"]) == 2
-    assert "canao-qa@staging" in capsys.readouterr().err
+    # An alias nobody set: the server answers /healthz meanwhile, then gives up within resolve_timeout_s
+    # (tiny: 6 s), naming the reference.
+    code, log = serve_unresolvable("canao-qa@staging", os.environ["MLFLOW_TRACKING_URI"])
+    assert code == 1 and "--model canao-qa@staging: not resolved within resolve_timeout_s (6 s)" in log
+    assert "no version of registered model 'canao-qa' has alias 'staging'" in log
+    # A reference that is not one is refused before the server binds.
+    assert main(["serve", "--profile", "tiny", "--model", "no-such-dir"]) == 2
+    assert "--model no-such-dir: neither a directory nor a registry reference NAME@ALIAS" in capsys.readouterr().err
+
+
+def serve_unresolvable(ref: str, mlflow_uri: str) -> tuple[int, str]:
+    """`canao serve --model ref` (tiny) against `mlflow_uri`: it must bind and answer /healthz (not
+    /readyz) while it tries to resolve `ref`, then stop within resolve_timeout_s; (exit status, log)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "canao.cli.main", "serve", "--profile", "tiny", "--model", ref,
+                               "--set", f"port={port}"], stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri})
+    try:
+        answered = None
+        while answered is None and server.poll() is None:  # until it answers (imports take a while) or stops
+            try:
+                answered = (httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code,
+                            httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code)
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        bound = time.monotonic()
+        assert answered == (200, 503)  # bound and alive, not ready
+        code = server.wait(timeout=30)
+        assert time.monotonic() - bound < 6 + 5  # gave up within resolve_timeout_s (and a few s to stop)
+        return code, server.stderr.read()
+    finally:
+        server.kill()
+
+
+def test_serve_binds_and_gives_up_when_mlflow_is_down(tmp_path):
+    dead = socket_port_nobody_listens_on()
+    code, log = serve_unresolvable("canao-qa@production", f"http://127.0.0.1:{dead}")
+    assert code == 1 and "not resolved within resolve_timeout_s (6 s)" in log and f"127.0.0.1:{dead}" in log
+
+
+def socket_port_nobody_listens_on() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_an_alias_moves_only_to_a_version_that_passes_the_gate_and_beats_its_holder(store, monkeypatch):
