@@ -322,7 +322,8 @@ def create_app(service: Service) -> FastAPI:
         """The answer to `question`: the best-scoring span of `context`."""
         started = time.perf_counter()
         service.require_ready("qa")
-        prediction = await service.run(service.answer, SquadExample("request", body.question, body.context, ()))
+        prediction = await service.run("qa", service.answer,
+                                       SquadExample("request", body.question, body.context, ()))
         return QAResponse(answer=prediction.text, score=prediction.probability, start=prediction.start,
                           end=prediction.end, latency_ms=round((time.perf_counter() - started) * 1000, 3))
 
@@ -337,8 +338,8 @@ def create_app(service: Service) -> FastAPI:
         within generate_timeout_s, more new tokens than the context window holds) are plain HTTP errors."""
         service.require_ready("generate")
         sampling = generator.Sampling(body.temperature, body.top_k, body.top_p, body.seed)
-        events = service.stream(partial(service.generation, body.prompt, body.chat, body.max_new_tokens, sampling),
-                                cfg.generate_timeout_s)
+        events = service.stream("generate", partial(service.generation, body.prompt, body.chat,
+                                                    body.max_new_tokens, sampling), cfg.generate_timeout_s)
         first = await anext(events)
         return EventSourceResponse(_event_stream(first, events), headers={"Cache-Control": "no-cache"})
 

@@ -1,10 +1,11 @@
 """What `canao serve` serves: the models it loads (from a directory or the registry) and the
-one worker that runs them.
+workers that run them.
 
 At most one model per task (a QA model, a generation model, or both), loaded in the
-background at start-up. Inference of both tasks runs on one worker thread, one request at a
-time, behind one bounded queue: a request that finds `max_pending` requests admitted is
-refused at once, and one not answered within its timeout times out (a generation stream
+background at start-up. Each task's inference runs on its own worker thread, one request at a
+time, behind its own bounded queue (so a question never waits behind a long generation): a
+request that finds `max_pending` requests of its task admitted is refused at once, and one not
+answered within its timeout times out (a generation stream
 that has begun ends with an error event instead), so no client waits without end. No
 request value is ever part of a file path: the models are chosen at start-up.
 """
@@ -231,39 +232,41 @@ class Service:
                             for task, ref in refs.items()}
         self.on_give_up: Callable[[], None] | None = None  # called when a model cannot be served (serve stops)
         self.cfg = cfg
-        self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="canao-inference")
+        self.workers = {task: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"canao-{task}")
+                        for task in refs}
         self.metrics = Metrics()
         self.runners = {}  # task -> its predictor (qa) or decoder (generate), once loaded
         self.infos: dict[str, ModelInfo] = {}  # task -> the model serving it, once loaded
         self.load_error: str | None = None
-        self.admitted = 0  # changed on the event loop's thread only
+        self.admitted = dict.fromkeys(refs, 0)  # by task; changed on the event loop's thread only
 
     @property
     def ready(self) -> bool:
         return self.infos.keys() == self.model_dirs.keys()
 
-    def load(self) -> None:
-        """Pull the registry models and load every model (on the worker thread: requests queue
-        behind it). A failure is reported by /readyz, and `on_give_up` is called."""
-        for task, model_dir in self.model_dirs.items():
-            try:
-                if model_dir is None:
-                    model_dir = self.model_dirs[task] = pull_model(self.refs[task], self.cfg, MODEL_OPTIONS[task])
-                runner, info = LOADERS[task](model_dir, self.cfg)
-            except Exception as e:
-                self.load_error = f"{type(e).__name__}: {e}"
-                log.error("%s: cannot serve: %s", model_dir or self.refs[task], self.load_error)
-                if self.on_give_up is not None:
-                    self.on_give_up()
-                return
-            self.runners[task], self.infos[task] = runner, replace(info, name=self.model_names[task])
-            self.metrics.model.labels(task, info.name, info.version, info.backend, info.device).set(1)
-            log.info("serving %s: %s version %s with %s (%s)", task, self.infos[task].name, info.version,
-                     info.backend, info.backend_ms or info.target)
+    def load(self, task: str) -> None:
+        """Pull `task`'s model if it is a registry one and load it (on its worker thread: requests
+        queue behind it). A failure is reported by /readyz, and `on_give_up` is called."""
+        model_dir = self.model_dirs[task]
+        try:
+            if model_dir is None:
+                model_dir = self.model_dirs[task] = pull_model(self.refs[task], self.cfg, MODEL_OPTIONS[task])
+            runner, info = LOADERS[task](model_dir, self.cfg)
+        except Exception as e:
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.error("%s: cannot serve: %s", model_dir or self.refs[task], self.load_error)
+            if self.on_give_up is not None:
+                self.on_give_up()
+            return
+        self.runners[task], self.infos[task] = runner, replace(info, name=self.model_names[task])
+        self.metrics.model.labels(task, info.name, info.version, info.backend, info.device).set(1)
+        log.info("serving %s: %s version %s with %s (%s)", task, self.infos[task].name, info.version,
+                 info.backend, info.backend_ms or info.target)
 
     def start_loading(self) -> None:
-        if not self.ready:
-            self.worker.submit(self.load)
+        for task, worker in self.workers.items():
+            if task not in self.infos:
+                worker.submit(self.load, task)
 
     def require_ready(self, task: str | None = None) -> None:
         """503 unless every model is loaded (and, for `task`, unless it has one)."""
@@ -272,13 +275,13 @@ class Service:
         if not self.ready:
             raise HTTPException(503, f"model not ready: {self.load_error or 'loading'}", {"Retry-After": "1"})
 
-    async def stream(self, items: Callable[[], Iterator], timeout_s: float) -> AsyncIterator:
-        """The items of items(), computed on the worker thread and handed over as each comes, if the
-        queue has room (else Overloaded); TimedOut once `timeout_s` have passed."""
-        if self.admitted >= self.cfg.max_pending:
+    async def stream(self, task: str, items: Callable[[], Iterator], timeout_s: float) -> AsyncIterator:
+        """The items of items(), computed on `task`'s worker thread and handed over as each comes, if
+        its queue has room (else Overloaded); TimedOut once `timeout_s` have passed."""
+        if self.admitted[task] >= self.cfg.max_pending:
             raise Overloaded
-        self.admitted += 1
-        self.metrics.pending.set(self.admitted)
+        self.admitted[task] += 1
+        self.metrics.pending.set(sum(self.admitted.values()))
         deadline = time.monotonic() + timeout_s
         loop, handed, stop = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
         ended = object()
@@ -294,10 +297,10 @@ class Service:
             finally:
                 loop.call_soon_threadsafe(handed.put_nowait, ended)
 
-        work = self.worker.submit(produce)
+        work = self.workers[task].submit(produce)
         done = asyncio.wrap_future(work)
         # Released when the work ends, not when its client stops waiting: the queue bounds real work.
-        done.add_done_callback(self._release)
+        done.add_done_callback(partial(self._release, task))
         try:
             while True:
                 try:
@@ -315,14 +318,14 @@ class Service:
             stop.set()
             work.cancel()
 
-    async def run(self, fn, *args):
-        """fn(*args) on the worker thread, if the queue has room and within `request_timeout_s`."""
-        async with aclosing(self.stream(partial(_one, fn, *args), self.cfg.request_timeout_s)) as results:
+    async def run(self, task: str, fn, *args):
+        """fn(*args) on `task`'s worker thread, if its queue has room and within `request_timeout_s`."""
+        async with aclosing(self.stream(task, partial(_one, fn, *args), self.cfg.request_timeout_s)) as results:
             return await anext(results)
 
-    def _release(self, done: asyncio.Future) -> None:
-        self.admitted -= 1
-        self.metrics.pending.set(self.admitted)
+    def _release(self, task: str, done: asyncio.Future) -> None:
+        self.admitted[task] -= 1
+        self.metrics.pending.set(sum(self.admitted.values()))
         if not done.cancelled():
             done.exception()  # read, so an answer nobody waited for is not logged as lost
 

@@ -176,7 +176,7 @@ def test_only_the_allowed_host_names_are_answered(client, asked):
 def test_a_full_queue_answers_429_at_once_and_room_comes_back(memorized_qa, asked):
     with serving(memorized_qa[0], "max_pending=1") as (client, service):
         release = threading.Event()
-        holding = client.portal.start_task_soon(service.run, release.wait)  # takes the one place
+        holding = client.portal.start_task_soon(service.run, "qa", release.wait)  # takes the one place
         response = client.post("/v1/qa", json=asked)
         assert response.status_code == 429 and response.headers["retry-after"] == "1"
         assert "1 requests pending" in response.json()["detail"]
@@ -188,7 +188,7 @@ def test_a_full_queue_answers_429_at_once_and_room_comes_back(memorized_qa, aske
 def test_a_request_not_answered_in_time_gets_503_and_frees_its_place(memorized_qa, asked):
     with serving(memorized_qa[0], "request_timeout_s=0.3", "max_pending=1") as (client, service):
         release = threading.Event()
-        service.worker.submit(release.wait)  # the worker is busy; the request queues behind it
+        service.workers["qa"].submit(release.wait)  # the worker is busy; the request queues behind it
         response = client.post("/v1/qa", json=asked)
         assert response.status_code == 503 and "not answered within 0.3 s" in response.json()["detail"]
         release.set()
@@ -201,7 +201,7 @@ def test_a_request_not_answered_in_time_gets_503_and_frees_its_place(memorized_q
 def test_not_ready_until_loaded_while_alive(memorized_qa, asked):
     service = Service(str(memorized_qa[0]), LIMITS)
     release = threading.Event()
-    service.worker.submit(release.wait)  # the start-up's loading queues behind this
+    service.workers["qa"].submit(release.wait)  # the start-up's loading queues behind this
     with TestClient(create_app(service)) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
         for response in (client.get("/readyz"), client.get("/v1/info"), client.post("/v1/qa", json=asked)):

@@ -147,7 +147,7 @@ def test_the_schema_refuses_what_sampling_refuses(lm_client, field, bad, good):
 def test_a_full_queue_answers_429_at_once_and_room_comes_back(tiny_lm):
     with serving(None, "max_pending=1", lm_model=tiny_lm) as (client, service):
         release = threading.Event()
-        holding = client.portal.start_task_soon(service.run, release.wait)  # takes the one place
+        holding = client.portal.start_task_soon(service.run, "generate", release.wait)  # takes the one place
         response = client.post("/v1/generate", json={"prompt": "Hi"})
         assert response.status_code == 429 and response.headers["retry-after"] == "1"
         release.set()
@@ -158,7 +158,7 @@ def test_a_full_queue_answers_429_at_once_and_room_comes_back(tiny_lm):
 def test_no_token_in_time_gets_503(tiny_lm):
     with serving(None, "generate_timeout_s=0.3", lm_model=tiny_lm) as (client, service):
         release = threading.Event()
-        service.worker.submit(release.wait)  # the worker is busy; the request queues behind it
+        service.workers["generate"].submit(release.wait)  # the worker is busy; the request queues behind it
         response = client.post("/v1/generate", json={"prompt": "Hi"})
         release.set()
         assert response.status_code == 503 and response.headers["retry-after"] == "1"
@@ -226,6 +226,27 @@ def test_both_models_served_side_by_side(memorized_qa, compiled_lm):
         example = memorized_qa[1]
         assert client.post("/v1/qa", json={"context": example.context, "question": example.question}).status_code == 200
         assert events(client.post("/v1/generate", json={"prompt": "Hi", "max_new_tokens": 3}))[-1][0] == "done"
+
+
+def test_a_question_is_answered_in_time_while_a_generation_runs(memorized_qa, tiny_lm):
+    with serving(memorized_qa[0], "request_timeout_s=2", lm_model=tiny_lm) as (client, service):
+        release = threading.Event()
+        # A generation that holds its worker after its first token until released.
+        service.runners["generate"] = Holding(service.runners["generate"], 2, release.wait)
+        stream = threading.Thread(target=lambda: client.post("/v1/generate", json={"prompt": PROMPT,
+                                                                                   "max_new_tokens": 8}))
+        stream.start()
+        deadline = time.monotonic() + 10
+        while not service.admitted["generate"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        example = memorized_qa[1]
+        started = time.monotonic()
+        answer = client.post("/v1/qa", json={"context": example.context, "question": example.question})
+        assert answer.status_code == 200 and time.monotonic() - started < 2
+        assert service.admitted["generate"] == 1  # the generation was still running
+        release.set()
+        stream.join(timeout=30)
 
 
 def test_only_a_generation_model_leaves_qa_unserved(lm_client):
