@@ -102,3 +102,26 @@ def test_submit_to_an_endpoint_that_does_not_answer_is_a_clear_error(capsys):
         port = sock.getsockname()[1]  # closed again below: nothing listens there
     assert main(["submit", "--host", f"http://127.0.0.1:{port}"]) == 2
     assert f"--host http://127.0.0.1:{port}: no Kubeflow Pipelines API answers there" in capsys.readouterr().err
+
+
+def test_network_policies_deny_all_ingress_then_admit_each_servers_own_clients():
+    """k8s/base/network-policy.yaml, read as the API server would: every pod of the base is covered,
+    and each of its policies admits only the ports its Service exposes."""
+    base = PROJECT_ROOT / "k8s" / "base"
+    documents = [d for f in sorted(base.glob("*.yaml")) if f.name != "kustomization.yaml"
+                 for d in yaml.safe_load_all(f.read_text()) if d]
+    documents += [d for d in yaml.safe_load_all((PROJECT_ROOT / "k8s/serving/deployment.yaml").read_text()) if d]
+    policies = {d["metadata"]["name"]: d["spec"] for d in documents if d["kind"] == "NetworkPolicy"}
+    assert policies["deny-all-ingress"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    workloads = {d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]: d
+                 for d in documents if d["kind"] in ("Deployment", "StatefulSet")}
+    admitted = {p["podSelector"]["matchLabels"]["app.kubernetes.io/name"]: p for name, p in policies.items()
+                if name != "deny-all-ingress"}
+    assert admitted.keys() == workloads.keys()  # each server admits someone; nothing else is open
+    for app, policy in admitted.items():
+        ports = {c["containerPort"] for c in workloads[app]["spec"]["template"]["spec"]["containers"][0]["ports"]}
+        assert {p["port"] for rule in policy["ingress"] for p in rule["ports"]} - {9191} <= ports, app
+    # the two servers without authentication of their own: only their namespaces' clients
+    gateway = {"namespaceSelector": {"matchLabels": {"canao.io/gateway": "true"}}}
+    assert admitted["serving"]["ingress"][0]["from"] == [gateway]
+    assert all("namespaceSelector" in peer for peer in admitted["device-lab-tracker"]["ingress"][0]["from"])
