@@ -290,20 +290,17 @@ def test_serve_and_loadtest_configs_load_for_every_profile(profile):
     assert load_config("loadtest", profile).clients
 
 
-def test_bad_limits_are_refused_naming_the_key():
-    with pytest.raises(ConfigError, match="max_pending: must be >= 1"):
-        load_config("serve", "tiny", overrides=["max_pending=0"])
-    with pytest.raises(ConfigError, match="request_timeout_s: must be > 0"):
-        load_config("serve", "tiny", overrides=["request_timeout_s=0"])
-    with pytest.raises(ConfigError, match="generate_timeout_s: must be > 0"):
-        load_config("serve", "tiny", overrides=["generate_timeout_s=-1"])
-    with pytest.raises(ConfigError, match="max_new_tokens: must be >= 1"):
-        load_config("serve", "tiny", overrides=["max_new_tokens=0"])
-    with pytest.raises(ConfigError, match="body_timeout_s: must be > 0"):
-        load_config("serve", "tiny", overrides=["body_timeout_s=0"])
-    with pytest.raises(ConfigError, match="max_connections: must be >= 1"):
-        load_config("serve", "tiny", overrides=["max_connections=0"])
-    with pytest.raises(ConfigError, match="allowed_hosts: host names"):
-        load_config("serve", "tiny", overrides=["allowed_hosts=[]"])
-    with pytest.raises(ConfigError, match="clients: must be counts >= 1"):
-        load_config("loadtest", "tiny", overrides=["clients=[4, 0]"])
+@pytest.mark.parametrize(("stage", "override", "error"), [
+    ("serve", "max_pending=0", "max_pending: must be >= 1"),
+    ("serve", "request_timeout_s=0", "request_timeout_s: must be > 0"),
+    ("serve", "generate_timeout_s=-1", "generate_timeout_s: must be > 0"),
+    ("serve", "max_new_tokens=0", "max_new_tokens: must be >= 1"),
+    ("serve", "body_timeout_s=0", "body_timeout_s: must be > 0"),
+    ("serve", "resolve_timeout_s=0", "resolve_timeout_s: must be > 0"),
+    ("serve", "max_connections=0", "max_connections: must be >= 1"),
+    ("serve", "allowed_hosts=[]", "allowed_hosts: host names"),
+    ("loadtest", "clients=[4, 0]", "clients: must be counts >= 1"),
+])
+def test_bad_limits_are_refused_naming_the_key(stage, override, error):
+    with pytest.raises(ConfigError, match=error):
+        load_config(stage, "tiny", overrides=[override])
