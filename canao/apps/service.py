@@ -239,6 +239,7 @@ class Service:
         self.infos: dict[str, ModelInfo] = {}  # task -> the model serving it, once loaded
         self.load_error: str | None = None
         self.admitted = dict.fromkeys(refs, 0)  # by task; changed on the event loop's thread only
+        self.loading = threading.Lock()
 
     @property
     def ready(self) -> bool:
@@ -249,9 +250,12 @@ class Service:
         queue behind it). A failure is reported by /readyz, and `on_give_up` is called."""
         model_dir = self.model_dirs[task]
         try:
-            if model_dir is None:
-                model_dir = self.model_dirs[task] = pull_model(self.refs[task], self.cfg, MODEL_OPTIONS[task])
-            runner, info = LOADERS[task](model_dir, self.cfg)
+            # One load at a time: importing and building two models on two threads at once races in
+            # the libraries' lazy imports and registrations (and each load times its backends).
+            with self.loading:
+                if model_dir is None:
+                    model_dir = self.model_dirs[task] = pull_model(self.refs[task], self.cfg, MODEL_OPTIONS[task])
+                runner, info = LOADERS[task](model_dir, self.cfg)
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("%s: cannot serve: %s", model_dir or self.refs[task], self.load_error)
