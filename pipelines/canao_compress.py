@@ -27,9 +27,10 @@ CONFIG_MAP = "canao-config"
 CONFIG_ENV = {"CANAO_TRACKER": "CANAO_TRACKER", "CANAO_CACHE_DIR": "CANAO_CACHE_DIR"}
 VOLUMES = {"canao-data": "/shared", "canao-cache": "/cache"}  # PVC -> mount path (k8s/base/data.yaml)
 # CPU and memory (request = limit) of each task on a cluster, sized for the full profile on the
-# 2-core reference machine (training peaks at ~6 GB; compile and deploy hold one model).
-RESOURCES = {"teacher": ("2", "8Gi"), "distill": ("2", "8Gi"), "latency": ("2", "6Gi"), "search": ("2", "6Gi"),
-             "finalize": ("2", "8Gi"), "compile_model": ("2", "6Gi"), "benchmark": ("2", "4Gi")}
+# 2-core reference machine: distill peaked at 10.7 GB resident (the teacher and the supernet's
+# subnets at 256 tokens), the latency stage at 2.9 GB (`/usr/bin/time -v`, Zen 4, 2026-12-03).
+RESOURCES = {"teacher": ("2", "12Gi"), "distill": ("2", "12Gi"), "latency": ("2", "4Gi"), "search": ("2", "6Gi"),
+             "finalize": ("2", "12Gi"), "compile_model": ("2", "6Gi"), "benchmark": ("2", "4Gi")}
 LIGHT = ("500m", "1Gi")  # the bookkeeping tasks: MLflow and S3 calls
 # Tasks whose work is calls to MLflow and S3 (the registry): retried on a failure, whose cause is
 # most often a server briefly away.

@@ -50,7 +50,7 @@ def test_compiled_pipeline_runs_every_task_in_the_image_with_secrets_from_kubern
         resources = executor["container"]["resources"]
         assert resources["resourceCpuRequest"] == resources["resourceCpuLimit"], name
         assert resources["resourceMemoryRequest"] == resources["resourceMemoryLimit"], name
-    assert executors["exec-teacher"]["container"]["resources"]["resourceMemoryLimit"] == "8Gi"
+    assert executors["exec-distill"]["container"]["resources"]["resourceMemoryLimit"] == "12Gi"
     assert all("pip install" not in " ".join(e["container"]["command"]) for e in executors.values())
     configs = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert len(configs) == len(executors)
