@@ -16,7 +16,8 @@ from tests.unit.test_serve_generate import parse_events
 @pytest.fixture(scope="module")
 def api_schema(memorized_qa, tiny_lm):
     service = Service(str(memorized_qa[0]), LIMITS, str(tiny_lm))
-    service.load()  # before the generated requests, so that they meet ready models
+    for task in service.model_dirs:  # before the generated requests, so that they meet ready models
+        service.load(task)
     assert service.ready, service.load_error
     return schemathesis.openapi.from_asgi("/openapi.json", create_app(service))
 
