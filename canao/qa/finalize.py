@@ -113,13 +113,14 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
     eval_examples = load_squad(eval_file, cfg.data.eval_questions)
     teacher_metrics, _ = evaluate(QAPredictor(teacher, tokenizer, features_cfg, cfg.train.eval_batch_size),
                                   eval_examples)
-    scores, done = {}, {}  # done: subnet -> the name that trained it (two budgets may choose the same point)
+    scores, done = {}, {}  # done: subnet -> the model that trained it (two budgets may choose the same point)
     for m in models:
         subnet, directory = subnets[m.name], out_dir / m.directory
         if subnet in done:
-            print(f"finalize: {m.name} is {done[subnet]}'s subnet; copying it", flush=True)
-            _copy_model(out_dir / next(x.directory for x in models if x.name == done[subnet]), directory)
-            scores[m.name] = {**scores[done[subnet]], "budget": m.budget or "deployed", "budget_ms": m.budget_ms}
+            trained = done[subnet]
+            print(f"finalize: {m.name} is {trained.name}'s subnet; copying it", flush=True)
+            _copy_model(out_dir / trained.directory, directory)
+            scores[m.name] = {**scores[trained.name], "budget": m.budget or "deployed", "budget_ms": m.budget_ms}
             continue
         print(f"finalize: {m.name} {m.origin['label']} (search F1 {m.origin['f1']:.2f}); fine-tuning on "
               f"{len(features)} windows", flush=True)
@@ -132,7 +133,7 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
         scores[m.name] = {**scored, **stats, "f1_drop": teacher_metrics["f1"] - scored["f1"],
                           "subnet": m.origin["subnet"], "params": m.origin["params"], "search_f1": m.origin["f1"],
                           "budget": m.budget or "deployed", "budget_ms": m.budget_ms}
-        done[subnet] = m.name
+        done[subnet] = m
     shutil.rmtree(work_dir, ignore_errors=True)
     common = {}
     if cfg.benchmark:
