@@ -206,7 +206,11 @@ def register_model(name: str, source_uri: str, run_id: str, alias: str, tags: di
     with _promotion_lock(mlflow, name, alias):
         try:
             holder = mlflow.get_model_version_by_alias(name, alias)
-        except MlflowException:
+        except MlflowException as e:
+            # an alias nobody set (MLflow 3 answers 400 INVALID_PARAMETER_VALUE); any other failure must
+            # not pass for "no holder", or a worse version would take the alias uncompared
+            if e.error_code not in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
+                raise TrackingError(f"MLflow at {tracking_uri()}: reading {name}@{alias} failed: {e}") from None
             holder = None
         reason = _refusal(figures, gate, holder)
         if reason is None:
