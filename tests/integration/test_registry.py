@@ -101,6 +101,28 @@ def test_wrong_credentials_are_a_clear_error_and_write_nothing(store, tmp_path, 
     assert "canao-creds" not in [b["Name"] for b in buckets]
 
 
+def test_the_read_only_identity_pulls_and_cannot_write(store, tmp_path, monkeypatch):
+    """Serving's keys (k8s/serving uses them): a compromised server cannot rewrite the registry."""
+    files = make_files(tmp_path / "src", 1, 100)
+    version = content_version(files)
+    Registry("canao-reader").push("qa", version, files, {})
+    with monkeypatch.context() as mp:
+        for key, value in services.credentials(identity="reader").items():
+            mp.setenv(key, value)
+        reader = Registry("canao-reader")
+        reader.pull("qa", version, tmp_path / "pulled")
+        assert (tmp_path / "pulled" / "model/part-00.bin").read_bytes() == files["model/part-00.bin"].read_bytes()
+        with pytest.raises(RegistryError, match="access denied while"):
+            reader.push("qa", "v-reader", files, {})
+        with pytest.raises(RegistryError, match="access denied while"):
+            reader._call("deleting", "delete_object", Bucket="canao-reader", Key=f"models/qa/{version}/manifest.json")
+        with pytest.raises(RegistryError, match="access denied while"):
+            Registry("canao-reader-new").push("qa", version, files, {})
+    assert Registry("canao-reader").versions("qa") == [version]
+    buckets = Registry("canao-reader").client.list_buckets()["Buckets"]
+    assert "canao-reader-new" not in [b["Name"] for b in buckets]
+
+
 def test_store_killed_during_a_push_leaves_no_version_and_a_retry_succeeds(store, tmp_path):
     registry = Registry("canao-kill")
     files = make_files(tmp_path / "src", 40, 256 * 1024)
@@ -129,7 +151,8 @@ def test_store_killed_during_a_push_leaves_no_version_and_a_retry_succeeds(store
     assert killed.is_set()
 
     # Same data directory and port: the files that made it up are there, the version is not.
-    s3 = services.start_s3(services.services_dir() / "s3", store["s3"]["port"], services.credentials())
+    s3 = services.start_s3(services.services_dir() / "s3", store["s3"]["port"],
+                          services.s3_identities(services.services_dir()))
     store["s3"].update(s3)
     services.state_file().write_text(json.dumps(store))
     services.wait_ready(s3)

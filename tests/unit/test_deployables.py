@@ -125,3 +125,16 @@ def test_network_policies_deny_all_ingress_then_admit_each_servers_own_clients()
     gateway = {"namespaceSelector": {"matchLabels": {"canao.io/gateway": "true"}}}
     assert admitted["serving"]["ingress"][0]["from"] == [gateway]
     assert all("namespaceSelector" in peer for peer in admitted["device-lab-tracker"]["ingress"][0]["from"])
+
+
+def test_the_s3_store_answers_only_its_identities_document():
+    """Serving's read-only keys mean something only if the store grants by identity, not by
+    whichever keys sit in its environment."""
+    (_, statefulset) = yaml.safe_load_all((PROJECT_ROOT / "k8s" / "base" / "s3.yaml").read_text())
+    pod = statefulset["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "envFrom" not in container and "env" not in container
+    (config,) = [a for a in container["args"] if a.startswith("-s3.config=")]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volume = next(v for v in pod["volumes"] if config.split("=", 1)[1].startswith(mounts[v["name"]]["mountPath"]))
+    assert volume["secret"]["secretName"] == "canao-s3-identities" and mounts[volume["name"]]["readOnly"]

@@ -50,7 +50,7 @@ def test_the_deployment_serves_with_probes_on_its_port_and_secrets_by_reference(
     assert container["securityContext"]["readOnlyRootFilesystem"]
     assert any(cfg.registry_cache.startswith(m["mountPath"] + "/") for m in container["volumeMounts"])
     assert cfg.threads == int(container["resources"]["limits"]["cpu"])  # not the node's core count
-    assert {s["secretRef"]["name"] for s in container["envFrom"]} == {"canao-s3", "canao-pipeline"}
+    assert {s["secretRef"]["name"] for s in container["envFrom"]} == {"canao-s3-reader", "canao-pipeline"}
     assert all("value" not in e or "KEY" not in e["name"] for e in container["env"])  # no credential in the file
     assert manifests()["Service"]["spec"]["ports"][0]["targetPort"] == "http"
 
