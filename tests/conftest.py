@@ -86,6 +86,18 @@ def memorized_qa(tmp_path_factory) -> tuple[Path, SquadExample]:
 
 
 @pytest.fixture(scope="session")
+def compiled_qa(memorized_qa, tmp_path_factory) -> Path:
+    """memorized_qa compiled untuned for x86-1t with ONNX Runtime as its peer: the artifact dir."""
+    from canao.profiles import load_config
+    from canao.qa.compile import compile_model
+
+    tmp = tmp_path_factory.mktemp("compiled-qa")
+    cfg = load_config("compile", "tiny", overrides=[f"tuning_dir={tmp / 'tuning'}", "peers=[onnxruntime]"])
+    compile_model(memorized_qa[0], get_device("x86-1t"), cfg, tmp / "artifact")
+    return tmp / "artifact"
+
+
+@pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory):
     """The tiny profile's random decoder (SmolLM2's tokenizer and special tokens), saved once."""
     from canao.lm.teacher import save_teacher

@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from canao.bench.suite import STUDENTS_SECTION, TRAINING_SECTION, put_section, suite
 from canao.cli.common import add_config_args, add_model_on_device_args
 from canao.config import PROFILES, resolve_path
 from canao.lab import devices, rpc
 from canao.manifest import verify_manifest, write_records, write_text_atomic
 from canao.mlops import registry, services
 from canao.profiles import load_config
-from canao.qa.bench import BACKENDS, bench, table
+from canao.qa.bench import BACKENDS
 
 
 def cmd_compile(args) -> None:
@@ -34,6 +33,7 @@ def cmd_compile(args) -> None:
 
 def cmd_bench(args) -> None:
     from canao.compile.relax import compiled
+    from canao.qa.bench import bench, table
     from canao.qa.compile import compile_model
 
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
@@ -47,6 +47,8 @@ def cmd_bench(args) -> None:
 
 
 def cmd_bench_suite(args) -> None:
+    from canao.bench.suite import suite
+
     student = f" --lm-student {args.lm_student}" if args.lm_student else ""
     only = " --generation-only" if args.generation_only else ""
     suite(resolve_path(args.teacher), args.profile, Path(args.out),
@@ -104,6 +106,7 @@ def cmd_deploy(args) -> None:
 
 
 def cmd_bench_kd(args) -> None:
+    from canao.bench.suite import TRAINING_SECTION, put_section
     from canao.bench.training import kd_throughput, training_section
     from canao.qa.config import SquadFeatureConfig
     from canao.qa.model import minilm_dir
@@ -122,6 +125,7 @@ def cmd_bench_kd(args) -> None:
 
 def cmd_bench_students(args) -> None:
     from canao.bench.students import students_section, study
+    from canao.bench.suite import STUDENTS_SECTION, put_section
     from canao.qa.config import SquadFeatureConfig
     from canao.qa.space import SubnetConfig
 

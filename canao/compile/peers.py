@@ -20,7 +20,6 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from ai_edge_litert.interpreter import Interpreter
-from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from canao.config import PROJECT_ROOT
 
@@ -59,6 +58,8 @@ def quantize_onnx_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLik
     output cosine to 0.90 on MiniLM, per-channel keeps it at 0.986+ (TOOLCHAIN.md). Without them
     ONNX Runtime multiplies u8 x s8 pairs into saturating 16-bit sums (AVX2's vpmaddubsw), so its
     weights keep 7 bits there (reduce_range), as ONNX Runtime advises for such CPUs."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # needs onnx: the pipeline extra, not serving
+
     int8_path = Path(int8_path)
     int8_path.parent.mkdir(parents=True, exist_ok=True)
     quantize_dynamic(Path(fp32_path), int8_path, per_channel=True, weight_type=QuantType.QInt8,

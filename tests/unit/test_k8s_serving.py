@@ -10,6 +10,7 @@ import yaml
 from canao.cli.main import build_parser
 from canao.config import PROJECT_ROOT
 from canao.profiles import load_config
+from components.image import SERVING_IMAGE
 
 SERVING = PROJECT_ROOT / "k8s" / "serving"
 
@@ -29,7 +30,9 @@ def configmap_values() -> dict[str, str]:
 def test_the_deployment_serves_with_probes_on_its_port_and_secrets_by_reference():
     pod = manifests()["Deployment"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["image"] == "canao"  # the project's image; kustomize sets the tag
+    assert container["image"] == SERVING_IMAGE.split(":")[0]  # the serving image; kustomize sets the tag
+    (image,) = yaml.safe_load((SERVING / "kustomization.yaml").read_text())["images"]
+    assert f"{image['name']}:{image['newTag']}" == SERVING_IMAGE
     command = container["command"]
     for name, value in configmap_values().items():  # Kubernetes expands $(NAME) from the container's env
         from_configmap = {"configMapKeyRef": {"name": "canao-serving", "key": name}}

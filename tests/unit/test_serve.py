@@ -15,9 +15,7 @@ from canao.apps.serve import create_app
 from canao.apps.service import Service
 from canao.cli.main import main
 from canao.config import PROFILES, ConfigError
-from canao.lab.devices import get_device
 from canao.profiles import load_config
-from canao.qa.compile import compile_model
 from canao.qa.config import SquadFeatureConfig
 from canao.qa.data import SquadExample, build_features
 from canao.qa.predictor import QAPredictor
@@ -257,10 +255,8 @@ def test_metrics_count_requests_time_them_and_name_the_model(client, asked):
     assert f'canao_model_info{{backend="torch",device="cpu",name="model",task="qa",version="{version}"}} 1.0' in text
 
 
-def test_a_compiled_artifact_serves_its_fastest_exact_backend(memorized_qa, tmp_path, asked):
-    cfg = load_config("compile", "tiny", overrides=[f"tuning_dir={tmp_path / 'tuning'}", "peers=[onnxruntime]"])
-    compile_model(memorized_qa[0], get_device("x86-1t"), cfg, tmp_path / "artifact")
-    with serving(tmp_path / "artifact") as (client, _):
+def test_a_compiled_artifact_serves_its_fastest_exact_backend(memorized_qa, compiled_qa, asked):
+    with serving(compiled_qa) as (client, _):
         info = client.get("/v1/info").json()["models"]["qa"]
         assert set(info["backend_ms"]) == {"tvm", "onnxruntime"}
         assert info["backend"] == min(info["backend_ms"], key=info["backend_ms"].get)
@@ -270,9 +266,9 @@ def test_a_compiled_artifact_serves_its_fastest_exact_backend(memorized_qa, tmp_
     windows = SquadFeatureConfig(max_seq_len=32, doc_stride=8)
     reference = QAPredictor.from_dir(memorized_qa[0], windows).predict([memorized_qa[1]])[memorized_qa[1].qid]
     assert (out["answer"], out["start"], out["end"]) == (reference.text, reference.start, reference.end)
-    with serving(tmp_path / "artifact", "backend=onnxruntime") as (client, _):
+    with serving(compiled_qa, "backend=onnxruntime") as (client, _):
         assert client.get("/v1/info").json()["models"]["qa"]["backend"] == "onnxruntime"
-    with serving(tmp_path / "artifact", "backend=litert", ready=False) as (client, _):
+    with serving(compiled_qa, "backend=litert", ready=False) as (client, _):
         assert "has no 'litert' (it has: onnxruntime, tvm)" in loaded(client).json()["detail"]
 
 
