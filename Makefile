@@ -7,7 +7,7 @@ PROFILE ?= quick
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup litert-env test run up down pipelines image bench bench-lm bench-serve serve lint clean
+.PHONY: setup litert-env test fuzz run up down pipelines image bench bench-lm bench-serve serve lint clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,12 @@ $(LITERT_STAMP): requirements-litert.txt
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# The API against its schema with new random requests each run, FUZZ_EXAMPLES per operation and
+# mode; `make test` sends the same 100 every run, so CI never passes or fails by chance.
+FUZZ_EXAMPLES ?= 2000
+fuzz: setup
+	CANAO_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/unit/test_serve_schema.py
 
 # The main job: the canao-compress pipeline (PROFILE, default quick) with kfp's local runner;
 # starts MLflow, SeaweedFS and the device lab if they are not running and stops what it started.

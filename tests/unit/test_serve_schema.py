@@ -3,6 +3,8 @@ requests from the schema and checks every response against it (status codes, con
 bodies, valid data accepted, invalid data rejected, and each event of a generation stream
 against the schema of its event)."""
 
+import os
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -11,6 +13,9 @@ from canao.apps.serve import create_app
 from canao.apps.service import Service
 from tests.unit.test_serve import LIMITS
 from tests.unit.test_serve_generate import parse_events
+
+# `make fuzz` sets it: that many new random cases a run instead of the same 100 every run.
+FUZZ_EXAMPLES = int(os.environ.get("CANAO_FUZZ_EXAMPLES") or 0)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +41,8 @@ def test_every_response_matches_the_schema(api_schema, mode):
 
         @given(case=operation.as_strategy(generation_mode=mode))
         # Derandomized: the same cases every run, so CI never passes or fails by chance.
-        @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None,
-                  derandomize=True)
+        @settings(max_examples=FUZZ_EXAMPLES or 100, deadline=None, suppress_health_check=list(HealthCheck),
+                  database=None, derandomize=not FUZZ_EXAMPLES)
         def check(case):
             response = case.call_and_validate()  # each event of a stream against the schema of its event
             if case.path == "/v1/generate" and response.status_code == 200 and not response.stream_cut_short:
