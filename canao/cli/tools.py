@@ -125,7 +125,7 @@ def cmd_bench_kd(args) -> None:
 
 def cmd_bench_students(args) -> None:
     from canao.bench.students import students_section, study
-    from canao.bench.suite import STUDENTS_SECTION, put_section
+    from canao.bench.suite import PROXY_SECTION, STUDENTS_SECTION, put_section
     from canao.qa.config import SquadFeatureConfig
     from canao.qa.space import SubnetConfig
 
@@ -150,7 +150,8 @@ def cmd_bench_students(args) -> None:
     write_text_atomic(Path(args.out), json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     if args.benchmarks:
-        put_section(Path(args.benchmarks), STUDENTS_SECTION, students_section(result))
+        put_section(Path(args.benchmarks), PROXY_SECTION if args.supernet else STUDENTS_SECTION,
+                    students_section(result))
 
 
 def cmd_submit(args) -> None:

@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from canao.bench.suite import SEARCH_SECTION, markdown_section
+from canao.bench.suite import PROXY_SECTION, SEARCH_SECTION, STUDENTS_SECTION, markdown_section
 from canao.cli.main import main
 from canao.codesign.latency_model import LatencyModel
 from canao.codesign.pareto import FRONT_JSON, FRONT_PNG, choose, dominated
@@ -196,3 +196,22 @@ def test_search_report_writes_the_chain_figures_into_its_section_and_keeps_the_r
 def test_search_report_names_a_wrong_input(stages, capsys):
     assert main(["search-report", "--student", str(stages["search"])]) == 2
     assert "a 'search' artifact, not a student" in capsys.readouterr().err
+
+
+def test_bench_students_with_the_supernet_ranks_its_proxy_in_a_section_of_its_own(stages, tmp_path):
+    """The proxy study (issue: Spearman of the search's supernet F1 against distilled F1)."""
+    subnets = tmp_path / "subnets.json"
+    subnets.write_text(json.dumps([{"num_layers": 1, "hidden_size": 16, "heads": [1], "ffn_sizes": [32]},
+                                   {"num_layers": 2, "hidden_size": 32, "heads": [2, 2], "ffn_sizes": [64, 64]},
+                                   {"num_layers": 2, "hidden_size": 32, "heads": [1, 1], "ffn_sizes": [32, 32]}]))
+    benchmarks, out = tmp_path / "BENCHMARKS.md", tmp_path / "proxy.json"
+    benchmarks.write_text(f"# Benchmarks\n\n{STUDENTS_SECTION}\n\nkept as it is\n")
+    assert main(["bench-students", "--profile", "tiny", "--teacher", str(stages["teacher"]), "--supernet",
+                 str(stages["supernet"]), "--subnets", str(subnets), "--questions", "6", "--eval-questions", "4",
+                 "--seq-len", "64", "--importance-batches", "1", "--out", str(out), "--benchmarks", str(benchmarks),
+                 "--work-dir", str(tmp_path / "work")]) == 0
+    result = json.loads(out.read_text())
+    assert all("supernet_f1" in r for r in result["students"]) and "spearman_supernet_vs_distilled" in result
+    section = markdown_section(benchmarks.read_text(), PROXY_SECTION)
+    assert "supernet slice F1" in section and "Spearman rank correlation" in section
+    assert "kept as it is" in markdown_section(benchmarks.read_text(), STUDENTS_SECTION)
