@@ -15,6 +15,7 @@ from canao.bench.suite import SEARCH_SECTION, put_section
 from canao.codesign.pareto import FRONT_JSON
 from canao.hardware import Hardware
 from canao.manifest import verify_stage
+from canao.qa.finalize import BASELINE_DIR, finalized_figures
 from canao.qa.space import SubnetConfig
 
 # The issue's goal for the reported run: at least this speed-up over LiteRT fp32 running the
@@ -126,19 +127,16 @@ def search_report(student_dir: str | Path) -> str:
 
 def _budgets_table(m: dict) -> list[str]:
     """Every budget finalize trained a student (and a uniform baseline) for, as deployed."""
-    deployed = {**m, **{k: m[f"student_{k}"] for k in ("ms", "best_backend", "best_backend_f1")}}
-    rows = [("deployed", deployed)] + [(name, b) for name, b in m["budgets"].items()]
     lines = ["Finalized at each budget (the same recipe and steps; compiled, timed back to back with the teacher, "
              "scored as compiled on its fastest backend):", "",
              "| budget | model | config | runs on | p50 ms | LiteRT fp32 on the teacher / model | dev-a F1 | "
              "below the teacher |", "|---|---|---|---|---|---|---|---|"]
-    for name, student in rows:
-        for kind, figures in (("searched", student), ("uniform baseline", student.get("baseline"))):
-            if figures:
-                lines.append(f"| {name} ({figures['budget_ms']:.2f} ms) | {kind} | {_label(figures['subnet'])} | "
-                             f"{figures['best_backend']} | {min(figures['ms'].values()):.2f} | "
-                             f"{figures['speedup_vs_teacher_litert']:.2f}x | {figures['best_backend_f1']:.2f} | "
-                             f"{m['teacher_f1'] - figures['best_backend_f1']:.2f} |")
+    for budget, directory, figures in finalized_figures(m):
+        kind = "uniform baseline" if directory.endswith(BASELINE_DIR) else "searched"
+        lines.append(f"| {budget} ({figures['budget_ms']:.2f} ms) | {kind} | {_label(figures['subnet'])} | "
+                     f"{figures['best_backend']} | {min(figures['ms'].values()):.2f} | "
+                     f"{figures['speedup_vs_teacher_litert']:.2f}x | {figures['best_backend_f1']:.2f} | "
+                     f"{m['teacher_f1'] - figures['best_backend_f1']:.2f} |")
     return lines
 
 

@@ -43,7 +43,7 @@ from canao.qa.bench import BACKENDS, BASELINE, bench
 from canao.qa.compile import compile_model
 from canao.qa.config import BenchConfig, BertShape
 from canao.qa.distill import train_supernet
-from canao.qa.finalize import BASELINE_DIR, BUDGETS_DIR, STUDENT_PREFIXED, finalize
+from canao.qa.finalize import BASELINE_DIR, BUDGETS_DIR, finalize, finalized_figures
 from canao.qa.latency import fit_latency_model
 from canao.qa.search import search
 from canao.qa.space import SubnetConfig, flops
@@ -190,11 +190,7 @@ def _finalized_budgets(model_dir: Path) -> dict:
     manifest = verify_manifest(model_dir)
     if manifest["stage"] != "finalize":
         return {}
-    m = manifest["metrics"]
-    deployed = {**m, **{k: m[f"student_{k}"] for k in STUDENT_PREFIXED if f"student_{k}" in m}}
-    students = [(".", deployed)] + [(f"{BUDGETS_DIR}/{name}", b) for name, b in m.get("budgets", {}).items()]
-    baselines = [(f"{relative}/{BASELINE_DIR}", figures["baseline"]) for relative, figures in students
-                 if "baseline" in figures]
+    models = finalized_figures(manifest["metrics"])
 
     def entry(relative: str, figures: dict) -> dict:
         benchmarked = "best_backend" in figures
@@ -205,7 +201,8 @@ def _finalized_budgets(model_dir: Path) -> dict:
                 "exact_match": figures["best_backend_exact_match" if benchmarked else "exact_match"],
                 "f1": figures["best_backend_f1" if benchmarked else "f1"]}
 
-    return {"students": [entry(*s) for s in students], "baseline": [entry(*b) for b in baselines]}
+    return {"students": [entry(d, f) for _, d, f in models if not d.endswith(BASELINE_DIR)],
+            "baseline": [entry(d, f) for _, d, f in models if d.endswith(BASELINE_DIR)]}
 
 
 def _architecture(model_dir: Path) -> dict:

@@ -45,6 +45,21 @@ STATS_FILE = "fit.json"  # a finished distillation's figures, beside its weights
 STUDENT_PREFIXED = ("ms", "best_backend", "best_backend_f1", "best_backend_exact_match")
 
 
+def finalized_figures(metrics: dict) -> list[tuple[str, str, dict]]:
+    """Every model a finalize manifest's `metrics` record, as (budget, directory relative to the
+    output, figures): the deployed student first ("deployed", "."), then each looser budget's
+    student, each followed by its uniform baseline where one was trained ("<dir>/baseline")."""
+    deployed = {**metrics, **{k: metrics[f"student_{k}"] for k in STUDENT_PREFIXED if f"student_{k}" in metrics}}
+    students = [("deployed", ".", deployed)] + [(name, f"{BUDGETS_DIR}/{name}", figures)
+                                                for name, figures in metrics.get("budgets", {}).items()]
+    models = []
+    for budget, directory, figures in students:
+        models.append((budget, directory, figures))
+        if figures.get("baseline"):
+            models.append((budget, f"{directory}/{BASELINE_DIR}", figures["baseline"]))
+    return models
+
+
 @dataclasses.dataclass(frozen=True)
 class Finalized:
     """One model finalize trains: the front point chosen within a budget, or that budget's

@@ -9,7 +9,7 @@ from canao.lm.config import LMSearchConfig
 from canao.lm.search import GENERATION
 from canao.profiles import load_config
 from canao.qa.config import BertShape, SearchConfig, SpaceConfig
-from canao.qa.finalize import plan
+from canao.qa.finalize import finalized_figures, plan
 from canao.qa.latency import BERT_QA, features
 from canao.qa.search import QA
 from canao.qa.space import SearchSpace, SubnetConfig
@@ -120,3 +120,15 @@ def test_latency_budget_is_the_tighter_of_the_absolute_and_the_speedup_over_the_
             bad(min_speedup=-1)
     with pytest.raises(ConfigError, match="torch_device: must be one of cpu, cuda"):
         LMSearchConfig(torch_device="gpu")
+
+
+def test_finalized_figures_list_each_budgets_student_then_its_baseline_the_deployed_first():
+    metrics = {"f1": 40.0, "student_ms": {"litert-int8": 9.0}, "student_best_backend": "litert-int8",
+               "student_best_backend_f1": 39.5, "baseline": {"f1": 30.0},
+               "budgets": {"4x": {"f1": 60.0, "baseline": {"f1": 50.0}}, "2x": {"f1": 65.0}}}
+    models = finalized_figures(metrics)
+    assert [(b, d) for b, d, _ in models] == [("deployed", "."), ("deployed", "./baseline"), ("4x", "budgets/4x"),
+                                             ("4x", "budgets/4x/baseline"), ("2x", "budgets/2x")]
+    deployed = models[0][2]
+    assert (deployed["ms"], deployed["best_backend_f1"], deployed["f1"]) == ({"litert-int8": 9.0}, 39.5, 40.0)
+    assert [f["f1"] for _, _, f in models[1:]] == [30.0, 60.0, 50.0, 65.0]
