@@ -24,7 +24,7 @@ from canao.manifest import sha256_file
 from canao.qa.augment import with_copies
 from canao.qa.config import BertShape, FinalizeConfig, SpaceConfig, SquadFeatureConfig
 from canao.qa.data import build_features, load_squad
-from canao.qa.distill import kept_targets_of, load_supernet, matched_layers, student_kd_loss, teacher_targets
+from canao.qa.distill import kept_targets_of, load_supernet, student_kd_loss, target_layers, teacher_targets
 from canao.qa.model import Supernet, importance, load_qa_model, load_tokenizer, sort_by_importance
 from canao.qa.predictor import QAPredictor, evaluate
 from canao.qa.space import SearchSpace, SubnetConfig, flops, params
@@ -52,7 +52,7 @@ def study(teacher_dir: Path, subnets: list[SubnetConfig], space: SpaceConfig, cf
     # Units sorted as a supernet sorts them, so a subnet keeps the most important heads and neurons.
     sort_by_importance(teacher, importance(teacher, features, importance_batches, cfg.train.batch_size))
     teacher.requires_grad_(False)
-    hidden = sorted({i for s in subnets for i in matched_layers(s.layer_indices(shape.num_layers))})
+    hidden = target_layers([s.layer_indices(shape.num_layers) for s in subnets], cfg.kd, shape.num_layers)
     eval_examples = load_squad(resolve_path(cfg.data.eval_file), cfg.data.eval_questions)
     # What the kept targets and each student's checkpoints were made from: a study killed and run
     # again resumes them only if nothing changed.
@@ -71,7 +71,7 @@ def study(teacher_dir: Path, subnets: list[SubnetConfig], space: SpaceConfig, cf
                                      eval_examples, progress=False)
         for n, subnet in enumerate(subnets):
             layer_map = subnet.layer_indices(shape.num_layers)
-            loss_fn = student_kd_loss(kept_targets_of(targets), layer_map, cfg.kd)
+            loss_fn = student_kd_loss(kept_targets_of(targets), layer_map, cfg.kd, teacher)
             student = extract(supernet, subnet)
             stats = fit(student, features, loss_fn, cfg.train, cfg.seed, work_dir / f"student-{n}",
                         f"{fingerprint}-{config_hash(subnet)}",

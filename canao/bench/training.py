@@ -18,16 +18,16 @@ import torch
 from canao import hardware
 from canao.codesign.elastic import extract
 from canao.codesign.kd import TeacherTargets, fit
-from canao.config import KDConfig, TrainConfig, resolve_path
-from canao.qa.config import SquadDataConfig, SquadFeatureConfig
+from canao.config import TrainConfig, resolve_path
+from canao.qa.config import QAKDConfig, SquadDataConfig, SquadFeatureConfig
 from canao.qa.data import build_features, load_squad
-from canao.qa.distill import kept_targets_of, matched_layers, student_kd_loss, teacher_targets
+from canao.qa.distill import kept_targets_of, student_kd_loss, target_layers, teacher_targets
 from canao.qa.model import Supernet, load_qa_model, load_tokenizer
 from canao.qa.space import SubnetConfig
 
 
 def kd_throughput(teacher_dir: Path, subnet: SubnetConfig, questions: int, features_cfg: SquadFeatureConfig,
-                  train: TrainConfig, kd: KDConfig, work_dir: Path) -> dict:
+                  train: TrainConfig, kd: QAKDConfig, work_dir: Path) -> dict:
     """Windows/s of one epoch of KD of `subnet` (extracted from the teacher's own weights) on the first
     `questions` training questions, by both recipes (the module doc); `train.length_pool` is the
     pool of the second."""
@@ -36,11 +36,11 @@ def kd_throughput(teacher_dir: Path, subnet: SubnetConfig, questions: int, featu
     features = build_features(load_squad(resolve_path(SquadDataConfig.train_file), questions),
                               load_tokenizer(teacher_dir), features_cfg)
     layer_map = subnet.layer_indices(teacher.config.num_hidden_layers)
-    hidden = matched_layers(layer_map) if kd.hidden_weight else []
+    hidden = target_layers([layer_map], kd, teacher.config.num_hidden_layers)
     supernet = Supernet(copy.deepcopy(teacher))
 
     def run(name: str, targets_of, pool: int) -> dict:
-        stats = fit(extract(supernet, subnet), features, student_kd_loss(targets_of, layer_map, kd),
+        stats = fit(extract(supernet, subnet), features, student_kd_loss(targets_of, layer_map, kd, teacher),
                     dataclasses.replace(train, epochs=1, length_pool=pool), 0, work_dir / name, name, desc=name,
                     lengths=features.lengths())
         return {"windows_per_s": stats["windows_per_s"], "seconds": stats["train_seconds"], "steps": stats["steps"]}

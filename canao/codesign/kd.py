@@ -1,5 +1,5 @@
-"""Knowledge distillation as every family trains: the resumable loop and its batches, the soft and
-hidden-state losses, the teacher's outputs kept on disk, the sandwich rule and importance scores
+"""Knowledge distillation as every family trains: the resumable loop and its batches, the soft,
+hidden-state and attention-relation losses, the teacher's outputs kept on disk, the sandwich rule and importance scores
 kept across a resume.
 
 The loop checkpoints model, optimizer, schedule, step and RNG state every
@@ -155,6 +155,30 @@ def hidden_mse(student_hidden: tuple, teacher_hidden, layer_map: list[int],
         error = (s.float() - teacher_hidden[i][..., :width].float()) ** 2
         total = total + (error.mean() if weights is None else (error * weights).sum() / (weights.sum() * width))
     return total / (len(layer_map) + 1)
+
+
+def relation_kl(student: torch.Tensor, teacher: torch.Tensor, heads: int, mask: torch.Tensor) -> torch.Tensor:
+    """MiniLMv2's self-attention relation KD for one kind of vector (queries, keys or values):
+    student [B, T, Ds] and teacher [B, T, Dt], each split into `heads` relation heads of Ds/heads
+    and Dt/heads channels, so widths and head counts need not match. A token's relation is the
+    softmax over the real tokens (`mask` [B, T] is 1 there) of its scaled dot products with every
+    token; the KL of the student's relations from the teacher's, averaged over the real tokens
+    and the heads."""
+    for name, x in (("student", student), ("teacher", teacher)):
+        if x.shape[-1] % heads:
+            raise ValueError(f"kd.relation_heads: {heads} does not divide the {name}'s attention width "
+                             f"{x.shape[-1]}")
+    keys = mask[:, None, None, :] == 0  # [B, 1, 1, T]
+
+    def log_relations(x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, heads, T, T]
+        b, t, d = x.shape
+        x = x.float().reshape(b, t, heads, d // heads).transpose(1, 2)
+        return torch.log_softmax((x @ x.transpose(-1, -2) / math.sqrt(d // heads)).masked_fill(keys, -1e4), dim=-1)
+
+    s, t = log_relations(student), log_relations(teacher)
+    kl = (t.exp() * (t - s)).sum(-1)  # [B, heads, T]
+    weights = mask[:, None, :].float()
+    return (kl * weights).sum() / (weights.sum() * heads)
 
 
 def sandwich(space, random_subnets: int) -> list:

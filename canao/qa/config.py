@@ -30,6 +30,25 @@ class BertShape:
 
 
 @dataclass(frozen=True)
+class QAKDConfig(KDConfig):
+    """A standalone student's KD (finalize, bench-students): KDConfig's terms, and MiniLMv2's
+    self-attention relations (Wang et al. 2021), which need no equal head counts or widths."""
+
+    # weight of the relation KD: the query-query, key-key and value-value relations of the student's
+    # last layer against the teacher's last layer (KL over each token's relations); 0 = off
+    attention_weight: float = 0.0
+    # relation heads the queries, keys and values split into; must divide every attention width
+    # (a layer of h heads is h * head_size wide: 2 heads of 32 -> 64 -> 1, 2, 4, ... 64)
+    relation_heads: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.attention_weight < 0 or self.relation_heads < 1:
+            raise ConfigError(f"kd.attention_weight: must be >= 0, kd.relation_heads: >= 1; got "
+                              f"{self.attention_weight}, {self.relation_heads}")
+
+
+@dataclass(frozen=True)
 class SquadDataConfig:
     train_file: str = "../shared/data/squad/train-subset-v1.1.json"  # fine-tuning questions
     eval_file: str = "../shared/data/squad/dev-a-v1.1.json"  # evaluation only, never trained on
@@ -195,7 +214,7 @@ class FinalizeConfig:
     """The chosen front point: extracted, fine-tuned by distillation, scored, compiled, benchmarked."""
 
     seed: int = 42
-    kd: KDConfig = field(default_factory=KDConfig)
+    kd: QAKDConfig = field(default_factory=QAKDConfig)
     data: SquadDataConfig = field(default_factory=SquadDataConfig)  # fine-tune and evaluation questions
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # teacher-labelled inputs beyond the questions
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -1,7 +1,7 @@
 """distill (the pipeline's pretraining-distill stage): the teacher's weights, sorted by
 importance, trained as an elastic supernet by distillation from the teacher with the
 family-agnostic loop of canao.codesign.kd; the QA loss (`kd_loss`): soft start/end
-distributions, hidden states, optionally the gold span.
+distributions, hidden states, optionally the gold span and the last layer's attention relations.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from canao.codesign.kd import (
     fit,
     hidden_mse,
     importance_once,
+    relation_kl,
     sandwich,
     soft_kl,
 )
@@ -26,11 +27,12 @@ from canao.config import KDConfig, config_hash, resolve_path, to_dict
 from canao.hardware import torch_threads
 from canao.manifest import reusable, sha256_file, verify_manifest, verify_stage, write_manifest
 from canao.qa.augment import with_copies
-from canao.qa.config import BertShape, DistillConfig
+from canao.qa.config import BertShape, DistillConfig, QAKDConfig
 from canao.qa.data import Features, build_features, load_squad
 from canao.qa.model import (
     Supernet,
     importance,
+    last_layer_qkv,
     load_qa_model,
     load_tokenizer,
     sort_by_importance,
@@ -48,6 +50,16 @@ def matched_layers(layer_map: list[int]) -> list[int]:
     return [0] + [i + 1 for i in layer_map]
 
 
+def target_layers(layer_maps: list[list[int]], kd: QAKDConfig, teacher_layers: int) -> list[int]:
+    """The teacher hidden states that students of `layer_maps` learn from under `kd`: each one's
+    `matched_layers` where hidden-state KD is on, and the input of the teacher's last layer
+    (`teacher_layers - 1`) where attention-relation KD is, from which its queries, keys and values follow."""
+    layers = {i for layer_map in layer_maps for i in matched_layers(layer_map)} if kd.hidden_weight else set()
+    if kd.attention_weight:
+        layers.add(teacher_layers - 1)
+    return sorted(layers)
+
+
 def teacher_targets(teacher: torch.nn.Module, inputs: dict, hidden: list[int]) -> dict[str, torch.Tensor]:
     """What a student learns from the teacher on `inputs`: start and end logits [B, T], and the
     hidden states [B, T, H] `hidden.<i>` of each teacher layer in `hidden` (0: the embeddings)."""
@@ -57,7 +69,7 @@ def teacher_targets(teacher: torch.nn.Module, inputs: dict, hidden: list[int]) -
 
 
 def kd_loss(student_out, target: dict[str, torch.Tensor], layer_map: list[int], cfg: KDConfig,
-            mask: torch.Tensor, gold: tuple | None = None) -> dict[str, torch.Tensor]:
+            mask: torch.Tensor, gold: tuple | None = None, relations: tuple | None = None) -> dict[str, torch.Tensor]:
     """Knowledge distillation of a QA (sub)network from the teacher's `target` (teacher_targets),
     as weighted terms: `kl`, the soft start and end distributions over the real tokens (`mask`
     [B, T] is 1 there), averaged; `hidden`, `hidden_mse` on the real tokens weighted by
@@ -75,6 +87,10 @@ def kd_loss(student_out, target: dict[str, torch.Tensor], layer_map: list[int], 
     if cfg.hard_weight and gold is not None:
         ce = torch.nn.functional.cross_entropy
         terms["hard"] = cfg.hard_weight * (ce(start, gold[0]) + ce(end, gold[1])) / 2
+    if relations is not None:
+        pairs = zip(*relations)
+        terms["attention"] = cfg.attention_weight * sum(relation_kl(s, t, cfg.relation_heads, mask)
+                                                        for s, t in pairs) / 3
     return terms
 
 
@@ -83,14 +99,23 @@ def kept_targets_of(targets: TeacherTargets):
     return lambda index, inputs: targets.batch(index, inputs["input_ids"].shape[1])
 
 
-def student_kd_loss(targets_of, layer_map: list[int], cfg: KDConfig):
+def student_kd_loss(targets_of, layer_map: list[int], cfg: QAKDConfig, teacher: torch.nn.Module):
     """The `fit` loss of a standalone student distilled from the teacher's targets on its windows:
-    `targets_of(index, inputs)` gives `teacher_targets` of the windows `index` (kept or fresh)."""
+    `targets_of(index, inputs)` gives `teacher_targets` of the windows `index` (kept or fresh), with
+    the `target_layers` of this student. `teacher` (frozen) projects its kept last-layer input to
+    queries, keys and values where `cfg.attention_weight` asks for relation KD."""
+    last_input = f"hidden.{teacher.config.num_hidden_layers - 1}"
+
     def loss_fn(model, feats: Features, index: torch.Tensor) -> dict[str, torch.Tensor]:
         inputs = feats.model_inputs(index)
         gold = (feats.start_positions[index], feats.end_positions[index])
-        return kd_loss(model(**inputs, output_hidden_states=True), targets_of(index, inputs), layer_map, cfg,
-                       inputs["attention_mask"], gold)
+        out, target = model(**inputs, output_hidden_states=True), targets_of(index, inputs)
+        relations = None
+        if cfg.attention_weight:
+            with torch.no_grad():
+                teacher_qkv = last_layer_qkv(teacher, target[last_input].float())
+            relations = (last_layer_qkv(model, out.hidden_states[-2]), teacher_qkv)
+        return kd_loss(out, target, layer_map, cfg, inputs["attention_mask"], gold, relations)
     return loss_fn
 
 

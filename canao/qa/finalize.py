@@ -28,9 +28,9 @@ from canao.qa.data import Features, build_features, load_squad
 from canao.qa.distill import (
     kept_targets_of,
     load_supernet,
-    matched_layers,
     sorted_teacher,
     student_kd_loss,
+    target_layers,
     teacher_targets,
 )
 from canao.qa.model import load_qa_model, load_tokenizer
@@ -119,8 +119,7 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
     subnets = {m.name: SubnetConfig.from_dict(m.origin["subnet"]) for m in models}
     work_dir = out_dir / "checkpoints"
     # One teacher pass serves every student: the hidden states any of them learns from.
-    hidden = sorted({i for s in subnets.values()
-                     for i in matched_layers(s.layer_indices(teacher_layers))}) if cfg.kd.hidden_weight else []
+    hidden = target_layers([s.layer_indices(teacher_layers) for s in subnets.values()], cfg.kd, teacher_layers)
     targets = TeacherTargets.compute(
         work_dir / "teacher-targets", fingerprint, features.lengths(),
         lambda index: teacher_targets(teacher, features.model_inputs(index), hidden),
@@ -140,7 +139,7 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
         print(f"finalize: {m.name} {m.origin['label']} (search F1 {m.origin['f1']:.2f}); fine-tuning on "
               f"{len(features)} windows", flush=True)
         student, stats = _distilled(cfg, extract(supernet, subnet), subnet.layer_indices(teacher_layers), features,
-                                    targets, work_dir / m.name, fingerprint, m.name)
+                                    targets, teacher, work_dir / m.name, fingerprint, m.name)
         student.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
         scored, _ = evaluate(QAPredictor(student, tokenizer, features_cfg, cfg.train.eval_batch_size), eval_examples)
@@ -191,8 +190,9 @@ def _copy_model(source: Path, directory: Path) -> None:
 
 
 def _distilled(cfg: FinalizeConfig, student: torch.nn.Module, layer_map: list[int], features: Features,
-               targets: TeacherTargets, work_dir: Path, fingerprint: str, name: str) -> tuple[torch.nn.Module, dict]:
-    """`student` fine-tuned by distillation from the kept teacher `targets`, and `fit`'s figures.
+               targets: TeacherTargets, teacher: torch.nn.Module, work_dir: Path, fingerprint: str,
+               name: str) -> tuple[torch.nn.Module, dict]:
+    """`student` fine-tuned by distillation from the kept teacher `targets` (of `teacher`), and `fit`'s figures.
     Kept in `work_dir` once done, so a finalize resumed after it skips it."""
     done = work_dir / "distilled"
     if (done / STATS_FILE).is_file():
@@ -200,8 +200,7 @@ def _distilled(cfg: FinalizeConfig, student: torch.nn.Module, layer_map: list[in
         if kept["fingerprint"] == fingerprint:
             return load_qa_model(done), kept["stats"]
 
-    loss_fn = student_kd_loss(kept_targets_of(targets), layer_map,
-                              cfg.kd)
+    loss_fn = student_kd_loss(kept_targets_of(targets), layer_map, cfg.kd, teacher)
     stats = fit(student, features, loss_fn, cfg.train, cfg.seed, work_dir, fingerprint, desc=name,
                 lengths=features.lengths())
     student.save_pretrained(done)

@@ -98,6 +98,13 @@ class SpanLogits(torch.nn.Module):
         return out.start_logits, out.end_logits
 
 
+def last_layer_qkv(model: BertForQuestionAnswering, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The queries, keys and values [B, T, heads * head_size] of `model`'s last layer for its input
+    `hidden` [B, T, H] (the second-to-last of its hidden states): what attention-relation KD compares."""
+    attention = model.bert.encoder.layer[-1].attention.self
+    return tuple(projection(hidden) for projection in (attention.query, attention.key, attention.value))
+
+
 INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask")
 OUTPUT_NAMES = ("start_logits", "end_logits")
 

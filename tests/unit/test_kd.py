@@ -1,5 +1,6 @@
 """The KD machinery finalize and the supernet train with: batches of like length, the teacher's
-outputs kept on disk, the QA loss over real tokens only, and its terms reported apart."""
+outputs kept on disk, the QA loss over real tokens only, its attention relations, and its terms
+reported apart."""
 
 import json
 
@@ -8,11 +9,11 @@ import torch
 
 from canao.bench.suite import STUDENTS_SECTION, TRAINING_SECTION, markdown_section
 from canao.cli.main import main
-from canao.codesign.kd import TeacherTargets, epoch_batches, fit
-from canao.config import KDConfig, TrainConfig, resolve_path
-from canao.qa.config import BertShape, SquadDataConfig, SquadFeatureConfig
+from canao.codesign.kd import TeacherTargets, epoch_batches, fit, relation_kl
+from canao.config import ConfigError, KDConfig, TrainConfig, resolve_path
+from canao.qa.config import BertShape, QAKDConfig, SquadDataConfig, SquadFeatureConfig
 from canao.qa.data import build_features, load_squad
-from canao.qa.distill import kd_loss, matched_layers, teacher_targets
+from canao.qa.distill import kd_loss, matched_layers, student_kd_loss, target_layers, teacher_targets
 from canao.qa.model import init_qa_model
 
 SHAPE = BertShape(num_layers=3, hidden_size=48, num_heads=3, ffn_size=96)
@@ -95,6 +96,47 @@ def test_the_qa_loss_ignores_padding_and_names_its_terms(windows):
         torch.testing.assert_close(value, terms[name])
 
 
+def test_attention_relations_compare_any_widths_over_real_tokens_only():
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    teacher, student = torch.randn(2, 6, 48), torch.randn(2, 6, 32)  # 3 heads of 16 against 2 of 16
+    assert relation_kl(teacher, teacher, 4, mask).item() == pytest.approx(0, abs=1e-6)
+    kl = relation_kl(student, teacher, 4, mask)
+    assert kl.item() > 0
+    # what either side holds at padded positions changes nothing
+    padded = mask[..., None] == 0
+    torch.testing.assert_close(relation_kl(student.masked_fill(padded, 9.0), teacher.masked_fill(padded, -7.0), 4,
+                                           mask), kl)
+    with pytest.raises(ValueError, match="kd.relation_heads: 5 does not divide the student's attention width 32"):
+        relation_kl(student, teacher, 5, mask)
+    with pytest.raises(ConfigError, match="kd.attention_weight"):
+        QAKDConfig(attention_weight=-1.0)
+
+
+def test_attention_kd_trains_the_students_last_layer_from_the_teachers_kept_input(windows):
+    teacher = init_qa_model("random", SHAPE, seed=0).eval().requires_grad_(False)
+    student = init_qa_model("random", BertShape(2, 48, 2, 64), seed=1)
+    cfg = QAKDConfig(hidden_weight=0.0, attention_weight=1.0)
+    # the teacher's last layer's input is kept whatever the hidden-state KD asks for
+    assert target_layers([[0, 2]], cfg, SHAPE.num_layers) == [2]
+    assert target_layers([[0, 2], [1]], QAKDConfig(), SHAPE.num_layers) == [0, 1, 2, 3]
+    hidden = target_layers([[0, 2]], cfg, SHAPE.num_layers)
+
+    def targets_of(index, inputs):
+        with torch.no_grad():
+            return teacher_targets(teacher, inputs, hidden)
+
+    index = torch.tensor([0, 1, 2, 3])
+    terms = student_kd_loss(targets_of, [0, 2], cfg, teacher)(student, windows, index)
+    assert set(terms) == {"kl", "attention"} and terms["attention"].item() > 0
+    terms["attention"].backward()
+    last, first = student.bert.encoder.layer[-1].attention.self, student.bert.encoder.layer[0].attention.self
+    assert last.query.weight.grad.abs().sum() > 0 and last.value.weight.grad.abs().sum() > 0
+    assert first.query.weight.grad.abs().sum() > 0  # through the last layer's input
+    plain = student_kd_loss(targets_of, [0, 2], QAKDConfig(hidden_weight=0.0), teacher)(student, windows, index)
+    assert "attention" not in plain
+
+
 def test_fit_reports_each_loss_term_and_its_speed(windows, tmp_path):
     model = init_qa_model("random", SHAPE, seed=0)
 
@@ -133,9 +175,11 @@ def test_bench_students_distils_each_candidate_alike_into_its_section(memorized_
     benchmarks.write_text("# Benchmarks\n\n## Serving load test\n\nkept as it is\n")
     assert main(["bench-students", "--profile", "tiny", "--teacher", str(memorized_qa[0]), "--subnets", str(subnets),
                  "--questions", "6", "--eval-questions", "4", "--seq-len", "64", "--importance-batches", "1",
+                 "--set", "kd.attention_weight=1.0",
                  "--out", str(out), "--benchmarks", str(benchmarks), "--work-dir", str(tmp_path / "work")]) == 0
     result = json.loads(out.read_text())
     rows = result["students"]
+    assert all("attention" in r["final_loss_terms"] for r in rows)  # relation KD from the kept targets
     assert [r["subnet"]["num_layers"] for r in rows] == [1, 2] and rows[1]["subnet"]["layers"] == [0, 1]
     assert rows[0]["steps"] == rows[1]["steps"] > 0 and rows[0]["flops"] < rows[1]["flops"]
     assert result["eval_questions"] == 4 and result["command"].startswith("canao bench-students")
