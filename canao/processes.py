@@ -1,4 +1,5 @@
-"""Servers started in sessions of their own, and stopping each as a whole process group.
+"""Servers started in sessions of their own, and stopping each as a whole process group; one call
+run in a child process of its own.
 
 The MLflow server, SeaweedFS and the device lab's tracker and RPC servers each run in a session
 (so a process group) of their own: an interrupt of the shell that started them does not reach
@@ -9,10 +10,13 @@ hold the port for as long as it lives, whichever of the two exits first.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import pickle
 import signal
 import subprocess
 import time
+import traceback
 from pathlib import Path
 
 
@@ -64,3 +68,41 @@ def _reap(groups: set[int]) -> None:
             os.waitpid(leader, os.WNOHANG)
         except ChildProcessError:
             pass  # not our child, or already reaped
+
+
+def call_in_child(what: str, fn, *args):
+    """`fn(*args)` in a fresh spawned process (its own threads, CPU pinning and native libraries),
+    its result returned and its exception raised here. A child that dies instead (a crash in native
+    code: a signal) raises a RuntimeError naming `what` and its exit status: multiprocessing.Pool's
+    `apply` would wait for it forever."""
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_child_call, args=(sender, fn, args), daemon=True)
+    child.start()
+    sender.close()
+    try:
+        ok, value = receiver.recv()
+    except EOFError:
+        child.join()
+        code = child.exitcode
+        died = f"killed by signal {signal.Signals(-code).name}" if code and code < 0 else f"exit status {code}"
+        raise RuntimeError(f"{what}: its child process died ({died}) before returning") from None
+    finally:
+        receiver.close()
+    child.join()
+    if ok:
+        return value
+    raise value
+
+
+def _child_call(sender, fn, args) -> None:
+    try:
+        result = (True, fn(*args))
+    except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
+        result = (False, e)
+        try:
+            pickle.dumps(e)
+        except Exception:  # noqa: BLE001 - an exception that cannot cross the pipe goes as its text
+            result = (False, RuntimeError("".join(traceback.format_exception(e))))
+    sender.send(result)
+    sender.close()

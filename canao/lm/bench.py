@@ -5,7 +5,6 @@ first token after a prompt of each context length, then ms per token.
 
 from __future__ import annotations
 
-import multiprocessing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from canao.lm.gguf import exported_gguf
 from canao.lm.model import load_causal_lm
 from canao.lm.teacher import teacher_gguf
 from canao.manifest import verify_manifest
+from canao.processes import call_in_child
 
 
 @dataclass(frozen=True)
@@ -163,10 +163,8 @@ def bench_generation(model_dir: str | Path | None, artifact_dir: str | Path | No
         paths["tvm"] = Path(artifact_dir)
     records = []
     for backend in backends:
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(1) as pool:
-            results, version = pool.apply(_time_generation, (backend, str(paths[backend]), device, cfg.contexts,
-                                                             cfg.new_tokens, cfg.repeats))
+        results, version = call_in_child(f"timing {backend}", _time_generation, backend, str(paths[backend]),
+                                         device, cfg.contexts, cfg.new_tokens, cfg.repeats)
         for context, runs in results.items():
             ttft, per_token = np.median(np.asarray(runs), axis=0)
             records.append(GenRecord(

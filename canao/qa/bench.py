@@ -11,7 +11,6 @@ PyTorch fp32 and the hardware it was measured on.
 
 from __future__ import annotations
 
-import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from canao.compile import peers
 from canao.lab import devices, rpc
 from canao.lab.devices import Device
 from canao.manifest import verify_manifest
+from canao.processes import call_in_child
 from canao.qa.config import BenchConfig
 from canao.qa.model import example_inputs
 from canao.qa.predictor import backend_runner
@@ -81,10 +81,8 @@ def bench(artifact_dir: str | Path, model_dir: str | Path, device: Device, backe
             version = _tvm_version()
         else:
             path = Path(model_dir) if backend == "torch" else artifact_dir / manifest["backends"][backend]
-            ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(1) as pool:
-                times, version = pool.apply(_time_peer, (backend, str(path), device, cfg.warmup, cfg.runs,
-                                                         seq_len))
+            times, version = call_in_child(f"timing {backend}", _time_peer, backend, str(path), device, cfg.warmup,
+                                           cfg.runs, seq_len)
         records.append(Record(
             backend=backend, device=device.key, seq_len=seq_len, runs=len(times), threads=device.threads,
             cores=tuple(device.cores), version=version, numerics_max_abs_diff=numerics.get(backend, 0.0),
