@@ -88,7 +88,7 @@ def kd_loss(student_out, target: dict[str, torch.Tensor], layer_map: list[int], 
         ce = torch.nn.functional.cross_entropy
         terms["hard"] = cfg.hard_weight * (ce(start, gold[0]) + ce(end, gold[1])) / 2
     if relations is not None:
-        pairs = zip(*relations)
+        pairs = zip(*relations, strict=True)
         terms["attention"] = cfg.attention_weight * sum(relation_kl(s, t, cfg.relation_heads, mask)
                                                         for s, t in pairs) / 3
     return terms
