@@ -211,12 +211,16 @@ def plot_front(result: dict, path: Path, objectives: Objectives) -> None:
     plt.close(fig)
 
 
+def point_ms(point: dict) -> float:
+    """A front point's latency: measured where the search re-measured it, else predicted."""
+    return point["measured_ms"] if point["measured_ms"] is not None else point["predicted_ms"]
+
+
 def choose(result: dict, objectives: Objectives, budget_ms: float | None = None) -> dict:
     """The front point to ship: the most accurate one whose latency (measured, else predicted) is
     within `budget_ms` (default: the search's deployed budget, `latency_budget_ms`)."""
     budget = result["latency_budget_ms"] if budget_ms is None else budget_ms
-    fitting = [p for p in result["front"]
-               if not budget or (p["measured_ms"] if p["measured_ms"] is not None else p["predicted_ms"]) <= budget]
+    fitting = [p for p in result["front"] if not budget or point_ms(p) <= budget]
     if not fitting:
         raise ValueError(f"no front point within the latency budget of {budget} ms")
     sign = 1 if objectives.maximize else -1

@@ -9,7 +9,7 @@ import yaml
 from canao.bench.suite import PROXY_SECTION, SEARCH_SECTION, STUDENTS_SECTION, markdown_section
 from canao.cli.main import main
 from canao.codesign.latency_model import LatencyModel
-from canao.codesign.pareto import FRONT_JSON, FRONT_PNG, choose, dominated
+from canao.codesign.pareto import FRONT_JSON, FRONT_PNG, choose, dominated, point_ms
 from canao.lab import devices
 from canao.lab.devices import get_device
 from canao.manifest import verify_manifest
@@ -104,7 +104,9 @@ def test_search_holds_the_uniform_baseline_at_the_shipped_points_latency(stages)
     assert subnet.layers[0] == 0 and len(set(subnet.heads)) == len(set(subnet.ffn_sizes)) == 1
     teacher_litert = result["teacher"]["measured_ms_by_backend"]["litert"]
     assert result["latency_budget_ms"] == teacher_litert  # min_speedup 1
-    assert baseline["predicted_ms"] <= result["latency_budget_ms"] and shipped["predicted_ms"] <= teacher_litert
+    # the shipped point fits by the latency `choose` reads (measured where re-measured): its prediction
+    # may sit a hair over a budget of ~0.03 ms
+    assert baseline["predicted_ms"] <= result["latency_budget_ms"] and point_ms(shipped) <= teacher_litert
     assert 0 <= baseline["f1"] <= 100 and baseline["label"] == subnet.label()
     [looser] = result["front_budgets"]  # 0.5x: a budget of twice the teacher's time, and its own baseline
     assert looser["min_speedup"] == 0.5 and looser["latency_budget_ms"] == 2 * teacher_litert
