@@ -26,10 +26,12 @@ def run_stage(stage: str, profile: str, overrides: dict, inputs: dict, out, metr
 
 def with_latency_budget(overrides: dict, latency_budgets_ms: list) -> dict:
     """`overrides` with the search's `latency_budget_ms` set to the tightest budget: the
-    pipeline ships one student, and one that meets the tightest budget meets them all."""
-    if not latency_budgets_ms or any(not isinstance(b, int | float) or b <= 0 for b in latency_budgets_ms):
-        raise ValueError(f"latency_budgets_ms: expected a non-empty list of positive numbers, "
-                         f"got {latency_budgets_ms!r}")
+    pipeline ships one student, and one that meets the tightest budget meets them all. An empty
+    list leaves the profile's own budget (configs/<profile>/search.yaml) alone."""
+    if any(isinstance(b, bool) or not isinstance(b, int | float) or b <= 0 for b in latency_budgets_ms):
+        raise ValueError(f"latency_budgets_ms: expected a list of positive numbers, got {latency_budgets_ms!r}")
+    if not latency_budgets_ms:
+        return overrides
     return {**overrides, "search": [*overrides.get("search", []), f"latency_budget_ms={min(latency_budgets_ms)}"]}
 
 

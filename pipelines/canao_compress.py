@@ -93,7 +93,7 @@ DESCRIPTION = "Compress a QA transformer for a device's latency budget, compile,
 
 
 @dsl.pipeline(name="canao-compress", description=DESCRIPTION)
-def canao_compress(device: str = "x86-1t", profile: str = "quick", latency_budgets_ms: list = [10.0, 25.0],  # noqa: B006
+def canao_compress(device: str = "x86-1t", profile: str = "quick", latency_budgets_ms: list = [],  # noqa: B006
                    run_name: str = "canao-compress", overrides: dict = {}) -> dsl.Artifact:  # noqa: B006
     """As `make run` runs it (kfp.local): its output is the deployment, which pipelines/local.py
     summarises; a failure there ends the MLflow run FAILED from pipelines/local.py.
@@ -103,7 +103,7 @@ def canao_compress(device: str = "x86-1t", profile: str = "quick", latency_budge
 
 @dsl.pipeline(name="canao-compress", description=DESCRIPTION)
 def canao_compress_on_cluster(device: str = "x86-1t", profile: str = "quick",
-                              latency_budgets_ms: list = [10.0, 25.0],  # noqa: B006
+                              latency_budgets_ms: list = [],  # noqa: B006
                               run_name: str = "canao-compress", overrides: dict = {}):  # noqa: B006
     """As a cluster runs it (`make pipelines`, `canao submit`): the same tasks inside an exit
     handler, so a failed task ends the MLflow run FAILED rather than RUNNING forever (kfp returns

@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=PROFILES, default="quick")
     parser.add_argument("--device", default="x86-1t", help="device key from device_lab/devices.yaml")
     parser.add_argument("--budget-ms", type=float, action="append", dest="budgets",
-                        help="latency budget in ms (repeatable; default 10 and 25); the search meets the tightest")
+                        help="latency budget in ms (repeatable); the search meets the tightest of these "
+                             "and of the profile's own (configs/<profile>/search.yaml)")
     parser.add_argument("--mlflow-port", type=int, default=services.MLFLOW_PORT, help="if not running yet")
     parser.add_argument("--s3-port", type=int, default=services.S3_PORT, help="if not running yet")
     parser.add_argument("--lab-port", type=int, default=rpc.DEFAULT_PORT, help="tracker, if not running")
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _on_stop_signal)
     try:
         with running_services(args.mlflow_port, args.s3_port, args.lab_port):
-            summary = run(args.profile, args.device, args.budgets or [10.0, 25.0], overrides,
+            summary = run(args.profile, args.device, args.budgets or [], overrides,
                           resolve_path(PIPELINE_ROOT), resolve_path(SUMMARY))
     except (services.ServiceError, devices.DeviceLabError, tracking.TrackingError) as e:
         print(f"canao-compress: error: {e}", file=sys.stderr)

@@ -157,7 +157,7 @@ def cmd_bench_students(args) -> None:
 def cmd_submit(args) -> None:
     from pipelines.submit import submit  # the kfp side lives outside canao/
 
-    print(json.dumps(submit(args.host, args.experiment, args.profile, args.device, args.budgets or [10.0, 25.0])))
+    print(json.dumps(submit(args.host, args.experiment, args.profile, args.device, args.budgets or [])))
 
 
 def register(sub) -> None:

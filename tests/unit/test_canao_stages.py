@@ -132,3 +132,14 @@ def test_finalized_figures_list_each_budgets_student_then_its_baseline_the_deplo
     deployed = models[0][2]
     assert (deployed["ms"], deployed["best_backend_f1"], deployed["f1"]) == ({"litert-int8": 9.0}, 39.5, 40.0)
     assert [f["f1"] for _, _, f in models[1:]] == [30.0, 60.0, 50.0, 65.0]
+
+
+def test_the_pipeline_searches_under_the_tightest_budget_given_or_else_the_profiles_own():
+    from components.runtime import with_latency_budget
+
+    assert with_latency_budget({"search": ["trials=2"]}, [25.0, 10.0]) == {
+        "search": ["trials=2", "latency_budget_ms=10.0"]}
+    assert with_latency_budget({"compile": ["trials=0"]}, []) == {"compile": ["trials=0"]}
+    assert load_config("search", "quick").latency_budget_ms == 10.0  # `make run`'s budget
+    with pytest.raises(ValueError, match=r"latency_budgets_ms: expected a list of positive numbers, got \[10.0, -1\]"):
+        with_latency_budget({}, [10.0, -1])
