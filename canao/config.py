@@ -107,6 +107,10 @@ class ServeConfig:
     max_new_tokens: int = 256  # a larger max_new_tokens gets 422, as does one the model's context window cannot hold
     generate_timeout_s: float = 60.0  # a generation with no token by then (queueing included) gets 503; one
     #                                   still streaming by then ends with an error event
+    lm_backend: str = "auto"  # how a generation model directory runs: "llama.cpp" (its GGUF export), "torch", or
+    #                          "auto": llama.cpp where the manifest holds the GGUF's held-out perplexity (finalize-lm
+    #                          measures it in llama.cpp) within lm_perplexity_tol of PyTorch's, else PyTorch
+    lm_perplexity_tol: float = 0.05  # relative: llama.cpp's quantized file may score at most 5 % above PyTorch
 
     def __post_init__(self):
         for name in ("max_body_bytes", "max_context_chars", "max_question_chars", "max_pending", "max_prompt_chars",
@@ -118,6 +122,10 @@ class ServeConfig:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.threads < 0:
             raise ConfigError(f"threads: must be >= 0, got {self.threads}")
+        if self.lm_backend not in ("auto", "llama.cpp", "torch"):
+            raise ConfigError(f"lm_backend: must be auto, llama.cpp or torch, got {self.lm_backend!r}")
+        if self.lm_perplexity_tol < 0:
+            raise ConfigError(f"lm_perplexity_tol: must be >= 0, got {self.lm_perplexity_tol}")
         if not self.allowed_hosts or not all(h and "/" not in h and " " not in h for h in self.allowed_hosts):
             raise ConfigError(f"allowed_hosts: host names (\"*.example.org\" for its subdomains), got "
                               f"{list(self.allowed_hosts)}")

@@ -121,29 +121,51 @@ def load_model(model_dir: Path, cfg: ServeConfig) -> tuple[SpanPredictor, ModelI
         compiled = manifest["config"]
         return predictor, ModelInfo(model_dir.name, version, manifest["stage"], backend, compiled["device"],
                                     compiled["target"], compiled["seq_len"], timings)
-    import torch
-
-    return predictor, ModelInfo(model_dir.name, version, manifest["stage"], backend, "cpu",
-                                {"kind": "pytorch", "version": torch.__version__},
+    return predictor, ModelInfo(model_dir.name, version, manifest["stage"], backend, "cpu", runtime_target("torch"),
                                 predictor.features_cfg.max_seq_len, timings)
 
 
-def load_lm(model_dir: Path, cfg: ServeConfig) -> tuple[generator.TVMDecoder | generator.TorchDecoder, ModelInfo]:
+def load_lm(model_dir: Path, cfg: ServeConfig) -> tuple[generator.TVMDecoder | generator.LlamaCppDecoder
+                                                       | generator.TorchDecoder, ModelInfo]:
     """A verified generation model as a decoder: a `canao compile-lm` artifact runs in TVM, a model
-    directory in PyTorch (with generate's default context window)."""
+    directory in llama.cpp or PyTorch as `lm_backend` chooses (with generate's default context window)."""
     manifest = read_manifest(model_dir) or {}
     if manifest.get("stage") == "compile-lm":
         decoder = generator.TVMDecoder(model_dir)  # verifies the artifact's files as it opens
         device, target = manifest["config"]["device"], manifest["config"]["target"]
     else:
-        import torch
-
-        manifest = verify_manifest(model_dir)
-        hardware.torch_threads(cfg.threads)
-        decoder = generator.TorchDecoder(model_dir)
-        device, target = "cpu", {"kind": "pytorch", "version": torch.__version__}
+        manifest = verify_manifest(model_dir)  # the GGUF export, when there is one, among the verified files
+        threads = hardware.torch_threads(cfg.threads)
+        decoder = generator.open_decoder(model_dir, backend=lm_backend(model_dir, manifest, cfg), threads=threads)
+        device, target = "cpu", runtime_target(decoder.backend)
     return decoder, ModelInfo(model_dir.name, sha256_file(model_dir / MANIFEST)[:12], manifest["stage"],
                               decoder.backend, device, target, decoder.max_context, {})
+
+
+def lm_backend(model_dir: Path, manifest: dict, cfg: ServeConfig) -> str:
+    """`cfg.lm_backend`, or for "auto": llama.cpp where `model_dir` has a GGUF export whose held-out
+    perplexity in llama.cpp (manifest metric `gguf_perplexity`) is within `lm_perplexity_tol` of
+    PyTorch's (`perplexity`), else PyTorch; a file never scored is not served."""
+    if cfg.lm_backend != "auto":
+        return cfg.lm_backend
+    from canao.lm.gguf import exported_gguf
+
+    metrics = manifest.get("metrics", {})
+    exported, own = metrics.get("gguf_perplexity"), metrics.get("perplexity")
+    if exported_gguf(model_dir) and exported and own and exported <= own * (1 + cfg.lm_perplexity_tol):
+        return "llama.cpp"
+    return "torch"
+
+
+def runtime_target(backend: str) -> dict:
+    """What a model directory runs on, for /v1/models: llama.cpp's or torch's version."""
+    if backend == "llama.cpp":
+        import llama_cpp
+
+        return {"kind": "llama.cpp", "version": llama_cpp.__version__}
+    import torch
+
+    return {"kind": "pytorch", "version": torch.__version__}
 
 
 LOADERS = {"qa": load_model, "generate": load_lm}

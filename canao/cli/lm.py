@@ -15,7 +15,7 @@ from pathlib import Path
 from canao import hardware
 from canao.cli.common import add_config_args
 from canao.lab import devices
-from canao.lm.config import GEN_BACKENDS, LMCompileConfig
+from canao.lm.config import GEN_BACKENDS, GGUF_PRECISIONS, LMCompileConfig
 from canao.profiles import load_config
 
 
@@ -74,12 +74,15 @@ def cmd_finalize_lm(args) -> None:
 
 def cmd_eval_lm(args) -> None:
     from canao.lm.data import perplexity, read_text_file
+    from canao.lm.gguf import gguf_model
     from canao.lm.model import load_causal_lm, load_tokenizer
 
     text = read_text_file(args.data)
-    hardware.torch_threads(args.threads)
-    result = perplexity(load_causal_lm(args.model), load_tokenizer(args.model), text, args.max_tokens)
-    print(json.dumps({"perplexity": round(result["perplexity"], 4), "tokens": result["tokens"]}))
+    threads = hardware.torch_threads(args.threads)
+    model = load_causal_lm(args.model) if args.backend == "torch" else gguf_model(args.model, threads)
+    result = perplexity(model, load_tokenizer(args.model), text, args.max_tokens)
+    print(json.dumps({"perplexity": round(result["perplexity"], 4), "tokens": result["tokens"],
+                      "backend": args.backend}))
 
 
 def cmd_compile_lm(args) -> None:
@@ -102,8 +105,8 @@ def cmd_generate(args) -> None:
     from canao.lm import generator
 
     sampling = generator.Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    hardware.torch_threads(args.threads)
-    decoder = generator.open_decoder(args.model, args.max_context)
+    threads = hardware.torch_threads(args.threads)
+    decoder = generator.open_decoder(args.model, args.max_context, args.backend, threads)
     ids = generator.encode_prompt(decoder.tokenizer, args.prompt, chat=not args.no_chat)
     ids, dropped = generator.fit_prompt(ids, args.max_new_tokens, decoder)
     if dropped:
@@ -179,7 +182,9 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="model directory (save_pretrained layout)")
     p.add_argument("--data", required=True, help="UTF-8 text file, e.g. the heldout.txt of `canao lm-data`")
     p.add_argument("--max-tokens", type=int, default=0, help="score the first N tokens only (0: all)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--backend", choices=("torch", "llama.cpp"), default="torch",
+                   help="PyTorch on the weights, or llama.cpp on the directory's GGUF export (its own numbers)")
+    p.add_argument("--threads", type=int, default=0, help="torch or llama.cpp threads (0: all cores)")
     p.set_defaults(func=cmd_eval_lm)
 
     p = sub.add_parser("compile-lm", help="compile a decoder's prefill and decode steps with TVM for a device")
@@ -192,8 +197,9 @@ def register(sub) -> None:
 
     p = sub.add_parser("export-gguf", help="a decoder as a GGUF file for llama.cpp (the teacher file's tokenizer)")
     p.add_argument("--model", required=True, help="model directory (save_pretrained layout)")
-    p.add_argument("--precision", choices=("teacher", "f32"), default="teacher",
-                   help="teacher: stored as the teacher GGUF stores each tensor (Q4_1 matmuls); f32: float32")
+    p.add_argument("--precision", choices=GGUF_PRECISIONS, default="teacher",
+                   help="teacher: stored as the teacher GGUF stores each tensor (Q4_1 matmuls); f32: float32; "
+                        "q8_0, q4_0: every matrix in that format (q4_0: llama.cpp repacks it for its fastest kernels)")
     p.add_argument("--out", help="GGUF file to write (default: <model>/model.gguf, which bench-lm's llama.cpp runs)")
     p.set_defaults(func=cmd_export_gguf)
 
@@ -208,7 +214,10 @@ def register(sub) -> None:
     p.add_argument("--no-chat", action="store_true", help="continue the prompt as raw text, no chat template")
     p.add_argument("--max-context", type=int, default=LMCompileConfig.max_context,
                    help="context window of a model directory (a compiled artifact has its own)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--backend", choices=("auto", "llama.cpp", "torch"), default="auto",
+                   help="how a model directory runs: llama.cpp on its GGUF export, PyTorch, or auto (llama.cpp "
+                        "where it has one)")
+    p.add_argument("--threads", type=int, default=0, help="torch or llama.cpp threads (0: all cores)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench-lm", help="time generation: TVM, PyTorch and llama.cpp on the teacher GGUF")

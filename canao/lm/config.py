@@ -136,6 +136,8 @@ class LMFinalizeConfig:
 # The generation backends: TVM (compile-lm), PyTorch eager, llama.cpp (a GGUF file), LiteRT (the
 # KV-cache step converted by litert-torch, float32).
 GEN_BACKENDS = ("tvm", "torch", "llama.cpp", "litert")
+# How a GGUF export stores its matrices (canao.lm.gguf.MATRIX_TYPES says what each means).
+GGUF_PRECISIONS = ("teacher", "f32", "q8_0", "q4_0")
 
 
 @dataclass(frozen=True)

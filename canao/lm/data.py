@@ -111,16 +111,22 @@ def token_windows(tokenizer, text: str, seq_len: int, max_windows: int = 0) -> t
 
 @torch.inference_mode()
 def perplexity(model, tokenizer, text: str, max_tokens: int = 0, progress: bool = True, top1: bool = False) -> dict:
-    """exp(mean next-token negative log-likelihood) of `model` on `text` under the protocol above;
-    `max_tokens` > 0 scores only the text's first that many tokens. With `top1`, "top1" holds the
-    model's most likely next token at every scored position ([tokens] int64), so two models'
-    greedy choices on the same text compare position by position."""
+    """exp(mean next-token negative log-likelihood) of `model` on `text` under the protocol above:
+    `model` is a PyTorch causal LM or has `window_logits(ids [T]) -> [T, vocab]` (canao.lm.gguf.GGUFModel,
+    llama.cpp on a GGUF file). `max_tokens` > 0 scores only the text's first that many tokens.
+    With `top1`, "top1" holds the model's most likely next token at every scored position
+    ([tokens] int64), so two models' greedy choices on the same text compare position by position."""
     if max_tokens < 0:
         raise ValueError(f"max_tokens: must be >= 0, got {max_tokens}")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     if max_tokens:
         ids = ids[:max_tokens]
-    ids = ids.to(next(model.parameters()).device)
+    window_logits = getattr(model, "window_logits", None)
+    if window_logits is None:
+        ids = ids.to(next(model.parameters()).device)
+
+        def window_logits(window: torch.Tensor) -> torch.Tensor:
+            return model(input_ids=window[None]).logits[0]
     if len(ids) < 2:
         raise ValueError(f"the text has {len(ids)} token(s); perplexity needs at least 2")
     windows, end = [], 0
@@ -131,7 +137,7 @@ def perplexity(model, tokenizer, text: str, max_tokens: int = 0, progress: bool 
             break
     nll, choices = 0.0, []
     for begin, end, first in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
-        logits = model(input_ids=ids[None, begin:end]).logits[0, first - begin - 1 : -1].float()  # [end - first, V]
+        logits = window_logits(ids[begin:end])[first - begin - 1 : -1].float()  # [end - first, V]
         nll += float(torch.nn.functional.cross_entropy(logits, ids[first:end], reduction="sum"))
         if top1:
             choices.append(logits.argmax(-1))

@@ -1,7 +1,8 @@
 """finalize-lm: the generation search's chosen point (the lowest perplexity within its latency
 budget) extracted into a standalone decoder and fine-tuned by the same distillation as
 distill-lm; its held-out perplexity and greedy agreement with the teacher in the manifest,
-and its GGUF export for llama.cpp beside it.
+and its GGUF export for llama.cpp beside it, with llama.cpp's own perplexity of that file (what
+serving's `lm_perplexity_tol` reads before it serves the file).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from canao.hardware import torch_threads
 from canao.lm.config import LMFinalizeConfig
 from canao.lm.data import HELDOUT_FILE, TRAIN_FILE, perplexity, read_text_file, token_windows
 from canao.lm.distill import corpus_file, distilled_teacher, lm_kd_loss, load_decoder_supernet, torch_device, trainable
-from canao.lm.gguf import GGUF_FILE, export_gguf
+from canao.lm.gguf import GGUF_FILE, export_gguf, gguf_model
 from canao.lm.model import load_causal_lm, load_tokenizer
 from canao.lm.search import GENERATION
 from canao.lm.space import DecoderSubnet
@@ -41,7 +42,7 @@ def finalize_student(cfg: LMFinalizeConfig, supernet_dir: str | Path, search_dir
     if existing is not None:
         return existing
     device = torch_device(cfg.torch_device)
-    torch_threads(cfg.train.threads)
+    threads = torch_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)
     supernet, supernet_manifest = load_decoder_supernet(supernet_dir)
     tokenizer = load_tokenizer(supernet_dir / SUPERNET_DIR)
@@ -69,10 +70,13 @@ def finalize_student(cfg: LMFinalizeConfig, supernet_dir: str | Path, search_dir
     heldout = read_text_file(heldout_file)
     scored, reference = (perplexity(net, tokenizer, heldout, cfg.eval_tokens, progress=False, top1=True)
                          for net in (student, teacher))
+    exported = perplexity(gguf_model(out_dir, threads), tokenizer, heldout, cfg.eval_tokens,
+                          progress=False)
     stats.update(
         subnet=subnet.to_dict(), train_windows=len(windows), perplexity=round(scored["perplexity"], 3),
         teacher_perplexity=round(reference["perplexity"], 3), heldout_tokens=scored["tokens"],
         perplexity_vs_teacher=round(scored["perplexity"] / reference["perplexity"], 4),
+        gguf_perplexity=round(exported["perplexity"], 3),
         greedy_agreement=round(float((scored["top1"] == reference["top1"]).double().mean()), 4),
         parameters=sum(p.numel() for p in student.parameters()), search_perplexity=point["perplexity"],
         predicted_ms_per_token=point["predicted_ms"], measured_ms_per_token=point["measured_ms"])

@@ -1,9 +1,9 @@
 """Text generation with a KV cache: greedy, top-k and top-p sampling, streamed token by token.
 
-One loop drives three kinds of decoder: a `canao compile-lm` artifact (the TVM prefill and
-decode steps), a plain model directory (PyTorch eager, the same KVCacheStep) and that step
-converted to LiteRT (`litert_steps`), so the compiled models are checked against PyTorch token
-for token and all are timed alike.
+One loop drives four kinds of decoder: a `canao compile-lm` artifact (the TVM prefill and
+decode steps), a plain model directory (PyTorch eager, the same KVCacheStep), that step
+converted to LiteRT (`litert_steps`) and the directory's GGUF export in llama.cpp (its own
+cache), so every runtime is checked against PyTorch token for token and all are timed alike.
 
 The prompt is fed in chunks of the decoder's prefill length (the last one padded for the
 static compiled step), then one token per step. Time to first token counts from the first
@@ -144,7 +144,7 @@ def litert_steps(model_dir: str | Path, cfg: LMCompileConfig, root: str | Path |
     shutil.rmtree(work, ignore_errors=True)
     for phase, tokens in (("decode", 1), ("prefill", cfg.prefill_len)):
         export_litert_step(model_dir, cfg.max_context, tokens, work / f"{phase}.tflite")
-    eos = lm_model.eos_token_ids(lm_model.load_causal_lm(model_dir), lm_model.load_tokenizer(model_dir))
+    eos = lm_model.saved_eos_token_ids(model_dir, lm_model.load_tokenizer(model_dir))
     (work / LITERT_STEPS_FILE).write_text(json.dumps({
         "model": str(model_dir.resolve()), "max_context": cfg.max_context, "prefill_len": cfg.prefill_len,
         "eos_token_ids": list(eos)}, indent=1) + "\n")
@@ -179,14 +179,60 @@ class LiteRTDecoder:
         return logits[0], keys, values
 
 
-def open_decoder(path: str | Path, max_context: int = LMCompileConfig.max_context):
+class LlamaCppDecoder:
+    """A model directory's GGUF export (canao.lm.gguf.GGUF_FILE) in llama.cpp, the fastest CPU
+    runtime measured for these decoders (BENCHMARKS.md, Text generation). llama.cpp keeps the cache
+    itself: `keys` and `values` are None, and a decoder runs one stream at a time (the server runs
+    each model on one worker thread)."""
+
+    backend = "llama.cpp"
+
+    def __init__(self, model_dir: str | Path, max_context: int = LMCompileConfig.max_context, threads: int = 1):
+        import llama_cpp
+
+        from canao.lm.gguf import exported_gguf, open_llama_cpp
+
+        gguf = exported_gguf(model_dir)
+        if gguf is None:
+            raise FileNotFoundError(f"{model_dir}: no GGUF export (canao export-gguf --model {model_dir} writes it)")
+        self._logits_ith = llama_cpp.llama_get_logits_ith
+        self.llm = open_llama_cpp(gguf, max_context, threads)
+        self.tokenizer = lm_model.load_tokenizer(model_dir)
+        self.eos_token_ids = lm_model.saved_eos_token_ids(model_dir, self.tokenizer)
+        self.max_context = self.prefill_len = max_context
+        self.pads_chunks = False
+
+    def empty_cache(self):
+        self.llm.reset()
+        return None, None
+
+    def __call__(self, tokens: np.ndarray, start: int, last: int, keys, values):
+        self.llm.n_tokens = start  # eval drops llama.cpp's cached positions from here on
+        self.llm.eval(tokens[0, : last + 1].tolist())
+        logits = np.ctypeslib.as_array(self._logits_ith(self.llm.ctx, -1), shape=(self.llm.n_vocab(),))
+        return logits.copy(), keys, values
+
+
+MODEL_DIR_BACKENDS = ("auto", "llama.cpp", "torch")  # how a plain model directory may run
+
+
+def open_decoder(path: str | Path, max_context: int = LMCompileConfig.max_context, backend: str = "auto",
+                 threads: int = 1):
     """A compiled artifact (manifest of stage compile-lm) as a TVMDecoder, a `litert_steps` directory as a
-    LiteRTDecoder, any other model directory as a TorchDecoder with a cache of `max_context` positions."""
+    LiteRTDecoder, any other model directory, with a cache of `max_context` positions, as
+    `backend` says: "llama.cpp" (its GGUF export, `threads` threads), "torch", or "auto" (llama.cpp
+    where the directory has a GGUF export, else PyTorch)."""
+    if backend not in MODEL_DIR_BACKENDS:
+        raise ValueError(f"backend: {backend!r} is not one of {', '.join(MODEL_DIR_BACKENDS)}")
     if (Path(path) / LITERT_STEPS_FILE).is_file():
         return LiteRTDecoder(path)
     manifest = read_manifest(path)
     if manifest is not None and manifest.get("stage") == "compile-lm":
         return TVMDecoder(path)
+    from canao.lm.gguf import exported_gguf
+
+    if backend == "llama.cpp" or (backend == "auto" and exported_gguf(path) is not None):
+        return LlamaCppDecoder(path, max_context, threads)
     return TorchDecoder(path, max_context)
 
 

@@ -6,10 +6,17 @@ The file copies the teacher GGUF's tokenizer metadata (vocabulary, merges, chat 
 special tokens: every decoder of the family shares them) and describes the exported model's
 own shape, RoPE base and norm epsilon. Weights are written as the teacher file stores them
 ("teacher": Q8_0 token embeddings, Q4_1 matmul weights, float32 norms), so teacher and student
-compare at the same precision, or all in float32 ("f32"), which reproduces PyTorch's logits
-(the tests' check).
+compare at the same precision; all in float32 ("f32"), which reproduces PyTorch's logits (the
+tests' check); or every matrix, the tied embedding and output matrix included, in one of
+llama.cpp's block formats ("q8_0", "q4_0": the 4-bit format llama.cpp repacks for its
+AVX2/AVX-512 matmul kernels on load, where it leaves the teacher's Q4_1 as stored). Norms stay
+float32 in every precision.
 Query and key projections are permuted from Hugging Face's rotate-half RoPE layout to GGML's
 interleaved one, as llama.cpp's own converter does.
+
+`open_llama_cpp` runs such a file in llama.cpp (llama-cpp-python); `GGUFModel` is that run as
+canao.lm.data.perplexity scores a model, so a GGUF's perplexity is llama.cpp's own, quantized
+weights and kernels included.
 """
 
 from __future__ import annotations
@@ -17,13 +24,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType, quants
 
+from canao.lm.config import GGUF_PRECISIONS
+from canao.lm.data import PPL_WINDOW
 from canao.lm.model import head_size, load_causal_lm
 from canao.lm.teacher import teacher_gguf
 
 GGUF_FILE = "model.gguf"  # where a model directory keeps its llama.cpp export
-PRECISIONS = ("teacher", "f32")
+# Storage of the matrices (2-D tensors) by precision; None: as the teacher file stores each role.
+MATRIX_TYPES = {"teacher": None, "f32": GGMLQuantizationType.F32, "q8_0": GGMLQuantizationType.Q8_0,
+                "q4_0": GGMLQuantizationType.Q4_0}
+PRECISIONS = GGUF_PRECISIONS
+assert tuple(MATRIX_TYPES) == PRECISIONS
+FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0}
 
 # The teacher file's metadata that holds for every decoder of the family; the rest (shape, name,
 # file type) is the exported model's own.
@@ -65,6 +80,40 @@ def exported_gguf(model_dir: str | Path) -> Path | None:
     return path if path.is_file() else None
 
 
+def open_llama_cpp(path: str | Path, n_ctx: int, threads: int, logits_all: bool = False):
+    """llama.cpp on the GGUF file `path`: a context of `n_ctx` tokens, `threads` threads for prompts
+    and decoding alike, the logits of every evaluated token kept where `logits_all` (else of none)."""
+    import llama_cpp
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=threads,
+                           n_threads_batch=threads, logits_all=logits_all, verbose=False)
+
+
+class GGUFModel:
+    """A GGUF file in llama.cpp as canao.lm.data.perplexity scores a model: the logits of one window
+    of token ids at a time, each from an empty cache."""
+
+    def __init__(self, path: str | Path, window: int, threads: int):
+        self.llm = open_llama_cpp(path, window, threads, logits_all=True)
+
+    def window_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """[tokens] int64 -> [tokens, vocab] float32: the next-token logits after each prefix."""
+        self.llm.reset()  # eval then drops every cached position
+        self.llm.eval(ids.tolist())
+        return torch.from_numpy(np.array(self.llm.scores[: len(ids)]))
+
+
+def gguf_model(model_dir: str | Path, threads: int) -> GGUFModel:
+    """The GGUFModel of `model_dir`'s own GGUF export, in windows of the perplexity protocol."""
+    path = exported_gguf(model_dir)
+    if path is None:
+        raise FileNotFoundError(f"{model_dir}: no {GGUF_FILE} (canao export-gguf --model {model_dir} writes it)")
+    return GGUFModel(path, PPL_WINDOW, threads)
+
+
 def _role(name: str) -> str:
     """A tensor's name without its block: what it is in every block ("attn_q.weight")."""
     return name.split(".", 2)[-1] if name.startswith("blk.") else name
@@ -95,7 +144,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, precision: str = "t
     if int(reader.fields["llama.vocab_size"].contents()) != c.vocab_size:
         raise ValueError(f"{model_dir}: vocabulary of {c.vocab_size}, not the teacher tokenizer's; cannot share "
                          "its GGUF tokenizer")
-    stored_as = _teacher_types(reader) if precision == "teacher" else {}  # role -> type; the rest float32
+    teacher_types = _teacher_types(reader)  # role -> type
     head_dim = head_size(c)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     partial = out_file.with_name(out_file.name + ".partial")
@@ -114,10 +163,13 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, precision: str = "t
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_file_type(int(reader.fields["general.file_type"].contents()) if precision == "teacher" else 0)
+    writer.add_file_type(int(reader.fields["general.file_type"].contents()) if precision == "teacher"
+                         else FILE_TYPES[precision].value)
     _copy_metadata(reader, writer)
     for name, array in _tensors(model).items():
-        qtype = stored_as.get(_role(name), GGMLQuantizationType.F32)
+        qtype = MATRIX_TYPES[precision]
+        if qtype is None:
+            qtype = teacher_types.get(_role(name), GGMLQuantizationType.F32)
         if qtype == GGMLQuantizationType.F32 or array.ndim == 1:
             writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
         else:

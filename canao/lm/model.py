@@ -18,7 +18,15 @@ import copy
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from canao.codesign.elastic import ElasticModel, permute_cols, permute_rows, taylor_importance, unit_channels
@@ -41,7 +49,21 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerFast:
 
 def eos_token_ids(model: LlamaForCausalLM, tokenizer) -> tuple[int, ...]:
     """Every token that ends a generation: the model's EOS ids and the tokenizer's."""
-    ids = model.generation_config.eos_token_id or model.config.eos_token_id
+    return _eos_ids(model.generation_config, model.config, tokenizer)
+
+
+def saved_eos_token_ids(model_dir: str | Path, tokenizer) -> tuple[int, ...]:
+    """`eos_token_ids` of the model saved in `model_dir`, from its config files alone (no weights loaded)."""
+    config = AutoConfig.from_pretrained(model_dir)
+    try:
+        generation = GenerationConfig.from_pretrained(model_dir)
+    except OSError:  # no generation_config.json: transformers derives one from the model config, as here
+        generation = GenerationConfig.from_model_config(config)
+    return _eos_ids(generation, config, tokenizer)
+
+
+def _eos_ids(generation: GenerationConfig, config, tokenizer) -> tuple[int, ...]:
+    ids = generation.eos_token_id or config.eos_token_id
     ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)

@@ -1,6 +1,9 @@
 """A decoder exported to GGUF runs in llama.cpp with PyTorch's numbers (float32) or stored as the
 teacher file stores it (Q4_1 matmuls), and bad input names what is wrong."""
 
+import json
+import shutil
+
 import llama_cpp
 import numpy as np
 import pytest
@@ -43,7 +46,7 @@ def test_float32_export_gives_pytorchs_logits_in_llama_cpp(which, tiny_lm, stude
     reference = torch_logits(model_dir, PROMPT)
     got = llama_cpp_logits(path, PROMPT)
     # RoPE in the wrong layout or a misplaced head differs by the logits' own size (~1).
-    assert np.abs(got - reference).max() < 2e-3
+    assert np.abs(got - reference).max() < TOLERANCE["f32"]
     assert (got.argmax(-1) == reference.argmax(-1)).all()
 
 
@@ -61,7 +64,24 @@ def test_teacher_precision_stores_each_tensor_as_the_teacher_file_does(tiny_lm, 
     assert metadata["llama.block_count"].contents() == 2 and metadata["llama.embedding_length"].contents() == 64
     assert metadata["tokenizer.chat_template"].contents().startswith("{% for message in messages %}")
     # Quantized weights move the logits a little, not their scale or the model's shape.
-    assert np.abs(llama_cpp_logits(quantized, PROMPT) - torch_logits(tiny_lm, PROMPT)).max() < 0.5
+    assert np.abs(llama_cpp_logits(quantized, PROMPT) - torch_logits(tiny_lm, PROMPT)).max() < TOLERANCE["teacher"]
+
+
+# The largest logit difference from PyTorch each precision may show on the tiny decoder (logits of
+# size ~1): float32 reorders sums only; 8-bit blocks move logits by hundredths, 4-bit by tenths.
+TOLERANCE = {"f32": 2e-3, "q8_0": 0.05, "q4_0": 0.5, "teacher": 0.5}
+
+
+@pytest.mark.parametrize("precision", ["q8_0", "q4_0"])
+def test_every_matrix_in_one_block_format_loads_in_llama_cpp_within_its_tolerance(precision, tiny_lm, tmp_path):
+    path = export_gguf(tiny_lm, tmp_path / GGUF_FILE, precision)
+    types = {t.name: t.tensor_type for t in GGUFReader(path).tensors}
+    matrices = {name for name, t in types.items() if not name.endswith("norm.weight")}
+    assert "token_embd.weight" in matrices and {types[name] for name in matrices} == {
+        GGMLQuantizationType[precision.upper()]}
+    assert {types[name] for name in set(types) - matrices} == {GGMLQuantizationType.F32}
+    reference = torch_logits(tiny_lm, PROMPT)
+    assert np.abs(llama_cpp_logits(path, PROMPT) - reference).max() < TOLERANCE[precision]
 
 
 def test_export_gguf_cli_and_bad_input(tiny_lm, tmp_path, capsys):
@@ -69,6 +89,44 @@ def test_export_gguf_cli_and_bad_input(tiny_lm, tmp_path, capsys):
     assert '"precision": "teacher"' in capsys.readouterr().out and (tmp_path / "x.gguf").is_file()
     assert main(["export-gguf", "--model", str(tmp_path / "absent")]) == 2
     assert "not a model directory (no config.json)" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="precision: 'q2' is not one of teacher, f32"):
+    with pytest.raises(ValueError, match="precision: 'q2' is not one of teacher, f32, q8_0, q4_0"):
         export_gguf(tiny_lm, tmp_path / "y.gguf", "q2")
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_llama_cpp_decoder_streams_pytorchs_greedy_tokens(tiny_lm, tmp_path):
+    """The model directory's float32 GGUF export in llama.cpp through the one streaming loop: a prompt
+    over two prefill calls' worth of positions, a fresh cache per stream, the tokens PyTorch picks."""
+    from canao.lm import generator
+
+    model_dir = tmp_path / "tiny-lm"
+    shutil.copytree(tiny_lm, model_dir)
+    with pytest.raises(FileNotFoundError, match=r"tiny-lm: no GGUF export \(canao export-gguf --model "):
+        generator.open_decoder(model_dir, 48, "llama.cpp")
+    assert isinstance(generator.open_decoder(model_dir, 48), generator.TorchDecoder)  # auto, no export
+    export_gguf(model_dir, model_dir / GGUF_FILE, "f32")
+    decoder = generator.open_decoder(model_dir, 48)  # auto: the export
+    assert isinstance(decoder, generator.LlamaCppDecoder) and decoder.eos_token_ids == (2,)
+    torch_decoder = generator.TorchDecoder(model_dir, 48)
+    for prompt in (PROMPT, PROMPT[3:] + PROMPT):  # the second stream must not see the first's cache
+        got = [t for t, _ in generator.stream(decoder, prompt, 12, stop_at_eos=False)]
+        assert got == [t for t, _ in generator.stream(torch_decoder, prompt, 12, stop_at_eos=False)]
+    with pytest.raises(ValueError, match="backend: 'tvm' is not one of auto, llama.cpp, torch"):
+        generator.open_decoder(model_dir, 48, "tvm")
+
+
+def test_eval_lm_in_llama_cpp_scores_the_export_as_pytorch_scores_the_weights(tiny_lm, tmp_path, capsys):
+    model_dir = tmp_path / "tiny-lm"
+    shutil.copytree(tiny_lm, model_dir)
+    text = tmp_path / "heldout.txt"
+    text.write_text(" ".join(["The quick brown fox jumps over the lazy dog near the river bank."] * 60))
+    args = ["eval-lm", "--model", str(model_dir), "--data", str(text), "--threads", "1"]
+    assert main([*args, "--backend", "llama.cpp"]) == 2
+    assert f"{model_dir}: no model.gguf (canao export-gguf --model {model_dir} writes it)" in capsys.readouterr().err
+    export_gguf(model_dir, model_dir / GGUF_FILE, "f32")
+    scores = {}
+    for backend in ("torch", "llama.cpp"):
+        assert main([*args, "--backend", backend]) == 0
+        scores[backend] = json.loads(capsys.readouterr().out)
+    assert scores["torch"]["tokens"] == scores["llama.cpp"]["tokens"] > 512  # more than one window
+    assert scores["llama.cpp"]["perplexity"] == pytest.approx(scores["torch"]["perplexity"], rel=1e-3)

@@ -104,6 +104,8 @@ def test_finalize_lm_writes_the_chosen_student_fine_tuned(stages, capsys):
     assert len([t for t, _ in generator.stream(decoder, [5, 6, 7], 4, stop_at_eos=False)]) == 4
     assert not (stages / "student" / "checkpoints").exists()
     assert "model.gguf" in manifest["files"]  # what llama.cpp runs, at the teacher file's precision
+    # ...scored in llama.cpp itself: its quantized weights move the perplexity, not its scale
+    assert m["gguf_perplexity"] == pytest.approx(m["perplexity"], rel=0.5)
     args = ["finalize-lm", "--profile", "tiny", "--supernet", str(stages / "supernet"), "--search"]
     assert main([*args, str(stages / "search"), "--out", str(stages / "student")]) == 0
     assert "already made; reusing it" in capsys.readouterr().out

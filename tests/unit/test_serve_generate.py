@@ -2,6 +2,7 @@
 `canao generate` prints it, every limit, absent models, metrics."""
 
 import json
+import shutil
 import threading
 import time
 
@@ -271,3 +272,33 @@ def test_metrics_count_tokens_and_time_them(tiny_lm):
     assert 'canao_http_requests_total{method="POST",route="/v1/generate",status="422"} 1.0' in text
     labels = f'backend="torch",device="cpu",name="tiny-lm",task="generate",version="{version}"'
     assert f"canao_model_info{{{labels}}} 1.0" in text
+
+
+@pytest.fixture(scope="module")
+def scored_exports(tiny_lm, tmp_path_factory):
+    """tiny_lm with its float32 GGUF export, as finalize-lm leaves a student: once with llama.cpp's
+    held-out perplexity 2 % above PyTorch's, once 20 % above (name -> model directory)."""
+    from canao.lm.gguf import GGUF_FILE, export_gguf
+    from canao.manifest import MANIFEST, write_manifest
+
+    root, dirs = tmp_path_factory.mktemp("scored-exports"), {}
+    for name, ratio in (("close", 1.02), ("far", 1.2)):
+        dirs[name] = root / name
+        shutil.copytree(tiny_lm, dirs[name], ignore=shutil.ignore_patterns(MANIFEST))
+        export_gguf(dirs[name], dirs[name] / GGUF_FILE, "f32")
+        write_manifest(dirs[name], "finalize-lm", {}, {"perplexity": 50.0, "gguf_perplexity": 50.0 * ratio})
+    return dirs
+
+
+def test_a_scored_gguf_export_is_served_in_llama_cpp_within_the_perplexity_tolerance(scored_exports):
+    greedy = {"prompt": PROMPT, "max_new_tokens": 8, "chat": False}
+    decoder = generator.TorchDecoder(scored_exports["close"])
+    expected = [t for t, _ in generator.stream(decoder, generator.encode_prompt(decoder.tokenizer, PROMPT, False), 8)]
+    for name, overrides, backend in (("close", (), "llama.cpp"), ("far", (), "torch"),
+                                     ("far", ("lm_perplexity_tol=0.25",), "llama.cpp"),
+                                     ("close", ("lm_backend=torch",), "torch")):
+        with serving(None, *overrides, lm_model=scored_exports[name]) as (client, _):
+            model = client.get("/v1/info").json()["models"]["generate"]
+            assert (name, overrides, model["backend"]) == (name, overrides, backend)
+            stream = events(client.post("/v1/generate", json=greedy))
+        assert [data["token"] for event, data in stream if event == "token"] == expected
