@@ -12,6 +12,7 @@ request value is ever part of a file path: the models are chosen at start-up.
 
 import asyncio
 import concurrent.futures
+import importlib.util
 import logging
 import os
 import threading
@@ -145,14 +146,16 @@ def load_lm(model_dir: Path, cfg: ServeConfig) -> tuple[generator.TVMDecoder | g
 def lm_backend(model_dir: Path, manifest: dict, cfg: ServeConfig) -> str:
     """`cfg.lm_backend`, or for "auto": llama.cpp where `model_dir` has a GGUF export whose held-out
     perplexity in llama.cpp (manifest metric `gguf_perplexity`) is within `lm_perplexity_tol` of
-    PyTorch's (`perplexity`), else PyTorch; a file never scored is not served."""
+    PyTorch's (`perplexity`) and llama-cpp-python is installed (the `peers` extra: the serving image
+    has no llama.cpp), else PyTorch; a file never scored is not served."""
     if cfg.lm_backend != "auto":
         return cfg.lm_backend
     from canao.lm.gguf import exported_gguf
 
     metrics = manifest.get("metrics", {})
     exported, own = metrics.get("gguf_perplexity"), metrics.get("perplexity")
-    if exported_gguf(model_dir) and exported and own and exported <= own * (1 + cfg.lm_perplexity_tol):
+    if (exported_gguf(model_dir) and exported and own and exported <= own * (1 + cfg.lm_perplexity_tol)
+            and importlib.util.find_spec("llama_cpp") is not None):
         return "llama.cpp"
     return "torch"
 
