@@ -55,12 +55,11 @@ class Objectives:
 
 def pareto_search(cfg, objectives: Objectives, suggest: Callable[[optuna.Trial], object],
                   score: Callable[[object], dict], latency: LatencyModel, count_params: Callable[[object], int],
-                  count_flops: Callable[[object], int], seeds: list[dict], on_trial: TrialHook | None) -> optuna.Study:
+                  count_flops: Callable[[object], int], first: dict, on_trial: TrialHook | None) -> optuna.Study:
     """NSGA-II over the subnets `suggest(trial)` proposes: the accuracy in `score(subnet)` (a dict
     that may hold more figures; they are kept with the trial) against the latency model's
-    prediction for the fastest backend, under `cfg`'s latency and parameter budgets. `seeds`:
-    the parameters of the first trials (the reference subnet, then any the front must weigh, such
-    as the uniform baselines: the front then holds each of them or a point that dominates it)."""
+    prediction for the fastest backend, under `cfg`'s latency and parameter budgets. `first`:
+    the parameters of the first trial (the reference subnet)."""
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         subnet = suggest(trial)
@@ -86,8 +85,7 @@ def pareto_search(cfg, objectives: Objectives, suggest: Callable[[optuna.Trial],
     sampler = optuna.samplers.NSGAIISampler(population_size=cfg.population_size, seed=cfg.seed)
     study = optuna.create_study(directions=["maximize" if objectives.maximize else "minimize", "minimize"],
                                 sampler=sampler)
-    for params in seeds:
-        study.enqueue_trial(params)
+    study.enqueue_trial(first)
     study.optimize(objective, n_trials=cfg.trials)
     return study
 

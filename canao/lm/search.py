@@ -89,7 +89,7 @@ def search_lm(cfg: LMSearchConfig, supernet_dir: str | Path, latency_dir: str | 
     started = time.perf_counter()
     study = pareto_search(dataclasses.replace(cfg, latency_budget_ms=budget), GENERATION, suggest, score, latency,
                           count_params, lambda s: decoder_flops(s, space.teacher, latency.seq_len),
-                          [space.largest().to_dict()], on_trial)
+                          space.largest().to_dict(), on_trial)
     search_seconds = time.perf_counter() - started
 
     front = front_of(study, DecoderSubnet)
