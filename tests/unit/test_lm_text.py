@@ -67,7 +67,7 @@ def test_eval_lm_cli(tiny_lm, tmp_path, capsys):
     data.write_text("Paris is the capital of France.\n")
     assert main(["eval-lm", "--model", str(tiny_lm), "--data", str(data)]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"perplexity", "tokens"} and result["tokens"] > 0
+    assert set(result) == {"perplexity", "tokens", "backend"} and result["tokens"] > 0 and result["backend"] == "torch"
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     for path, message in ((empty, "empty"), (tmp_path / "missing.txt", "not found")):
