@@ -81,6 +81,12 @@ class KDConfig:
 REUSE_OTHER_HARDWARE = False
 
 
+# How a generation model directory may run: llama.cpp on its GGUF export, PyTorch, or "auto"
+# (the caller's rule: `canao generate` takes llama.cpp where there is an export, serving where
+# finalize-lm scored it within lm_perplexity_tol).
+LM_DIR_BACKENDS = ("auto", "llama.cpp", "torch")
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     host: str = "127.0.0.1"  # bind address; 0.0.0.0 only inside a container
@@ -122,8 +128,8 @@ class ServeConfig:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.threads < 0:
             raise ConfigError(f"threads: must be >= 0, got {self.threads}")
-        if self.lm_backend not in ("auto", "llama.cpp", "torch"):
-            raise ConfigError(f"lm_backend: must be auto, llama.cpp or torch, got {self.lm_backend!r}")
+        if self.lm_backend not in LM_DIR_BACKENDS:
+            raise ConfigError(f"lm_backend: must be one of {', '.join(LM_DIR_BACKENDS)}, got {self.lm_backend!r}")
         if self.lm_perplexity_tol < 0:
             raise ConfigError(f"lm_perplexity_tol: must be >= 0, got {self.lm_perplexity_tol}")
         if not self.allowed_hosts or not all(h and "/" not in h and " " not in h for h in self.allowed_hosts):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from canao import hardware
 from canao.cli.common import add_config_args
+from canao.config import LM_DIR_BACKENDS
 from canao.lab import devices
 from canao.lm.config import GEN_BACKENDS, GGUF_PRECISIONS, LMCompileConfig
 from canao.profiles import load_config
@@ -182,7 +183,7 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="model directory (save_pretrained layout)")
     p.add_argument("--data", required=True, help="UTF-8 text file, e.g. the heldout.txt of `canao lm-data`")
     p.add_argument("--max-tokens", type=int, default=0, help="score the first N tokens only (0: all)")
-    p.add_argument("--backend", choices=("torch", "llama.cpp"), default="torch",
+    p.add_argument("--backend", choices=[b for b in LM_DIR_BACKENDS if b != "auto"], default="torch",
                    help="PyTorch on the weights, or llama.cpp on the directory's GGUF export (its own numbers)")
     p.add_argument("--threads", type=int, default=0, help="torch or llama.cpp threads (0: all cores)")
     p.set_defaults(func=cmd_eval_lm)
@@ -214,7 +215,7 @@ def register(sub) -> None:
     p.add_argument("--no-chat", action="store_true", help="continue the prompt as raw text, no chat template")
     p.add_argument("--max-context", type=int, default=LMCompileConfig.max_context,
                    help="context window of a model directory (a compiled artifact has its own)")
-    p.add_argument("--backend", choices=("auto", "llama.cpp", "torch"), default="auto",
+    p.add_argument("--backend", choices=LM_DIR_BACKENDS, default="auto",
                    help="how a model directory runs: llama.cpp on its GGUF export, PyTorch, or auto (llama.cpp "
                         "where it has one)")
     p.add_argument("--threads", type=int, default=0, help="torch or llama.cpp threads (0: all cores)")

@@ -24,7 +24,7 @@ import torch
 from transformers import AutoConfig
 
 from canao.compile.peers import LiteRTRunner, convert_litert
-from canao.config import resolve_path
+from canao.config import LM_DIR_BACKENDS, resolve_path
 from canao.lm import model as lm_model
 from canao.lm.config import LMCompileConfig
 from canao.manifest import read_manifest, sha256_file, verify_stage
@@ -213,17 +213,14 @@ class LlamaCppDecoder:
         return logits.copy(), keys, values
 
 
-MODEL_DIR_BACKENDS = ("auto", "llama.cpp", "torch")  # how a plain model directory may run
-
-
 def open_decoder(path: str | Path, max_context: int = LMCompileConfig.max_context, backend: str = "auto",
                  threads: int = 1):
     """A compiled artifact (manifest of stage compile-lm) as a TVMDecoder, a `litert_steps` directory as a
     LiteRTDecoder, any other model directory, with a cache of `max_context` positions, as
     `backend` says: "llama.cpp" (its GGUF export, `threads` threads), "torch", or "auto" (llama.cpp
     where the directory has a GGUF export, else PyTorch)."""
-    if backend not in MODEL_DIR_BACKENDS:
-        raise ValueError(f"backend: {backend!r} is not one of {', '.join(MODEL_DIR_BACKENDS)}")
+    if backend not in LM_DIR_BACKENDS:
+        raise ValueError(f"backend: {backend!r} is not one of {', '.join(LM_DIR_BACKENDS)}")
     if (Path(path) / LITERT_STEPS_FILE).is_file():
         return LiteRTDecoder(path)
     manifest = read_manifest(path)
