@@ -1,8 +1,8 @@
 """The per-device, per-backend latency model, fitted on compiled subnets measured on the device;
 each family (canao.qa.latency, canao.lm.latency) says how to build and time its subnets.
 
-Sampled subnets (always the largest, i.e. the teacher's shape, and the smallest) are
-measured on the device. For each backend the model is
+Sampled subnets (always the space's extremes: the largest, i.e. the teacher's shape, the
+smallest, the deepest-thinnest and the shallowest-widest) are measured on the device. For each backend the model is
 
     latency = overhead + sum over op classes of (work of the class) x (fitted ms per unit)
 
@@ -132,9 +132,10 @@ def _error(predicted: np.ndarray, measured: np.ndarray) -> dict:
 
 
 def sample_subnets(space, samples: int, seed: int) -> list:
-    """The largest, the smallest, then distinct random subnets of `space` (a wing's search space)."""
+    """`space.extremes()` (a wing's search space: the largest, the smallest, the deepest-thinnest,
+    the shallowest-widest), then distinct random subnets."""
     rng = random.Random(seed)
-    chosen = [space.largest(), space.smallest()]
+    chosen = space.extremes()[:samples]
     for _ in range(1000 * samples):
         if len(chosen) == samples:
             return chosen

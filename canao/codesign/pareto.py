@@ -55,11 +55,12 @@ class Objectives:
 
 def pareto_search(cfg, objectives: Objectives, suggest: Callable[[optuna.Trial], object],
                   score: Callable[[object], dict], latency: LatencyModel, count_params: Callable[[object], int],
-                  count_flops: Callable[[object], int], first: dict, on_trial: TrialHook | None) -> optuna.Study:
+                  count_flops: Callable[[object], int], seeds: list[dict], on_trial: TrialHook | None) -> optuna.Study:
     """NSGA-II over the subnets `suggest(trial)` proposes: the accuracy in `score(subnet)` (a dict
     that may hold more figures; they are kept with the trial) against the latency model's
-    prediction for the fastest backend, under `cfg`'s latency and parameter budgets. `first`:
-    the parameters of the first trial (the reference subnet)."""
+    prediction for the fastest backend, under `cfg`'s latency and parameter budgets. `seeds`:
+    the parameters of the first trials (the reference subnet, then any the front must weigh, such
+    as the uniform baselines: the front then holds each of them or a point that dominates it)."""
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         subnet = suggest(trial)
@@ -85,20 +86,30 @@ def pareto_search(cfg, objectives: Objectives, suggest: Callable[[optuna.Trial],
     sampler = optuna.samplers.NSGAIISampler(population_size=cfg.population_size, seed=cfg.seed)
     study = optuna.create_study(directions=["maximize" if objectives.maximize else "minimize", "minimize"],
                                 sampler=sampler)
-    study.enqueue_trial(first)
+    for params in seeds:
+        study.enqueue_trial(params)
     study.optimize(objective, n_trials=cfg.trials)
     return study
 
 
 def remeasure(front: list[dict], objectives: Objectives, count: int,
-              measure_one: Callable[[dict], dict[str, float]]) -> None:
+              measure_one: Callable[[dict], dict[str, float]], budgets: list[float]) -> None:
     """Measure the `count` most accurate front points on the device again (`measure_one(subnet
-    dict)` -> ms by backend), in place."""
-    sign = -1 if objectives.maximize else 1
-    for point in sorted(front, key=lambda p: sign * p[objectives.accuracy])[:count]:
+    dict)` -> ms by backend), in place; then, for each of `budgets` (ms, 0 = none), the point
+    `choose` would ship within it, until that point is a measured one: a point the latency model
+    underpriced leaves its budget once measured, and the next most accurate takes its place."""
+
+    def measure(point: dict) -> None:
         ms = measure_one(point["subnet"])
         point["measured_ms_by_backend"] = ms
         point["measured_ms"], point["measured_backend"] = min((v, b) for b, v in ms.items())
+
+    sign = -1 if objectives.maximize else 1
+    for point in sorted(front, key=lambda p: sign * p[objectives.accuracy])[:count]:
+        measure(point)
+    for budget in budgets:
+        while (pick := _most_accurate_within(front, objectives, budget)) and pick["measured_ms"] is None:
+            measure(pick)
 
 
 def latency_budget(cfg, teacher_ms: dict[str, float], baseline: str) -> float:
@@ -220,8 +231,13 @@ def choose(result: dict, objectives: Objectives, budget_ms: float | None = None)
     """The front point to ship: the most accurate one whose latency (measured, else predicted) is
     within `budget_ms` (default: the search's deployed budget, `latency_budget_ms`)."""
     budget = result["latency_budget_ms"] if budget_ms is None else budget_ms
-    fitting = [p for p in result["front"] if not budget or point_ms(p) <= budget]
-    if not fitting:
+    point = _most_accurate_within(result["front"], objectives, budget)
+    if point is None:
         raise ValueError(f"no front point within the latency budget of {budget} ms")
+    return point
+
+
+def _most_accurate_within(front: list[dict], objectives: Objectives, budget_ms: float) -> dict | None:
+    fitting = [p for p in front if not budget_ms or point_ms(p) <= budget_ms]
     sign = 1 if objectives.maximize else -1
-    return max(fitting, key=lambda p: sign * p[objectives.accuracy])
+    return max(fitting, key=lambda p: sign * p[objectives.accuracy], default=None)

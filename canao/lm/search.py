@@ -89,7 +89,7 @@ def search_lm(cfg: LMSearchConfig, supernet_dir: str | Path, latency_dir: str | 
     started = time.perf_counter()
     study = pareto_search(dataclasses.replace(cfg, latency_budget_ms=budget), GENERATION, suggest, score, latency,
                           count_params, lambda s: decoder_flops(s, space.teacher, latency.seq_len),
-                          space.largest().to_dict(), on_trial)
+                          [space.largest().to_dict()], on_trial)
     search_seconds = time.perf_counter() - started
 
     front = front_of(study, DecoderSubnet)
@@ -99,7 +99,7 @@ def search_lm(cfg: LMSearchConfig, supernet_dir: str | Path, latency_dir: str | 
     started_measure = time.perf_counter()
     remeasure(front, GENERATION, cfg.remeasure, lambda subnet: measure_decoder(
         DecoderSubnet.from_dict(subnet), supernet_dir / SUPERNET_DIR, lab_device, tuple(latency.coefficients),
-        compile_cfg, timing["new_tokens"], timing["repeats"], out_dir / "work"))
+        compile_cfg, timing["new_tokens"], timing["repeats"], out_dir / "work"), [budget])
     largest = space.largest()
     result = {
         "device": latency.device, "seq_len": latency.seq_len,

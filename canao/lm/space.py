@@ -91,6 +91,15 @@ class DecoderSpace:
         c = self.cfg
         return self.validate(DecoderSubnet(min(c.layer_counts), min(c.kv_head_counts), min(c.ffn_sizes)))
 
+    def extremes(self) -> list[DecoderSubnet]:
+        """The largest, the smallest, the deepest-thinnest and the shallowest-widest subnets (see
+        canao.qa.space.SearchSpace.extremes: what a latency model must see besides random ones)."""
+        c = self.cfg
+        corners = [self.largest(), self.smallest(),
+                   DecoderSubnet(max(c.layer_counts), min(c.kv_head_counts), min(c.ffn_sizes)),
+                   DecoderSubnet(min(c.layer_counts), max(c.kv_head_counts), max(c.ffn_sizes))]
+        return list(dict.fromkeys(corners))
+
     def sample(self, rng: random.Random) -> DecoderSubnet:
         c = self.cfg
         return DecoderSubnet(rng.choice(c.layer_counts), rng.choice(c.kv_head_counts), rng.choice(c.ffn_sizes))

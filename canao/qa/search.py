@@ -104,12 +104,20 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
     teacher_ms = latency.measured(space.largest())
     budget = latency_budget(cfg, teacher_ms, QA.baseline)
     looser = front_budgets(cfg, teacher_ms, QA.baseline)
+
+    def fastest_ms(subnet: SubnetConfig) -> float:
+        return latency.fastest(subnet)[0]
+
+    # The teacher's shape first (the reference point), then each budget's uniform baseline: 96
+    # trials over ~10^9 subnets can miss the deep, thin ones a user tries first (the 2026-12-06 full
+    # run's front had none under its 8x budget, where the 6-block baseline scored 42 to its 34).
+    seeds = [space.largest(), *(uniform_baseline(space, fastest_ms, b)
+                                for b in (budget, *(b["latency_budget_ms"] for b in looser)) if b)]
     started = time.perf_counter()
-    # The teacher's shape first: the reference point, and a seed for the population.
     study = pareto_search(dataclasses.replace(cfg, latency_budget_ms=search_budget(budget, looser)), QA, suggest,
                           lambda s: {"f1": f1_of(s)}, latency, lambda s: params(s, space.teacher, vocab, positions),
-                          lambda s: flops(s, space.teacher, latency.seq_len), _trial_params(space.largest(), deepest),
-                          on_trial)
+                          lambda s: flops(s, space.teacher, latency.seq_len),
+                          [_trial_params(s, deepest) for s in seeds], on_trial)
     search_seconds = time.perf_counter() - started
 
     front = front_of(study, SubnetConfig)
@@ -119,7 +127,7 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
     started_measure = time.perf_counter()
     remeasure(front, QA, cfg.remeasure, lambda subnet: measure(
         SubnetConfig.from_dict(subnet), supernet_dir / SUPERNET_DIR, device, tuple(latency.coefficients),
-        compile_cfg, bench_cfg, out_dir / "work"))
+        compile_cfg, bench_cfg, out_dir / "work"), [budget, *(b["latency_budget_ms"] for b in looser)])
     result = {
         "device": latency.device, "seq_len": latency.seq_len,
         "latency_budget_ms": budget, "min_speedup": cfg.min_speedup, "params_budget": cfg.params_budget,
@@ -132,7 +140,7 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
     # The student a user would build without the search, held to each budget (without one, to the
     # latency of the point finalize ships), so the two compare at equal latency.
     def baseline_within(budget_ms: float) -> dict:
-        baseline = uniform_baseline(space, lambda s: latency.fastest(s)[0], budget_ms)
+        baseline = uniform_baseline(space, fastest_ms, budget_ms)
         baseline_ms, baseline_backend = latency.fastest(baseline)
         return {"subnet": baseline.to_dict(), "label": baseline.label(), "f1": f1_of(baseline),
                 "predicted_ms": baseline_ms, "predicted_backend": baseline_backend,

@@ -111,6 +111,10 @@ def test_search_holds_the_uniform_baseline_at_the_shipped_points_latency(stages)
     [looser] = result["front_budgets"]  # 0.5x: a budget of twice the teacher's time, and its own baseline
     assert looser["min_speedup"] == 0.5 and looser["latency_budget_ms"] == 2 * teacher_litert
     assert looser["baseline"]["predicted_ms"] <= looser["latency_budget_ms"]
+    # Each baseline was a trial (a seed of the search), so the front holds it or a point that
+    # dominates it: the searched choice at any budget is at least the baseline's, by the proxy.
+    for b in (baseline, looser["baseline"]):
+        assert any(p["f1"] >= b["f1"] and p["predicted_ms"] <= b["predicted_ms"] for p in result["front"])
 
 
 def test_finalize_writes_a_student_that_predicts_compiles_and_is_benchmarked(stages):

@@ -3,7 +3,7 @@
 import pytest
 
 from canao.codesign.latency_model import LatencyModel, sample_subnets
-from canao.codesign.pareto import choose, dominated, front_budgets, latency_budget, search_budget
+from canao.codesign.pareto import choose, dominated, front_budgets, latency_budget, remeasure, search_budget
 from canao.config import PROFILES, ConfigError
 from canao.lm.config import LMSearchConfig
 from canao.lm.search import GENERATION
@@ -75,6 +75,38 @@ def test_front_helpers():
     with pytest.raises(ValueError, match="no front point within the latency budget of 1.0 ms"):
         choose({"latency_budget_ms": 1.0, "front": points}, QA)
     assert choose({"latency_budget_ms": 3.0, "front": points}, QA, budget_ms=4.0) == points[1]
+
+
+def test_remeasure_times_each_budgets_choice_until_the_choice_is_measured_and_fits():
+    def point(f1, predicted_ms):
+        return {"f1": f1, "subnet": {"id": f1}, "predicted_ms": predicted_ms, "measured_ms": None,
+                "measured_backend": None, "measured_ms_by_backend": None}
+
+    # The model underprices the two most accurate points under 10 ms: measured, they leave the budget.
+    front = [point(40.0, 6.0), point(50.0, 8.0), point(55.0, 9.0), point(70.0, 15.0), point(75.0, 18.0)]
+    true_ms = {40.0: 6.5, 50.0: 8.5, 55.0: 10.4, 70.0: 15.2, 75.0: 21.0}
+    timed = []
+
+    def measure_one(subnet):
+        timed.append(subnet["id"])
+        return {"litert": true_ms[subnet["id"]] * 2, "litert-int8": true_ms[subnet["id"]]}
+
+    remeasure(front, QA, 1, measure_one, [10.0, 20.0])
+    # the most accurate first; then 10 ms: 55 (over once measured), then 50 (fits); 20 ms: 70 fits
+    assert timed == [75.0, 55.0, 50.0, 70.0]
+    for budget, f1 in ((10.0, 50.0), (20.0, 70.0)):
+        chosen = choose({"latency_budget_ms": budget, "front": front}, QA)
+        assert chosen["f1"] == f1 and chosen["measured_ms"] <= budget and chosen["measured_backend"] == "litert-int8"
+
+
+def test_latency_samples_start_with_the_spaces_extremes():
+    space = SearchSpace(SpaceConfig(layer_counts=(3, 6), hidden_sizes=(384,), head_counts=(2, 12),
+                                    ffn_sizes=(256, 1536)), MINILM)
+    largest, smallest, deep_thin, shallow_wide, *random = sample_subnets(space, 6, seed=0)
+    assert (largest, smallest) == (space.largest(), space.smallest())
+    assert (deep_thin.num_layers, set(deep_thin.heads), set(deep_thin.ffn_sizes)) == (6, {2}, {256})
+    assert (shallow_wide.num_layers, set(shallow_wide.heads), set(shallow_wide.ffn_sizes)) == (3, {12}, {1536})
+    assert len(random) == 2 and len(set(random)) == 2 and not set(random) & set(space.extremes())
 
 
 def test_looser_budgets_widen_the_search_and_each_gets_a_student_and_a_baseline():
