@@ -4,6 +4,7 @@ elastic supernet and its space, the latency model, the search, finalize, compile
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from canao.config import REUSE_OTHER_HARDWARE, ConfigError, KDConfig, TrainConfig, check_min_speedup, check_samples
@@ -221,3 +222,16 @@ class FinalizeConfig:
     benchmark: bool = True  # compile the student for the search's device and time it against the peers
     bench_backends: tuple[str, ...] = ("tvm", "litert")  # backends timed for the student and the teacher
     baseline: bool = True  # finalize the search's uniform baseline beside the student, alike (twice the work)
+    # epochs of the deployed (tightest) budget's student and its baseline; 0 = train.epochs. The
+    # smallest students lose the most to distillation cut short and cost the least a step.
+    deployed_epochs: float = 0.0
+
+    def __post_init__(self):
+        if self.deployed_epochs < 0:
+            raise ConfigError(f"deployed_epochs: must be >= 0 (0 = train.epochs), got {self.deployed_epochs}")
+
+    def train_of(self, deployed: bool) -> TrainConfig:
+        """The training settings of a deployed-budget model, or of a looser budget's."""
+        if deployed and self.deployed_epochs:
+            return dataclasses.replace(self.train, epochs=self.deployed_epochs)
+        return self.train

@@ -16,14 +16,14 @@ from safetensors.torch import load_file
 from canao.codesign.elastic import extract
 from canao.codesign.kd import IMPORTANCE_FILE, TeacherTargets, fit
 from canao.codesign.pareto import FRONT_JSON, choose
-from canao.config import config_hash, from_dict, resolve_path, to_dict
+from canao.config import TrainConfig, config_hash, from_dict, resolve_path, to_dict
 from canao.hardware import torch_threads
 from canao.lab import devices
 from canao.manifest import reusable, sha256_file, verify_manifest, verify_stage, write_manifest, write_text_atomic
 from canao.qa.augment import with_copies
 from canao.qa.bench import bench
 from canao.qa.compile import compile_model
-from canao.qa.config import BenchConfig, CompileConfig, FinalizeConfig, SquadFeatureConfig
+from canao.qa.config import BenchConfig, CompileConfig, FinalizeConfig, QAKDConfig, SquadFeatureConfig
 from canao.qa.data import Features, build_features, load_squad
 from canao.qa.distill import (
     kept_targets_of,
@@ -138,8 +138,9 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
             continue
         print(f"finalize: {m.name} {m.origin['label']} (search F1 {m.origin['f1']:.2f}); fine-tuning on "
               f"{len(features)} windows", flush=True)
-        student, stats = _distilled(cfg, extract(supernet, subnet), subnet.layer_indices(teacher_layers), features,
-                                    targets, teacher, work_dir / m.name, fingerprint, m.name)
+        student, stats = _distilled(cfg.kd, cfg.train_of(not m.budget), cfg.seed, extract(supernet, subnet),
+                                    subnet.layer_indices(teacher_layers), features, targets, teacher,
+                                    work_dir / m.name, fingerprint, m.name)
         student.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
         scored, _ = evaluate(QAPredictor(student, tokenizer, features_cfg, cfg.train.eval_batch_size), eval_examples)
@@ -189,9 +190,9 @@ def _copy_model(source: Path, directory: Path) -> None:
             shutil.copy2(path, directory / path.name)
 
 
-def _distilled(cfg: FinalizeConfig, student: torch.nn.Module, layer_map: list[int], features: Features,
-               targets: TeacherTargets, teacher: torch.nn.Module, work_dir: Path, fingerprint: str,
-               name: str) -> tuple[torch.nn.Module, dict]:
+def _distilled(kd: QAKDConfig, train: TrainConfig, seed: int, student: torch.nn.Module, layer_map: list[int],
+               features: Features, targets: TeacherTargets, teacher: torch.nn.Module, work_dir: Path,
+               fingerprint: str, name: str) -> tuple[torch.nn.Module, dict]:
     """`student` fine-tuned by distillation from the kept teacher `targets` (of `teacher`), and `fit`'s figures.
     Kept in `work_dir` once done, so a finalize resumed after it skips it."""
     done = work_dir / "distilled"
@@ -200,8 +201,8 @@ def _distilled(cfg: FinalizeConfig, student: torch.nn.Module, layer_map: list[in
         if kept["fingerprint"] == fingerprint:
             return load_qa_model(done), kept["stats"]
 
-    loss_fn = student_kd_loss(kept_targets_of(targets), layer_map, cfg.kd, teacher)
-    stats = fit(student, features, loss_fn, cfg.train, cfg.seed, work_dir, fingerprint, desc=name,
+    loss_fn = student_kd_loss(kept_targets_of(targets), layer_map, kd, teacher)
+    stats = fit(student, features, loss_fn, train, seed, work_dir, fingerprint, desc=name,
                 lengths=features.lengths())
     student.save_pretrained(done)
     write_text_atomic(done / STATS_FILE, json.dumps({"fingerprint": fingerprint, "stats": stats}))

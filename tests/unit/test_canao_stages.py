@@ -109,6 +109,14 @@ def test_latency_samples_start_with_the_spaces_extremes():
     assert len(random) == 2 and len(set(random)) == 2 and not set(random) & set(space.extremes())
 
 
+def test_the_deployed_budget_may_train_longer_than_the_looser_ones():
+    cfg = load_config("finalize", "tiny", overrides=["deployed_epochs=3", "train.epochs=1"])
+    assert (cfg.train_of(deployed=True).epochs, cfg.train_of(deployed=False).epochs) == (3, 1)
+    assert load_config("finalize", "tiny", overrides=["train.epochs=2"]).train_of(deployed=True).epochs == 2
+    with pytest.raises(ConfigError, match="deployed_epochs: must be >= 0"):
+        load_config("finalize", "tiny", overrides=["deployed_epochs=-1"])
+
+
 def test_looser_budgets_widen_the_search_and_each_gets_a_student_and_a_baseline():
     teacher_ms = {"litert": 96.0}
     cfg = SearchConfig(min_speedup=8, front_speedups=(2.0, 4.0))
