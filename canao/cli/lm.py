@@ -200,7 +200,8 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="model directory (save_pretrained layout)")
     p.add_argument("--precision", choices=GGUF_PRECISIONS, default="teacher",
                    help="teacher: stored as the teacher GGUF stores each tensor (Q4_1 matmuls); f32: float32; "
-                        "q8_0, q4_0: every matrix in that format (q4_0: llama.cpp repacks it for its fastest kernels)")
+                        "q8_0, q4_0: every matrix in that format (q4_0: llama.cpp repacks it for its fastest kernels); "
+                        "q4_0-q8_0-embd: q4_0 but the tied embedding and output matrix in q8_0")
     p.add_argument("--out", help="GGUF file to write (default: <model>/model.gguf, which bench-lm's llama.cpp runs)")
     p.set_defaults(func=cmd_export_gguf)
 

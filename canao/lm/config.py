@@ -137,7 +137,7 @@ class LMFinalizeConfig:
 # KV-cache step converted by litert-torch, float32).
 GEN_BACKENDS = ("tvm", "torch", "llama.cpp", "litert")
 # How a GGUF export stores its matrices (canao.lm.gguf.MATRIX_TYPES says what each means).
-GGUF_PRECISIONS = ("teacher", "f32", "q8_0", "q4_0")
+GGUF_PRECISIONS = ("teacher", "f32", "q8_0", "q4_0", "q4_0-q8_0-embd")
 
 
 @dataclass(frozen=True)

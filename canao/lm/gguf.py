@@ -35,10 +35,15 @@ from canao.lm.teacher import teacher_gguf
 GGUF_FILE = "model.gguf"  # where a model directory keeps its llama.cpp export
 # Storage of the matrices (2-D tensors) by precision; None: as the teacher file stores each role.
 MATRIX_TYPES = {"teacher": None, "f32": GGMLQuantizationType.F32, "q8_0": GGMLQuantizationType.Q8_0,
-                "q4_0": GGMLQuantizationType.Q4_0}
+                "q4_0": GGMLQuantizationType.Q4_0, "q4_0-q8_0-embd": GGMLQuantizationType.Q4_0}
 PRECISIONS = GGUF_PRECISIONS
 assert tuple(MATRIX_TYPES) == PRECISIONS
-FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0}
+FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0,
+              "q4_0-q8_0-embd": LlamaFileType.MOSTLY_Q4_0}
+EMBEDDING = "token_embd.weight"  # the tied input embedding, which is also the output matrix
+# Where a precision stores the embedding otherwise than its other matrices: the teacher's 4-bit
+# output matrix cost 39 % perplexity in q4_0 (README), as llama.cpp's own quantizer also knows.
+EMBEDDING_TYPES = {"q4_0-q8_0-embd": GGMLQuantizationType.Q8_0}
 
 # The teacher file's metadata that holds for every decoder of the family; the rest (shape, name,
 # file type) is the exported model's own.
@@ -167,7 +172,8 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, precision: str = "t
                          else FILE_TYPES[precision].value)
     _copy_metadata(reader, writer)
     for name, array in _tensors(model).items():
-        qtype = MATRIX_TYPES[precision]
+        qtype = EMBEDDING_TYPES.get(precision) if name == EMBEDDING else None
+        qtype = qtype or MATRIX_TYPES[precision]
         if qtype is None:
             qtype = teacher_types.get(_role(name), GGMLQuantizationType.F32)
         if qtype == GGMLQuantizationType.F32 or array.ndim == 1:

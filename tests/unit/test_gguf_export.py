@@ -69,7 +69,7 @@ def test_teacher_precision_stores_each_tensor_as_the_teacher_file_does(tiny_lm, 
 
 # The largest logit difference from PyTorch each precision may show on the tiny decoder (logits of
 # size ~1): float32 reorders sums only; 8-bit blocks move logits by hundredths, 4-bit by tenths.
-TOLERANCE = {"f32": 2e-3, "q8_0": 0.05, "q4_0": 0.5, "teacher": 0.5}
+TOLERANCE = {"f32": 2e-3, "q8_0": 0.05, "q4_0": 0.5, "teacher": 0.5, "q4_0-q8_0-embd": 0.5}
 
 
 @pytest.mark.parametrize("precision", ["q8_0", "q4_0"])
@@ -84,12 +84,23 @@ def test_every_matrix_in_one_block_format_loads_in_llama_cpp_within_its_toleranc
     assert np.abs(llama_cpp_logits(path, PROMPT) - reference).max() < TOLERANCE[precision]
 
 
+def test_q4_0_with_an_8_bit_embedding_keeps_the_output_matrix_in_q8_0(tiny_lm, tmp_path):
+    path = export_gguf(tiny_lm, tmp_path / GGUF_FILE, "q4_0-q8_0-embd")
+    types = {t.name: t.tensor_type for t in GGUFReader(path).tensors}
+    assert types.pop("token_embd.weight") == GGMLQuantizationType.Q8_0
+    assert {t for name, t in types.items() if not name.endswith("norm.weight")} == {GGMLQuantizationType.Q4_0}
+    q4_0 = llama_cpp_logits(export_gguf(tiny_lm, tmp_path / "q4_0.gguf", "q4_0"), PROMPT)
+    reference = torch_logits(tiny_lm, PROMPT)
+    error = np.abs(llama_cpp_logits(path, PROMPT) - reference).max()
+    assert error < TOLERANCE["q4_0-q8_0-embd"] and error < np.abs(q4_0 - reference).max()
+
+
 def test_export_gguf_cli_and_bad_input(tiny_lm, tmp_path, capsys):
     assert main(["export-gguf", "--model", str(tiny_lm), "--out", str(tmp_path / "x.gguf")]) == 0
     assert '"precision": "teacher"' in capsys.readouterr().out and (tmp_path / "x.gguf").is_file()
     assert main(["export-gguf", "--model", str(tmp_path / "absent")]) == 2
     assert "not a model directory (no config.json)" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="precision: 'q2' is not one of teacher, f32, q8_0, q4_0"):
+    with pytest.raises(ValueError, match="precision: 'q2' is not one of teacher, f32, q8_0, q4_0, q4_0-q8_0-embd"):
         export_gguf(tiny_lm, tmp_path / "y.gguf", "q2")
     assert not list(tmp_path.glob("*.partial"))
 
