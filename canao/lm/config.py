@@ -69,14 +69,46 @@ class GenBenchConfig:
     perplexity_tokens: int = 4096  # `make bench`: held-out tokens behind each model's perplexity; 0 = all
 
 
+DEPTH_RULES = ("influence", "spread")
+
+
 @dataclass(frozen=True)
 class DecoderSpaceConfig:
     """Allowed decoder subnets (canao/codesign/space.py says why these: shapes the compiler handles well)."""
 
-    layer_counts: tuple[int, ...] = (6, 10, 14, 18, 22, 26, 30)  # kept teacher blocks, evenly spaced
+    layer_counts: tuple[int, ...] = (6, 10, 14, 18, 22, 26, 30)  # kept teacher blocks (`depth` says which)
     kv_head_counts: tuple[int, ...] = (1, 2, 3)  # key/value heads per layer, each with its query heads
     ffn_sizes: tuple[int, ...] = (256, 512, 768, 1024, 1280, 1536)  # FFN (gated) widths, one for every layer
     align: int = 64  # FFN widths and key/value widths must be multiples of this (vector and tile sizes)
+    # which blocks a shallower subnet keeps: "influence" (the first, the last, then those that change
+    # their input most on the corpus; canao.lm.space.keep_order) or "spread" (evenly spaced, the last kept)
+    depth: str = "influence"
+
+    def __post_init__(self):
+        if self.depth not in DEPTH_RULES:
+            raise ConfigError(f"space.depth: {self.depth!r} is not one of {', '.join(DEPTH_RULES)}")
+
+
+@dataclass(frozen=True)
+class LMAugmentConfig:
+    """Sequence-level KD text: the teacher's own continuations of training openings (canao.lm.augment)."""
+
+    prompts: int = 0  # openings (paragraphs of train.txt) the teacher continues; 0 = none
+    prompt_tokens: int = 32  # tokens of each opening given as the prompt
+    new_tokens: int = 128  # tokens sampled after each prompt (fewer where the teacher ends the text)
+    temperature: float = 0.8  # sampling temperature: the teacher's distribution, a little sharpened
+    top_p: float = 0.95  # nucleus sampling: the smallest set of tokens holding this much probability
+    seed: int = 0  # the openings chosen and every sample: one seed, one text (at one thread count)
+    threads: int = 0  # llama.cpp threads; 0 = every core (the count is kept with the text)
+
+    def __post_init__(self):
+        if min(self.prompts, self.threads) < 0 or min(self.prompt_tokens, self.new_tokens) < 1:
+            raise ConfigError("augment.prompts, augment.threads: must be >= 0; augment.prompt_tokens, "
+                              f"augment.new_tokens: >= 1; got {self.prompts}, {self.threads}, {self.prompt_tokens}, "
+                              f"{self.new_tokens}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"augment.temperature: must be > 0, augment.top_p: in (0, 1]; got {self.temperature}, "
+                              f"{self.top_p}")
 
 
 TORCH_DEVICES = ("cpu", "cuda")  # where the decoder stages run their torch work; the math is the same on both
@@ -90,6 +122,7 @@ class LMDistillConfig:
     space: DecoderSpaceConfig = field(default_factory=DecoderSpaceConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     random_subnets: int = 2  # random subnets per step, besides the largest and the smallest (sandwich rule)
+    augment: LMAugmentConfig = field(default_factory=LMAugmentConfig)  # the teacher's own text, trained on too
     importance_batches: int = 16  # training batches that rank KV-head groups and neurons before distilling
     seq_len: int = 256  # tokens per training window: train.txt tokenized once, cut into consecutive windows
     max_windows: int = 0  # train on the first N windows only; 0 = all

@@ -16,6 +16,7 @@ smallest subnets', and the smallest subnet's soft KL to the teacher before and a
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -25,13 +26,23 @@ from canao.codesign.elastic import extract
 from canao.codesign.kd import IMPORTANCE_FILE, SUPERNET_DIR, fit, hidden_mse, importance_once, sandwich, soft_kl
 from canao.config import KDConfig, config_hash, to_dict
 from canao.hardware import torch_threads
+from canao.lm import augment
+from canao.lm.augment import GENERATED_FILE
 from canao.lm.config import LMDistillConfig
 from canao.lm.data import HELDOUT_FILE, TRAIN_FILE, perplexity, read_text_file, token_windows
-from canao.lm.model import DecoderSupernet, importance, load_causal_lm, load_tokenizer, sort_by_importance
-from canao.lm.space import DecoderSpace, DecoderSubnet, decoder_shape
-from canao.manifest import reusable, sha256_file, verify_manifest, verify_stage, write_manifest
+from canao.lm.model import (
+    DecoderSupernet,
+    block_influence,
+    importance,
+    load_causal_lm,
+    load_tokenizer,
+    sort_by_importance,
+)
+from canao.lm.space import DecoderSpace, DecoderSubnet, decoder_shape, keep_order
+from canao.manifest import reusable, sha256_file, verify_manifest, verify_stage, write_manifest, write_text_atomic
 
 STAGE = "distill-lm"
+BLOCKS = "blocks"  # the importance file's entry of each teacher block's influence ([layers])
 
 
 def lm_kd_loss(student_out, teacher_out, layer_map: list[int], cfg: KDConfig, ids: torch.Tensor) -> torch.Tensor:
@@ -94,18 +105,28 @@ def train_decoder_supernet(cfg: LMDistillConfig, teacher_dir: str | Path, data_d
     torch_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(teacher_dir)
-    windows = token_windows(tokenizer, read_text_file(data_dir / TRAIN_FILE), cfg.seq_len, cfg.max_windows).to(device)
+    work_dir = out_dir / "checkpoints"
+    windows = token_windows(tokenizer, read_text_file(data_dir / TRAIN_FILE), cfg.seq_len, cfg.max_windows)
+    generated = _generated_once(cfg, teacher_dir, data_dir, work_dir, fingerprint)
+    if generated is not None:
+        windows = torch.cat([windows, token_windows(tokenizer, read_text_file(work_dir / GENERATED_FILE),
+                                                    cfg.seq_len)])
+    windows = windows.to(device)
     heldout_text = read_text_file(data_dir / HELDOUT_FILE)
     probe_windows = -(-cfg.eval_tokens // cfg.seq_len) if cfg.eval_tokens else 0
     probe = token_windows(tokenizer, heldout_text, cfg.seq_len, probe_windows).to(device)
     model = trainable(load_causal_lm(teacher_dir).to(device))
-    space = DecoderSpace(cfg.space, decoder_shape(model.config))
-    smallest = space.smallest()
 
-    work_dir = out_dir / "checkpoints"
-    scores = importance_once(work_dir, lambda: importance(model, windows, cfg.importance_batches,
-                                                          cfg.train.batch_size))
+    def scores_of_units_and_blocks() -> dict:
+        influence = block_influence(model, windows, cfg.importance_batches, cfg.train.batch_size)
+        return {**importance(model, windows, cfg.importance_batches, cfg.train.batch_size),
+                BLOCKS: torch.tensor(influence, dtype=torch.float64)}
+
+    scores = importance_once(work_dir, scores_of_units_and_blocks)
     sort_by_importance(model, scores)
+    influence = scores[BLOCKS].tolist()
+    space = DecoderSpace(cfg.space, decoder_shape(model.config), keep_order(influence))
+    smallest = space.smallest()
     teacher = load_causal_lm(teacher_dir).to(device).requires_grad_(False)
     supernet = DecoderSupernet(model)
     batch = cfg.train.eval_batch_size
@@ -124,6 +145,10 @@ def train_decoder_supernet(cfg: LMDistillConfig, teacher_dir: str | Path, data_d
     print(f"distill-lm: {len(windows)} windows of {cfg.seq_len} tokens; subnets per step: largest, smallest, "
           f"{cfg.random_subnets} random", flush=True)
     stats = fit(supernet, windows, loss_fn, cfg.train, cfg.seed, work_dir, fingerprint, desc="decoder supernet")
+    if generated is not None:
+        stats["generated"] = generated
+    # Reported, and read back by the search: which blocks each depth keeps.
+    stats.update(block_influence=[round(v, 5) for v in influence], block_order=space.block_order)
     stats.update(train_windows=len(windows), heldout_kl_smallest={
         "before": round(kl_before, 4),
         "after": round(heldout_kl(supernet, teacher, smallest, probe, cfg.kd.temperature, batch), 4)})
@@ -134,6 +159,8 @@ def train_decoder_supernet(cfg: LMDistillConfig, teacher_dir: str | Path, data_d
     model.save_pretrained(out_dir / SUPERNET_DIR)
     tokenizer.save_pretrained(out_dir / SUPERNET_DIR)
     shutil.move(work_dir / IMPORTANCE_FILE, out_dir / IMPORTANCE_FILE)
+    if generated is not None:
+        shutil.move(work_dir / GENERATED_FILE, out_dir / GENERATED_FILE)
     shutil.rmtree(work_dir, ignore_errors=True)
     inputs = {"teacher": {"path": str(teacher_dir.resolve()), "config_hash": teacher_manifest.get("config_hash"),
                           "model_sha256": teacher_manifest["files"]["model.safetensors"]},
@@ -143,10 +170,36 @@ def train_decoder_supernet(cfg: LMDistillConfig, teacher_dir: str | Path, data_d
                           teacher_shape=dataclasses.asdict(space.teacher))
 
 
+def _generated_once(cfg: LMDistillConfig, teacher_dir: Path, data_dir: Path, work_dir: Path,
+                    fingerprint: str) -> dict | None:
+    """The teacher's own text (canao.lm.augment) for this run, written into `work_dir` once (a
+    resumed run trains on the same text) and its provenance; None where `augment.prompts` is 0."""
+    if not cfg.augment.prompts:
+        return None
+    kept = work_dir / (GENERATED_FILE + ".json")
+    if kept.is_file() and (work_dir / GENERATED_FILE).is_file():
+        provenance = json.loads(kept.read_text())
+        if provenance["fingerprint"] == fingerprint:
+            return provenance["generated"]
+    work_dir.mkdir(parents=True, exist_ok=True)
+    print(f"distill-lm: the teacher continues {cfg.augment.prompts} openings of {TRAIN_FILE} in llama.cpp",
+          flush=True)
+    generated = augment.generate(cfg.augment, augment.teacher_file(teacher_dir, work_dir),
+                                 read_text_file(data_dir / TRAIN_FILE), work_dir / GENERATED_FILE)
+    write_text_atomic(kept, json.dumps({"fingerprint": fingerprint, "generated": generated}))
+    return generated
+
+
 def load_decoder_supernet(supernet_dir: str | Path) -> tuple[DecoderSupernet, dict]:
     """The supernet of a `train_decoder_supernet` directory and that directory's manifest."""
     manifest = verify_stage(supernet_dir, STAGE, f"a decoder supernet ({STAGE})")
     return DecoderSupernet(load_causal_lm(Path(supernet_dir) / SUPERNET_DIR)), manifest
+
+
+def supernet_order(supernet_manifest: dict) -> list[int] | None:
+    """`keep_order` of the teacher's blocks the supernet was distilled with; None for a supernet
+    that kept evenly spaced blocks (a "spread" space, or one distilled before block influence)."""
+    return supernet_manifest["metrics"].get("block_order")
 
 
 def corpus_file(supernet_manifest: dict, name: str) -> Path:

@@ -211,6 +211,35 @@ def importance(model: LlamaForCausalLM, windows: torch.Tensor, batches: int, bat
 
 
 @torch.no_grad()
+def block_influence(model: LlamaForCausalLM, windows: torch.Tensor, batches: int, batch_size: int) -> list[float]:
+    """How much each block changes the residual stream it is given, on the first `batches`
+    batches of token `windows` [N, T]: 1 - the mean cosine similarity of its output to its input
+    over every token (ShortGPT's block influence, Men et al. 2024). A block that leaves its input
+    nearly as it was is the one a shallower decoder misses least."""
+    layers = model.model.layers
+    change = torch.zeros(len(layers), dtype=torch.float64)
+    tokens = 0
+
+    def hook(index: int):
+        def record(module, args, kwargs, output):
+            given = (args[0] if args else kwargs["hidden_states"]).float()  # [B, T, H]
+            made = (output[0] if isinstance(output, tuple) else output).float()
+            change[index] += (1 - torch.nn.functional.cosine_similarity(made, given, dim=-1)).sum().double()
+        return record
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for begin in range(0, min(len(windows), batches * batch_size), batch_size):
+            ids = windows[begin : begin + batch_size]
+            model(input_ids=ids)
+            tokens += ids.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (change / tokens).tolist()
+
+
+@torch.no_grad()
 def sort_by_importance(model: LlamaForCausalLM, scores: dict) -> None:
     """Permute `model`'s key/value head groups and FFN neurons in place, most important first.
     The function the model computes does not change (each permutation is applied to the

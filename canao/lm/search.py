@@ -30,7 +30,7 @@ from canao.codesign.pareto import (
 from canao.config import config_hash, from_dict, to_dict
 from canao.lm.config import DecoderSpaceConfig, LMCompileConfig, LMSearchConfig
 from canao.lm.data import HELDOUT_FILE, perplexity, read_text_file
-from canao.lm.distill import corpus_file, distilled_teacher, load_decoder_supernet, torch_device
+from canao.lm.distill import corpus_file, distilled_teacher, load_decoder_supernet, supernet_order, torch_device
 from canao.lm.latency import DECODER, measure_decoder
 from canao.lm.model import load_causal_lm
 from canao.lm.model import load_tokenizer as load_lm_tokenizer
@@ -55,7 +55,8 @@ def search_lm(cfg: LMSearchConfig, supernet_dir: str | Path, latency_dir: str | 
         raise FileExistsError(f"{out_dir}: already holds a search; choose another --out")
     supernet, supernet_manifest, latency, latency_manifest, lab_device = search_inputs(
         supernet_dir, latency_dir, load_decoder_supernet, DECODER, cfg.reuse_other_hardware)
-    space = DecoderSpace(from_dict(DecoderSpaceConfig, supernet_manifest["config"]["space"], "space."), supernet.shape)
+    space = DecoderSpace(from_dict(DecoderSpaceConfig, supernet_manifest["config"]["space"], "space."), supernet.shape,
+                         supernet_order(supernet_manifest))
     device = torch_device(cfg.torch_device)
     supernet.to(device)
     heldout_file = corpus_file(supernet_manifest, HELDOUT_FILE)
@@ -77,19 +78,20 @@ def search_lm(cfg: LMSearchConfig, supernet_dir: str | Path, latency_dir: str | 
     c = space.cfg
 
     def suggest(trial: optuna.Trial) -> DecoderSubnet:
-        return space.validate(DecoderSubnet(trial.suggest_categorical("num_layers", c.layer_counts),
-                                            trial.suggest_categorical("kv_heads", c.kv_head_counts),
-                                            trial.suggest_categorical("ffn_size", c.ffn_sizes)))
+        return space.make(trial.suggest_categorical("num_layers", c.layer_counts),
+                          trial.suggest_categorical("kv_heads", c.kv_head_counts),
+                          trial.suggest_categorical("ffn_size", c.ffn_sizes))
 
     def count_params(subnet: DecoderSubnet) -> int:
         return decoder_params(subnet, space.teacher, config.vocab_size, config.tie_word_embeddings)
 
-    teacher_ms = latency.measured(space.largest())
+    # timed without a block order: a decoder's time depends on its depth, not on which blocks
+    teacher_ms = latency.measured(dataclasses.replace(space.largest(), layers=()))
     budget = latency_budget(cfg, teacher_ms, GENERATION.baseline)
     started = time.perf_counter()
     study = pareto_search(dataclasses.replace(cfg, latency_budget_ms=budget), GENERATION, suggest, score, latency,
                           count_params, lambda s: decoder_flops(s, space.teacher, latency.seq_len),
-                          [space.largest().to_dict()], on_trial)
+                          [_trial_params(space.largest())], on_trial)
     search_seconds = time.perf_counter() - started
 
     front = front_of(study, DecoderSubnet)
@@ -122,3 +124,8 @@ def search_lm(cfg: LMSearchConfig, supernet_dir: str | Path, latency_dir: str | 
               "heldout_file": {"path": str(heldout_file), "sha256": sha256_file(heldout_file)}}
     return write_manifest(out_dir, "search-lm", {"device": latency.device, **to_dict(cfg)}, metrics, inputs,
                           config_hash=config_hash(cfg))
+
+
+def _trial_params(subnet: DecoderSubnet) -> dict:
+    """The search's variables of `subnet` (its blocks follow from its depth)."""
+    return {"num_layers": subnet.num_layers, "kv_heads": subnet.kv_heads, "ffn_size": subnet.ffn_size}

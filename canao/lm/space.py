@@ -1,9 +1,12 @@
 """The decoder search space: subnets of a Llama teacher as the compiler will see them.
 
-A subnet keeps `num_layers` of the teacher's blocks (evenly spaced), a number of key/value
-heads (each with the query heads that share it) and one FFN width for every kept layer;
-the residual width stays the teacher's. The allowed values follow canao.codesign.space's
-rules for the compiler (aligned widths, few distinct values).
+A subnet keeps `num_layers` of the teacher's blocks, a number of key/value heads (each with
+the query heads that share it) and one FFN width for every kept layer; the residual width
+stays the teacher's. Which blocks: the space's `depth` rule, "influence" (the first and the
+last, then those that change their input most on the corpus: `keep_order`) or "spread"
+(evenly spaced); a subnet records the blocks it keeps where they are not the spread ones.
+The allowed values follow canao.codesign.space's rules for the compiler (aligned widths, few
+distinct values).
 """
 
 from __future__ import annotations
@@ -34,35 +37,62 @@ def evenly_spaced(kept: int, total: int) -> list[int]:
     return [round((i + 1) * step) - 1 for i in range(kept)]
 
 
+def keep_order(influence: list[float]) -> list[int]:
+    """The teacher's blocks in the order a shallower subnet keeps them: the first (it turns
+    embeddings into the residual stream every later block reads) and the last (whose output the
+    head reads), then the others by `influence` (canao.lm.model.block_influence), largest first.
+    A subnet of k blocks keeps the first k of this order, so a shallower one's blocks are a
+    subset of a deeper one's (the supernet's weights are shared)."""
+    last = len(influence) - 1
+    middle = sorted(range(1, last), key=lambda i: -influence[i])
+    return list(dict.fromkeys([0, last, *middle]))
+
+
 @dataclass(frozen=True)
 class DecoderSubnet:
     num_layers: int  # kept teacher blocks (see `layer_indices`)
     kv_heads: int  # key/value heads of every kept block, each with its query heads (the most important first)
     ffn_size: int  # FFN width of every kept block (the most important neurons first)
+    layers: tuple[int, ...] = ()  # the teacher blocks kept, in order; () = `evenly_spaced`
+
+    def __post_init__(self):
+        if self.layers and (len(self.layers) != self.num_layers or list(self.layers) != sorted(set(self.layers))
+                            or self.layers[0] < 0):
+            raise ValueError(f"subnet.layers: {list(self.layers)} must be {self.num_layers} distinct teacher "
+                             f"block indices in increasing order")
 
     def layer_indices(self, teacher_layers: int) -> list[int]:
-        return evenly_spaced(self.num_layers, teacher_layers)
+        return list(self.layers) or evenly_spaced(self.num_layers, teacher_layers)
 
     def to_dict(self) -> dict:
-        return {"num_layers": self.num_layers, "kv_heads": self.kv_heads, "ffn_size": self.ffn_size}
+        return {"num_layers": self.num_layers, "kv_heads": self.kv_heads, "ffn_size": self.ffn_size} | (
+            {"layers": list(self.layers)} if self.layers else {})
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "subnet") -> DecoderSubnet:
         expected = {"num_layers", "kv_heads", "ffn_size"}
-        if not isinstance(data, dict) or set(data) != expected:
+        if not isinstance(data, dict) or not expected <= set(data) <= expected | {"layers"}:
             got = sorted(data) if isinstance(data, dict) else type(data).__name__
-            raise ValueError(f"{where}: expected keys {sorted(expected)}, got {got}")
-        return cls(int(data["num_layers"]), int(data["kv_heads"]), int(data["ffn_size"]))
+            raise ValueError(f"{where}: expected keys {sorted(expected)} (and optionally 'layers'), got {got}")
+        return cls(int(data["num_layers"]), int(data["kv_heads"]), int(data["ffn_size"]),
+                   tuple(int(i) for i in data.get("layers", ())))
 
     def label(self) -> str:
-        return f"L{self.num_layers} KV{self.kv_heads} FFN {self.ffn_size}"
+        kept = f" blocks {','.join(map(str, self.layers))}" if self.layers else ""
+        return f"L{self.num_layers}{kept} KV{self.kv_heads} FFN {self.ffn_size}"
 
 
 class DecoderSpace:
-    """The allowed decoder subnets of one teacher: validation, the extremes, random samples."""
+    """The allowed decoder subnets of one teacher: validation, the extremes, random samples.
+    `block_order`: `keep_order` of the teacher's blocks, which an "influence" space keeps; None
+    where no subnet's blocks matter (the latency model: time depends on the depth only)."""
 
-    def __init__(self, cfg: DecoderSpaceConfig, teacher: DecoderShape):
+    def __init__(self, cfg: DecoderSpaceConfig, teacher: DecoderShape, block_order: list[int] | None = None):
         self.cfg, self.teacher = cfg, teacher
+        self.block_order = block_order if cfg.depth == "influence" else None
+        if self.block_order is not None and sorted(self.block_order) != list(range(teacher.num_layers)):
+            raise ValueError(f"block_order: {block_order} is not an order of the teacher's "
+                             f"{teacher.num_layers} blocks")
         for name, values, bound in (("layer_counts", cfg.layer_counts, teacher.num_layers),
                                     ("kv_head_counts", cfg.kv_head_counts, teacher.num_kv_heads),
                                     ("ffn_sizes", cfg.ffn_sizes, teacher.ffn_size)):
@@ -83,26 +113,33 @@ class DecoderSpace:
                 raise ValueError(f"subnet.{name}: {getattr(subnet, name)} not in {list(allowed)}")
         return subnet
 
+    def make(self, num_layers: int, kv_heads: int, ffn_size: int) -> DecoderSubnet:
+        """The subnet of these choices, keeping the blocks the space's depth rule gives."""
+        kept = ()
+        if self.block_order is not None and num_layers < self.teacher.num_layers:
+            kept = tuple(sorted(self.block_order[:num_layers]))
+        return self.validate(DecoderSubnet(num_layers, kv_heads, ffn_size, kept))
+
     def largest(self) -> DecoderSubnet:
         c = self.cfg
-        return self.validate(DecoderSubnet(max(c.layer_counts), max(c.kv_head_counts), max(c.ffn_sizes)))
+        return self.make(max(c.layer_counts), max(c.kv_head_counts), max(c.ffn_sizes))
 
     def smallest(self) -> DecoderSubnet:
         c = self.cfg
-        return self.validate(DecoderSubnet(min(c.layer_counts), min(c.kv_head_counts), min(c.ffn_sizes)))
+        return self.make(min(c.layer_counts), min(c.kv_head_counts), min(c.ffn_sizes))
 
     def extremes(self) -> list[DecoderSubnet]:
         """The largest, the smallest, the deepest-thinnest and the shallowest-widest subnets (see
         canao.qa.space.SearchSpace.extremes: what a latency model must see besides random ones)."""
         c = self.cfg
         corners = [self.largest(), self.smallest(),
-                   DecoderSubnet(max(c.layer_counts), min(c.kv_head_counts), min(c.ffn_sizes)),
-                   DecoderSubnet(min(c.layer_counts), max(c.kv_head_counts), max(c.ffn_sizes))]
+                   self.make(max(c.layer_counts), min(c.kv_head_counts), min(c.ffn_sizes)),
+                   self.make(min(c.layer_counts), max(c.kv_head_counts), max(c.ffn_sizes))]
         return list(dict.fromkeys(corners))
 
     def sample(self, rng: random.Random) -> DecoderSubnet:
         c = self.cfg
-        return DecoderSubnet(rng.choice(c.layer_counts), rng.choice(c.kv_head_counts), rng.choice(c.ffn_sizes))
+        return self.make(rng.choice(c.layer_counts), rng.choice(c.kv_head_counts), rng.choice(c.ffn_sizes))
 
 
 def decoder_widths(subnet: DecoderSubnet, teacher: DecoderShape) -> tuple[int, int, int]:

@@ -1,6 +1,7 @@
 """distill-lm on the tiny profile: the decoder supernet learns, is reused, refuses another
 config, and a killed run resumes to the same weights."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from canao.cli.main import main
 from canao.codesign.elastic import extract
 from canao.codesign.kd import CHECKPOINT, IMPORTANCE_FILE, SUPERNET_DIR
+from canao.config import ConfigError
 from canao.lm import distill as lm_distill
 from canao.lm.distill import lm_kd_loss, load_decoder_supernet
 from canao.lm.space import DecoderSubnet
@@ -41,6 +43,7 @@ def test_the_smallest_subnet_moves_towards_the_teacher(supernet_dir, capsys):
     assert m["steps"] == 6 and m["train_windows"] == 24
     assert m["heldout_kl_smallest"]["after"] < m["heldout_kl_smallest"]["before"]
     assert set(m["heldout_perplexity"]) == {"teacher", "largest", "smallest"}
+    assert m["block_order"] == [0, 1] and len(m["block_influence"]) == 2  # the first and the last block first
     assert manifest["teacher_shape"] == {"num_layers": 2, "hidden_size": 64, "num_heads": 4, "num_kv_heads": 2,
                                          "ffn_size": 128}
     assert (supernet_dir / IMPORTANCE_FILE).is_file() and not (supernet_dir / "checkpoints").exists()
@@ -101,3 +104,29 @@ def test_a_training_device_torch_lacks_is_refused(tiny_lm, corpus, tmp_path, cap
         assert distill(tiny_lm, corpus, tmp_path / "cuda", "torch_device=cuda") == 2
         assert "torch sees no GPU here" in capsys.readouterr().err
         assert not (tmp_path / "cuda").exists()
+
+
+def test_the_teachers_own_text_is_written_once_reproducibly_and_trained_on(tiny_lm, corpus, tmp_path):
+    from canao.lm.augment import GENERATED_FILE, generate, openings, teacher_file
+    from canao.lm.config import LMAugmentConfig
+    from canao.lm.data import HELDOUT_FILE, TRAIN_FILE
+
+    train = (corpus / TRAIN_FILE).read_text()
+    heldout = (corpus / HELDOUT_FILE).read_text()
+    chosen = openings(train, 3, seed=0)
+    assert len(set(chosen)) == 3 and all(o in train and o not in heldout for o in chosen)
+    cfg = LMAugmentConfig(prompts=3, prompt_tokens=8, new_tokens=12, seed=0, threads=1)
+    gguf = teacher_file(tiny_lm, tmp_path)
+    first = generate(cfg, gguf, train, tmp_path / "a.txt")
+    again = generate(cfg, gguf, train, tmp_path / "b.txt")
+    other = generate(dataclasses.replace(cfg, seed=1), gguf, train, tmp_path / "c.txt")
+    assert first["sha256"] == again["sha256"] != other["sha256"]  # one seed, one text
+    assert first["passages"] == 3 and 0 < first["new_tokens"] <= 36 and first["threads"] == 1
+    out = tmp_path / "augmented"
+    assert distill(tiny_lm, corpus, out, "augment.prompts=3", "augment.prompt_tokens=8", "augment.new_tokens=12",
+                   "augment.threads=1") == 0
+    manifest = verify_manifest(out)
+    assert manifest["files"][GENERATED_FILE] == manifest["metrics"]["generated"]["sha256"] == first["sha256"]
+    assert manifest["metrics"]["train_windows"] > 24  # the corpus's 24 windows and the teacher's text
+    with pytest.raises(ConfigError, match="augment.temperature: must be > 0"):
+        LMAugmentConfig(temperature=0)

@@ -2,19 +2,28 @@
 of 16, FFN 128): slicing, importance sorting, extraction into a plain LlamaForCausalLM that
 runs through the KV-cache step and compiles."""
 
+import dataclasses
 import random
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from canao.codesign.elastic import extract
 from canao.config import ConfigError
 from canao.lab.devices import get_device
 from canao.lm.compile import compile_lm
 from canao.lm.config import DecoderShape, DecoderSpaceConfig
-from canao.lm.model import DecoderSupernet, KVCacheStep, importance, load_causal_lm, load_tokenizer, sort_by_importance
-from canao.lm.space import DecoderSpace, DecoderSubnet, decoder_params
+from canao.lm.model import (
+    DecoderSupernet,
+    KVCacheStep,
+    block_influence,
+    importance,
+    load_causal_lm,
+    load_tokenizer,
+    sort_by_importance,
+)
+from canao.lm.space import DecoderSpace, DecoderSubnet, decoder_params, decoder_shape, evenly_spaced, keep_order
 from canao.profiles import load_config
 
 TEACHER = DecoderShape(2, 64, 4, 2, 128)
@@ -142,3 +151,32 @@ def test_space_rejects_bad_configs_and_subnets():
     with pytest.raises(ValueError, match="subnet: expected keys"):
         DecoderSubnet.from_dict({"num_layers": 1, "kv_heads": 1})
     assert DecoderSubnet.from_dict(DecoderSubnet(2, 1, 64).to_dict()) == DecoderSubnet(2, 1, 64)
+
+
+def test_the_block_influence_cut_keeps_the_first_and_last_blocks_then_those_that_change_most():
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+                         num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    influence = block_influence(model, ids, batches=2, batch_size=2)
+    with torch.no_grad():
+        states = model(input_ids=ids, output_hidden_states=True).hidden_states  # inputs of blocks 0..4, normed last
+    for i in range(4):  # a block's output is the next block's input
+        change = 1 - torch.nn.functional.cosine_similarity(states[i + 1], states[i], dim=-1)
+        assert influence[i] == pytest.approx(float(change.mean()), rel=1e-4)
+    order = keep_order(influence)
+    assert order[:2] == [0, 4] and order[2:] == sorted([1, 2, 3], key=lambda i: -influence[i])
+    space_cfg = DecoderSpaceConfig(layer_counts=(2, 3, 5), kv_head_counts=(1,), ffn_sizes=(64,), align=16)
+    space = DecoderSpace(space_cfg, decoder_shape(config), order)
+    three = space.make(3, 1, 64)
+    assert three.layers == tuple(sorted(order[:3])) and three.layer_indices(5) == sorted(order[:3])
+    assert space.smallest().layers == (0, 4) and space.largest().layers == ()
+    assert DecoderSubnet.from_dict(three.to_dict()) == three and "blocks 0," in three.label()
+    assert extract(DecoderSupernet(model), three).config.num_hidden_layers == 3
+    spread = DecoderSpace(dataclasses.replace(space_cfg, depth="spread"), decoder_shape(config), order)
+    assert spread.make(3, 1, 64).layer_indices(5) == evenly_spaced(3, 5)
+    with pytest.raises(ValueError, match="block_order: .* is not an order of the teacher's 5 blocks"):
+        DecoderSpace(space_cfg, decoder_shape(config), [0, 4, 1])
+    with pytest.raises(ConfigError, match="space.depth: 'deep' is not one of influence, spread"):
+        DecoderSpaceConfig(depth="deep")
