@@ -116,7 +116,7 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
     features = build_features(with_copies(load_squad(train_file, cfg.data.train_questions), cfg.augment),
                               tokenizer, features_cfg)
     teacher_layers = supernet.shape.num_layers
-    subnets = {m.name: SubnetConfig.from_dict(m.origin["subnet"]) for m in models}
+    subnets = {m.name: kept_blocks(SubnetConfig.from_dict(m.origin["subnet"]), teacher_layers) for m in models}
     work_dir = out_dir / "checkpoints"
     # One teacher pass serves every student: the hidden states any of them learns from.
     hidden = target_layers([s.layer_indices(teacher_layers) for s in subnets.values()], cfg.kd, teacher_layers)
@@ -180,6 +180,13 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
                        inputs, config_hash=fingerprint)
     return write_manifest(out_dir, "finalize", {**config, "subnet": models[0].origin["subnet"]}, metrics, inputs,
                           config_hash=fingerprint)
+
+
+def kept_blocks(subnet: SubnetConfig, teacher_layers: int) -> SubnetConfig:
+    """`subnet` with the teacher blocks it keeps written out, so that a front point and a
+    baseline of the same shape (the search may ship the baseline itself) compare equal and
+    train once."""
+    return dataclasses.replace(subnet, layers=tuple(subnet.layer_indices(teacher_layers)))
 
 
 def _copy_model(source: Path, directory: Path) -> None:

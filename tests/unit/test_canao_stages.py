@@ -9,7 +9,7 @@ from canao.lm.config import LMSearchConfig
 from canao.lm.search import GENERATION
 from canao.profiles import load_config
 from canao.qa.config import BertShape, SearchConfig, SpaceConfig
-from canao.qa.finalize import finalized_figures, plan
+from canao.qa.finalize import finalized_figures, kept_blocks, plan
 from canao.qa.latency import BERT_QA, features
 from canao.qa.search import QA
 from canao.qa.space import SearchSpace, SubnetConfig
@@ -160,6 +160,12 @@ def test_latency_budget_is_the_tighter_of_the_absolute_and_the_speedup_over_the_
             bad(min_speedup=-1)
     with pytest.raises(ConfigError, match="torch_device: must be one of cpu, cuda"):
         LMSearchConfig(torch_device="gpu")
+
+
+def test_a_front_point_and_a_baseline_of_one_shape_are_one_subnet_to_finalize():
+    point = SubnetConfig(4, 384, (2,) * 4, (1280,) * 4)  # the search's form: blocks by the space's rule
+    baseline = SubnetConfig(4, 384, (2,) * 4, (1280,) * 4, (0, 1, 3, 4))  # the baseline's: blocks written out
+    assert point != baseline and kept_blocks(point, 6) == kept_blocks(baseline, 6) == baseline
 
 
 def test_finalized_figures_list_each_budgets_student_then_its_baseline_the_deployed_first():
