@@ -1,4 +1,5 @@
-"""What every family's search space shares: the checks of a dimension's allowed values.
+"""What every family's search space shares: the checks of a dimension's allowed values and of
+a subnet's kept teacher layers.
 
 The allowed values are chosen for the compiler, not only for accuracy:
 - widths (hidden and FFN) are multiples of `align` (64 for MiniLM): every matmul dimension
@@ -24,3 +25,11 @@ def check_choices(name: str, values, bound: int) -> None:
     if max(values) != bound:
         raise ConfigError(f"space.{name}: must include the teacher's {bound} (the largest subnet is the "
                           f"teacher), got {list(values)}")
+
+
+def check_kept_layers(layers: tuple[int, ...], num_layers: int) -> None:
+    """A subnet's explicit kept teacher layers (() = its space's rule): `num_layers` distinct
+    indices in increasing order."""
+    if layers and (len(layers) != num_layers or list(layers) != sorted(set(layers)) or layers[0] < 0):
+        raise ValueError(f"subnet.layers: {list(layers)} must be {num_layers} distinct teacher layer indices in "
+                         "increasing order")

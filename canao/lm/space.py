@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from canao.codesign.space import check_choices
+from canao.codesign.space import check_choices, check_kept_layers
 from canao.config import ConfigError
 from canao.lm.config import DecoderShape, DecoderSpaceConfig
 
@@ -56,10 +56,7 @@ class DecoderSubnet:
     layers: tuple[int, ...] = ()  # the teacher blocks kept, in order; () = `evenly_spaced`
 
     def __post_init__(self):
-        if self.layers and (len(self.layers) != self.num_layers or list(self.layers) != sorted(set(self.layers))
-                            or self.layers[0] < 0):
-            raise ValueError(f"subnet.layers: {list(self.layers)} must be {self.num_layers} distinct teacher "
-                             f"block indices in increasing order")
+        check_kept_layers(self.layers, self.num_layers)
 
     def layer_indices(self, teacher_layers: int) -> list[int]:
         return list(self.layers) or evenly_spaced(self.num_layers, teacher_layers)

@@ -16,7 +16,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from canao.codesign.space import check_choices
+from canao.codesign.space import check_choices, check_kept_layers
 from canao.config import ConfigError
 from canao.qa.config import BertShape, SpaceConfig
 
@@ -30,10 +30,7 @@ class SubnetConfig:
     layers: tuple[int, ...] = ()  # the teacher blocks kept, in order; () = `first_layers_spread`
 
     def __post_init__(self):
-        if self.layers and (len(self.layers) != self.num_layers or list(self.layers) != sorted(set(self.layers))
-                            or self.layers[0] < 0):
-            raise ValueError(f"subnet.layers: {list(self.layers)} must be {self.num_layers} distinct teacher "
-                             f"layer indices in increasing order")
+        check_kept_layers(self.layers, self.num_layers)
 
     def layer_indices(self, teacher_layers: int) -> list[int]:
         return list(self.layers) or first_layers_spread(self.num_layers, teacher_layers)
