@@ -20,6 +20,9 @@ from canao.manifest import verify_stage
 
 FRONT_JSON = "front.json"
 FRONT_PNG = "front.png"
+# A front point's accuracy after `rerank`'s second look (e.g. a short distillation), which ranks
+# before the supernet's own figure wherever a budget's contenders have it.
+RERANKED = "reranked"
 
 
 # on_trial(number, params, metrics): the pipeline's hook to log every candidate (e.g. to MLflow).
@@ -93,11 +96,12 @@ def pareto_search(cfg, objectives: Objectives, suggest: Callable[[optuna.Trial],
 
 
 def remeasure(front: list[dict], objectives: Objectives, count: int,
-              measure_one: Callable[[dict], dict[str, float]], budgets: list[float]) -> None:
+              measure_one: Callable[[dict], dict[str, float]], budgets: list[float], per_budget: int = 1) -> None:
     """Measure the `count` most accurate front points on the device again (`measure_one(subnet
-    dict)` -> ms by backend), in place; then, for each of `budgets` (ms, 0 = none), the point
-    `choose` would ship within it, until that point is a measured one: a point the latency model
-    underpriced leaves its budget once measured, and the next most accurate takes its place."""
+    dict)` -> ms by backend), in place; then, for each of `budgets` (ms, 0 = none), the
+    `per_budget` most accurate points within it (`contenders`), until all of them are measured
+    ones: a point the latency model underpriced leaves its budget once measured, and the next
+    most accurate takes its place."""
 
     def measure(point: dict) -> None:
         ms = measure_one(point["subnet"])
@@ -108,8 +112,30 @@ def remeasure(front: list[dict], objectives: Objectives, count: int,
     for point in sorted(front, key=lambda p: sign * p[objectives.accuracy])[:count]:
         measure(point)
     for budget in budgets:
-        while (pick := _most_accurate_within(front, objectives, budget)) and pick["measured_ms"] is None:
-            measure(pick)
+        while unmeasured := [p for p in contenders(front, objectives, budget, per_budget) if p["measured_ms"] is None]:
+            measure(unmeasured[0])
+
+
+def contenders(front: list[dict], objectives: Objectives, budget_ms: float, count: int) -> list[dict]:
+    """The `count` most accurate front points whose latency (measured, else predicted) is within
+    `budget_ms` (0 = none), most accurate first."""
+    sign = -1 if objectives.maximize else 1
+    fitting = [p for p in front if not budget_ms or point_ms(p) <= budget_ms]
+    return sorted(fitting, key=lambda p: sign * p[objectives.accuracy])[:count]
+
+
+def rerank(front: list[dict], objectives: Objectives, budgets: list[float], per_budget: int,
+           score: Callable[[list[dict]], list[float]]) -> None:
+    """Score each budget's `per_budget` contenders (measured: run `remeasure` with the same
+    `per_budget` first) again, in place, as `point[RERANKED]`: `score(points)` -> one accuracy
+    each (in `objectives`' sense), e.g. after a short distillation, where the supernet's own
+    figure misranks the candidates. `choose` then ships the best of a budget by that score."""
+    points = {id(p): p for b in budgets for p in contenders(front, objectives, b, per_budget)}
+    unscored = [p for p in points.values() if RERANKED not in p]
+    if unmeasured := [p["label"] for p in unscored if p["measured_ms"] is None]:
+        raise ValueError(f"rerank: contenders not measured yet: {unmeasured}; run remeasure with per_budget first")
+    for point, value in zip(unscored, score(unscored), strict=True):
+        point[RERANKED] = value
 
 
 def latency_budget(cfg, teacher_ms: dict[str, float], baseline: str) -> float:
@@ -228,8 +254,9 @@ def point_ms(point: dict) -> float:
 
 
 def choose(result: dict, objectives: Objectives, budget_ms: float | None = None) -> dict:
-    """The front point to ship: the most accurate one whose latency (measured, else predicted) is
-    within `budget_ms` (default: the search's deployed budget, `latency_budget_ms`)."""
+    """The front point to ship: of the points whose latency (measured, else predicted) is within
+    `budget_ms` (default: the search's deployed budget, `latency_budget_ms`), the best by
+    `rerank`'s score where any has one, else the most accurate."""
     budget = result["latency_budget_ms"] if budget_ms is None else budget_ms
     point = _most_accurate_within(result["front"], objectives, budget)
     if point is None:
@@ -239,5 +266,6 @@ def choose(result: dict, objectives: Objectives, budget_ms: float | None = None)
 
 def _most_accurate_within(front: list[dict], objectives: Objectives, budget_ms: float) -> dict | None:
     fitting = [p for p in front if not budget_ms or point_ms(p) <= budget_ms]
+    key = RERANKED if any(RERANKED in p for p in fitting) else objectives.accuracy
     sign = 1 if objectives.maximize else -1
-    return max(fitting, key=lambda p: sign * p[objectives.accuracy], default=None)
+    return max((p for p in fitting if key in p), key=lambda p: sign * p[key], default=None)

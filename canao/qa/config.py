@@ -183,6 +183,25 @@ class LatencyConfig:
 
 
 @dataclass(frozen=True)
+class FinalistConfig:
+    """The second look at each budget's best front points (canao.codesign.pareto.rerank): each is
+    extracted from the supernet, distilled briefly from the supernet's largest subnet (the
+    distill stage's KD and train settings otherwise), and scored on the held-out slice; the
+    budget ships the best by that F1. The supernet's own F1 misranks the smallest students."""
+
+    count: int = 0  # per budget: the most accurate front points within it distilled; 0 = the supernet's F1 alone
+    questions: int = 3000  # the first N of the supernet's training questions each finalist learns from
+    epochs: float = 1.0  # passes over those questions' windows
+    learning_rate: float = 1e-4  # peak AdamW learning rate (warm-up and decay as the distill stage's)
+
+    def __post_init__(self):
+        if self.count < 0 or self.questions < 1 or not self.epochs > 0 or not self.learning_rate > 0:
+            raise ConfigError(f"finalists: count must be >= 0, questions >= 1, epochs and learning_rate > 0; "
+                              f"got count={self.count}, questions={self.questions}, epochs={self.epochs}, "
+                              f"learning_rate={self.learning_rate}")
+
+
+@dataclass(frozen=True)
 class SearchConfig:
     """Multi-objective search (NSGA-II): F1 with supernet weights vs predicted latency."""
 
@@ -200,6 +219,7 @@ class SearchConfig:
     val_questions: int = 500  # the LAST N training questions: held out of distillation, scored each trial
     eval_batch_size: int = 64  # windows per forward pass
     remeasure: int = 8  # front points compiled and measured on the device (highest F1 first)
+    finalists: FinalistConfig = field(default_factory=FinalistConfig)  # re-ranking by short KD
     reuse_other_hardware: bool = REUSE_OTHER_HARDWARE  # see REUSE_OTHER_HARDWARE (here: the latency model)
 
     def __post_init__(self):

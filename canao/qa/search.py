@@ -6,7 +6,9 @@ with the supernet's shared weights on a held-out slice of the training file (the
 evaluation only) and by the latency model's prediction for the device (the fastest
 backend, i.e. what would be deployed), under a latency budget and an optional parameter
 budget (NSGA-II's constraint handling). The front's best points are compiled and measured
-on the device again. Beside the front, the uniform baseline (canao.qa.space.uniform_baseline)
+on the device again. With `finalists`, each budget's best few points (measured to fit) are
+distilled briefly and re-ranked by that F1, which `choose` ships by: the supernet's own F1
+misranks the smallest students. Beside the front, the uniform baseline (canao.qa.space.uniform_baseline)
 at the same budget: what the search must beat. Output: front.json, front.png, manifest.json.
 """
 
@@ -14,13 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
 import optuna
+import torch
 
 from canao.codesign.elastic import extract
-from canao.codesign.kd import SUPERNET_DIR
+from canao.codesign.kd import SUPERNET_DIR, TeacherTargets, fit
 from canao.codesign.pareto import (
     FRONT_JSON,
     FRONT_PNG,
@@ -33,16 +37,17 @@ from canao.codesign.pareto import (
     pareto_search,
     plot_front,
     remeasure,
+    rerank,
     search_budget,
     search_inputs,
     trials_of,
 )
-from canao.config import config_hash, from_dict, resolve_path, to_dict
+from canao.config import TrainConfig, config_hash, from_dict, resolve_path, to_dict
 from canao.manifest import read_manifest, sha256_file, write_manifest
 from canao.qa.bench import BASELINE
-from canao.qa.config import BenchConfig, CompileConfig, SearchConfig, SpaceConfig, SquadFeatureConfig
+from canao.qa.config import BenchConfig, CompileConfig, QAKDConfig, SearchConfig, SpaceConfig, SquadFeatureConfig
 from canao.qa.data import build_features, load_squad, postprocess, squad_score
-from canao.qa.distill import load_supernet
+from canao.qa.distill import kept_targets_of, load_supernet, student_kd_loss, target_layers, teacher_targets
 from canao.qa.latency import BERT_QA, measure
 from canao.qa.model import load_tokenizer
 from canao.qa.predictor import QAPredictor
@@ -80,12 +85,14 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
     vocab, positions = supernet.model.config.vocab_size, supernet.model.config.max_position_embeddings
     f1_cache: dict[SubnetConfig, float] = {}
 
+    def val_f1(model: torch.nn.Module) -> float:
+        start, end = QAPredictor(model, tokenizer, features_cfg, cfg.eval_batch_size).logits(val_features)
+        predictions = postprocess(val_examples, val_features, start, end, features_cfg)
+        return squad_score(val_examples, {q: p.text for q, p in predictions.items()})["f1"]
+
     def f1_of(subnet: SubnetConfig) -> float:
         if subnet not in f1_cache:
-            predictor = QAPredictor(extract(supernet, subnet), tokenizer, features_cfg, cfg.eval_batch_size)
-            start, end = predictor.logits(val_features)
-            predictions = postprocess(val_examples, val_features, start, end, features_cfg)
-            f1_cache[subnet] = squad_score(val_examples, {q: p.text for q, p in predictions.items()})["f1"]
+            f1_cache[subnet] = val_f1(extract(supernet, subnet))
         return f1_cache[subnet]
 
     c = space.cfg
@@ -125,9 +132,20 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
     bench_cfg = from_dict(BenchConfig, latency_manifest["config"]["bench"], "bench.")
     out_dir.mkdir(parents=True, exist_ok=True)
     started_measure = time.perf_counter()
+    budgets = [budget, *(b["latency_budget_ms"] for b in looser)]
     remeasure(front, QA, cfg.remeasure, lambda subnet: measure(
         SubnetConfig.from_dict(subnet), supernet_dir / SUPERNET_DIR, device, tuple(latency.coefficients),
-        compile_cfg, bench_cfg, out_dir / "work"), [budget, *(b["latency_budget_ms"] for b in looser)])
+        compile_cfg, bench_cfg, out_dir / "work"), budgets, per_budget=max(1, cfg.finalists.count))
+    remeasure_seconds = time.perf_counter() - started_measure
+    started_rerank = time.perf_counter()
+    if cfg.finalists.count:
+        if cfg.finalists.questions > distilled_on:
+            raise ValueError(f"finalists.questions: {cfg.finalists.questions} is more than the {distilled_on} "
+                             "training questions the supernet was distilled on (the rest are held out)")
+        rerank(front, QA, budgets, cfg.finalists.count, lambda points: distilled_f1s(
+            [SubnetConfig.from_dict(p["subnet"]) for p in points], supernet, space, distill_cfg, cfg,
+            build_features(examples[:cfg.finalists.questions], tokenizer, features_cfg), val_f1,
+            out_dir / "finalists"))
     result = {
         "device": latency.device, "seq_len": latency.seq_len,
         "latency_budget_ms": budget, "min_speedup": cfg.min_speedup, "params_budget": cfg.params_budget,
@@ -136,6 +154,10 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
         "front": sorted(front, key=lambda p: p["predicted_ms"]),
         "trials": trials_of(study, QA),
     }
+    if cfg.finalists.count:
+        result["rerank"] = {"by": f"F1 on the held-out slice after distillation from the supernet's largest "
+                                  f"subnet ({cfg.finalists.epochs:g} epochs over the first {cfg.finalists.questions} "
+                                  "training questions)", "per_budget": cfg.finalists.count}
 
     # The student a user would build without the search, held to each budget (without one, to the
     # latency of the point finalize ships), so the two compare at equal latency.
@@ -151,14 +173,45 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
     result["front_budgets"] = [{**b, "baseline": baseline_within(b["latency_budget_ms"])} for b in looser]
     (out_dir / FRONT_JSON).write_text(json.dumps(result, indent=1) + "\n")
     plot_front(result, out_dir / FRONT_PNG, QA)
-    metrics = {"search_seconds": round(search_seconds, 1),
-               "remeasure_seconds": round(time.perf_counter() - started_measure, 1),
+    metrics = {"search_seconds": round(search_seconds, 1), "remeasure_seconds": round(remeasure_seconds, 1),
+               "rerank_seconds": round(time.perf_counter() - started_rerank, 1),
                "trials": len(study.trials), "distinct_subnets": len(f1_cache), "front_size": len(front),
                "teacher_val_f1": result["teacher"]["f1"], "val_questions": len(val_examples)}
     inputs = {"supernet": str(supernet_dir.resolve()), "latency": str(latency_dir.resolve()),
               "train_file": {"path": str(train_file), "sha256": sha256_file(train_file)}}
     return write_manifest(out_dir, "search", {"device": latency.device, **to_dict(cfg)}, metrics, inputs,
                           config_hash=config_hash(cfg))
+
+
+def distilled_f1s(subnets: list[SubnetConfig], supernet, space: SearchSpace, distill_cfg: dict, cfg: SearchConfig,
+                  features, val_f1, work_dir: Path) -> list[float]:
+    """Each of `subnets` extracted from `supernet`, distilled from its largest subnet on `features`
+    as `cfg.finalists` says (the distill stage's KD and train settings otherwise: `distill_cfg`),
+    and scored by `val_f1(model)`; `work_dir` (the kept targets, checkpoints) removed afterwards."""
+    kd = from_dict(QAKDConfig, distill_cfg["kd"], "kd.")
+    train = dataclasses.replace(from_dict(TrainConfig, distill_cfg["train"], "train."),
+                                epochs=cfg.finalists.epochs, learning_rate=cfg.finalists.learning_rate)
+    teacher = extract(supernet, space.largest()).requires_grad_(False)
+    teacher_layers = supernet.shape.num_layers
+    layer_maps = [s.layer_indices(teacher_layers) for s in subnets]
+    hidden = target_layers(layer_maps, kd, teacher_layers)
+    fingerprint = "-".join([config_hash(cfg.finalists), config_hash(kd), str(len(features)),
+                            ",".join(map(str, hidden))])
+    try:
+        targets = TeacherTargets.compute(work_dir / "targets", fingerprint, features.lengths(),
+                                         lambda index: teacher_targets(teacher, features.model_inputs(index), hidden),
+                                         train.eval_batch_size, train.bf16)
+        f1s = []
+        for n, (subnet, layer_map) in enumerate(zip(subnets, layer_maps, strict=True)):
+            student = extract(supernet, subnet)
+            fit(student, features, student_kd_loss(kept_targets_of(targets), layer_map, kd, teacher), train, cfg.seed,
+                work_dir / f"finalist-{n}", f"{fingerprint}-{config_hash(subnet)}",
+                desc=f"finalist {n + 1}/{len(subnets)}", lengths=features.lengths())
+            f1s.append(val_f1(student.eval()))
+            print(f"search: finalist {subnet.label()}: F1 {f1s[-1]:.2f} after distillation", flush=True)
+        return f1s
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def _trial_params(subnet: SubnetConfig, deepest: int) -> dict:

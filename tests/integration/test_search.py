@@ -9,7 +9,7 @@ import yaml
 from canao.bench.suite import PROXY_SECTION, SEARCH_SECTION, STUDENTS_SECTION, markdown_section
 from canao.cli.main import main
 from canao.codesign.latency_model import LatencyModel
-from canao.codesign.pareto import FRONT_JSON, FRONT_PNG, choose, dominated, point_ms
+from canao.codesign.pareto import FRONT_JSON, FRONT_PNG, RERANKED, choose, contenders, dominated, point_ms
 from canao.lab import devices
 from canao.lab.devices import get_device
 from canao.manifest import verify_manifest
@@ -81,15 +81,18 @@ def test_search_returns_a_non_dominated_front_with_measurements(stages):
             assert not (t["f1"] > p["f1"] and t["predicted_ms"] < p["predicted_ms"])
     for p in front:
         assert set(p) >= {"subnet", "f1", "predicted_ms", "measured_ms", "params", "flops"} and p["flops"] > 0
-    # remeasure=1: the most accurate point, then each budget's choice until the choice is measured
-    # (a point the latency model underpriced leaves its budget once measured; the next one is tried)
+    # remeasure=1: the most accurate point, then each budget's two finalists (the tiny profile's
+    # finalists.count) until both are measured (a point the latency model underpriced leaves its
+    # budget once measured; the next one is tried); then each finalist distilled and re-ranked
     measured = [p for p in front if p["measured_ms"] is not None]
     assert max(front, key=lambda p: p["f1"]) in measured
     budgets = [result["latency_budget_ms"], *(b["latency_budget_ms"] for b in result.get("front_budgets", []))]
     chosen = [choose(result, QA, b) for b in budgets]
     for c, b in zip(chosen, budgets, strict=True):
         assert c["measured_ms"] is not None and (not b or c["measured_ms"] <= b)
-    assert all(p["f1"] >= min(c["f1"] for c in chosen) for p in measured)  # no point less accurate than a choice
+        finalists = contenders(front, QA, b, 2)
+        assert all(RERANKED in p for p in finalists) and c[RERANKED] == max(p[RERANKED] for p in finalists)
+    assert result["rerank"]["per_budget"] == 2 and verify_manifest(stages["search"])["metrics"]["rerank_seconds"] > 0
     assert set(result["teacher"]["measured_ms_by_backend"]) == {"tvm", "onnxruntime", "litert"}
     assert (stages["search"] / FRONT_PNG).read_bytes()[:4] == b"\x89PNG"
     assert [n for n, _, _ in stages["trials"]] == list(range(6))

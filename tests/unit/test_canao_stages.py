@@ -3,7 +3,16 @@
 import pytest
 
 from canao.codesign.latency_model import LatencyModel, sample_subnets
-from canao.codesign.pareto import choose, dominated, front_budgets, latency_budget, remeasure, search_budget
+from canao.codesign.pareto import (
+    RERANKED,
+    choose,
+    dominated,
+    front_budgets,
+    latency_budget,
+    remeasure,
+    rerank,
+    search_budget,
+)
 from canao.config import PROFILES, ConfigError
 from canao.lm.config import LMSearchConfig
 from canao.lm.search import GENERATION
@@ -97,6 +106,36 @@ def test_remeasure_times_each_budgets_choice_until_the_choice_is_measured_and_fi
     for budget, f1 in ((10.0, 50.0), (20.0, 70.0)):
         chosen = choose({"latency_budget_ms": budget, "front": front}, QA)
         assert chosen["f1"] == f1 and chosen["measured_ms"] <= budget and chosen["measured_backend"] == "litert-int8"
+
+
+def test_rerank_scores_each_budgets_measured_contenders_and_choose_ships_by_that_score():
+    def point(f1, predicted_ms):
+        return {"f1": f1, "subnet": {"id": f1}, "label": f"L{f1:g}", "predicted_ms": predicted_ms,
+                "measured_ms": None, "measured_backend": None, "measured_ms_by_backend": None}
+
+    front = [point(30.0, 5.0), point(33.0, 8.0), point(36.0, 9.0), point(47.0, 9.2), point(60.0, 15.0),
+             point(65.0, 17.0), point(70.0, 30.0)]
+    true_ms = {30.0: 5.0, 33.0: 8.0, 36.0: 7.4, 47.0: 10.1, 60.0: 15.0, 65.0: 17.0, 70.0: 30.0}
+    after_kd = {30.0: 40.0, 33.0: 48.0, 36.0: 31.0, 60.0: 66.0, 65.0: 64.0}  # the supernet misranks the small end
+    budgets = [9.4, 18.8]
+    with pytest.raises(ValueError, match="not measured"):
+        rerank(front, QA, budgets, 2, lambda points: [after_kd[p["f1"]] for p in points])
+    remeasure(front, QA, 0, lambda s: {"litert-int8": true_ms[s["id"]]}, budgets, per_budget=2)
+    # 47 left the 9.4 ms budget once measured; the two most accurate within each budget are measured
+    assert [p["f1"] for p in front if p["measured_ms"] is not None] == [33.0, 36.0, 47.0, 60.0, 65.0]
+    scored = []
+
+    def short_kd(points):
+        scored.extend(p["f1"] for p in points)
+        return [after_kd[p["f1"]] for p in points]
+
+    rerank(front, QA, budgets, 2, short_kd)
+    assert sorted(scored) == [33.0, 36.0, 60.0, 65.0]  # each contender once, whichever budgets it is in
+    assert choose({"latency_budget_ms": 9.4, "front": front}, QA)["f1"] == 33.0
+    assert choose({"latency_budget_ms": 18.8, "front": front}, QA)["f1"] == 60.0
+    assert choose({"latency_budget_ms": 0.0, "front": front}, QA)[RERANKED] == 66.0  # scored points rank first
+    # a budget none of whose points was re-ranked ships by the supernet's figure
+    assert choose({"latency_budget_ms": 6.0, "front": front}, QA)["f1"] == 30.0
 
 
 def test_latency_samples_start_with_the_spaces_extremes():
