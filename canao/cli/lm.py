@@ -69,7 +69,8 @@ def cmd_finalize_lm(args) -> None:
     manifest = finalize_student(cfg, args.supernet, args.search, args.out)
     m = manifest["metrics"]
     keys = ("subnet", "perplexity", "teacher_perplexity", "perplexity_vs_teacher", "greedy_agreement",
-            "predicted_ms_per_token", "measured_ms_per_token")
+            "predicted_ms_per_token", "measured_ms_per_token", "predicted_time_to_first_token_ms",
+            "measured_time_to_first_token_ms")
     print(json.dumps({"model": str(Path(args.out).resolve()), **{k: m[k] for k in keys}}))
 
 
@@ -158,14 +159,16 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="supernet directory to write")
     p.set_defaults(func=cmd_distill_lm)
 
-    p = sub.add_parser("latency-lm", help="fit a local device's per-token decode latency model on compiled subnets")
+    p = sub.add_parser("latency-lm", help="fit a local device's decode latency models (ms per token, time to first "
+                                         "token) on compiled subnets")
     add_config_args(p)
     p.add_argument("--teacher", required=True, help="the generation teacher's directory; only its shape is used")
     p.add_argument("--device", required=True, help="a local device key from device_lab/devices.yaml")
     p.add_argument("--out", required=True, help="latency model directory to write")
     p.set_defaults(func=cmd_latency_lm)
 
-    p = sub.add_parser("search-lm", help="NSGA-II search: the perplexity / ms-per-token front (front.json, .png)")
+    p = sub.add_parser("search-lm", help="NSGA-II search: the perplexity / latency front, ms per token or time to "
+                                        "first token by `objective` (front.json, .png)")
     add_config_args(p)
     p.add_argument("--supernet", required=True, help="a `canao distill-lm` output")
     p.add_argument("--latency", required=True, help="a `canao latency-lm` output (its device is the search's)")

@@ -54,6 +54,7 @@ class Objectives:
     accuracy_label: str  # the plot's y axis
     latency_label: str  # the plot's x axis, formatted with the result (device, seq_len)
     baseline: str  # the backend whose time of the teacher's shape `min_speedup` divides: the peer to beat
+    latency: str = "ms"  # the latency model's metric the search minimises (canao.codesign.latency_model.Metric)
 
 
 def pareto_search(cfg, objectives: Objectives, suggest: Callable[[optuna.Trial], object],
@@ -61,9 +62,11 @@ def pareto_search(cfg, objectives: Objectives, suggest: Callable[[optuna.Trial],
                   count_flops: Callable[[object], int], seeds: list[dict], on_trial: TrialHook | None) -> optuna.Study:
     """NSGA-II over the subnets `suggest(trial)` proposes: the accuracy in `score(subnet)` (a dict
     that may hold more figures; they are kept with the trial) against the latency model's
-    prediction for the fastest backend, under `cfg`'s latency and parameter budgets. `seeds`:
-    the parameters of the first trials (the reference subnet, then any the front must weigh, such
-    as the uniform baselines: the front then holds each of them or a point that dominates it)."""
+    prediction of `objectives.latency` for the fastest backend, under `cfg`'s latency and
+    parameter budgets. `seeds`: the parameters of the first trials (the reference subnet, then
+    any the front must weigh, such as the uniform baselines: the front then holds each of them
+    or a point that dominates it)."""
+    latency = latency.of(objectives.latency)
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         subnet = suggest(trial)

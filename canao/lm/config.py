@@ -1,5 +1,5 @@
 """The configs of the generation family's stages: the decoder teacher, its text corpus, the
-elastic decoder and its space, the per-token latency model, search-lm, finalize-lm,
+elastic decoder and its space, the decode latency models, search-lm, finalize-lm,
 compile-lm and the generation benchmark.
 """
 
@@ -175,7 +175,8 @@ GGUF_PRECISIONS = ("teacher", "f32", "q8_0", "q4_0", "q4_0-q8_0-embd")
 
 @dataclass(frozen=True)
 class LMLatencyConfig:
-    """The per-device decode latency model: decoder subnets compiled and timed generating on a local device."""
+    """The per-device decode latency models (ms per generated token, time to first token): decoder
+    subnets compiled and timed generating on a local device."""
 
     seed: int = 0
     space: DecoderSpaceConfig = field(default_factory=DecoderSpaceConfig)
@@ -184,7 +185,9 @@ class LMLatencyConfig:
     # "tvm" (compile-lm), "torch" (eager) and/or "llama.cpp" (GGUF export); the search uses the fastest
     backends: tuple[str, ...] = ("tvm",)
     compile: LMCompileConfig = field(default_factory=LMCompileConfig)  # max_context: the context the latency is for
-    new_tokens: int = 16  # tokens timed per measurement, after a prompt that fills the rest of the cache
+    # tokens timed per measurement, after a prompt that fills the rest of the cache (the prompt
+    # processed and the first token sampled: the time to first token)
+    new_tokens: int = 16
     repeats: int = 3  # measurements per subnet and backend; the median is kept
 
     def __post_init__(self):
@@ -199,17 +202,24 @@ class LMLatencyConfig:
             raise ConfigError(f"repeats: must be >= 1, got {self.repeats}")
 
 
+# The latencies search-lm can minimise (canao.lm.search.OBJECTIVES says how it prices each).
+LM_OBJECTIVES = ("ms_per_token", "time_to_first_token")
+
+
 @dataclass(frozen=True)
 class LMSearchConfig:
     """Multi-objective search (NSGA-II) for generation: held-out perplexity with supernet weights vs
-    predicted ms per generated token."""
+    a predicted latency: ms per generated token or time to first token (`objective`)."""
 
     seed: int = 0
     trials: int = 100  # subnets evaluated (the decoder space is small: 7 x 3 x 6 = 126 subnets by default)
     population_size: int = 16  # NSGA-II generation size
-    latency_budget_ms: float = 0.0  # predicted ms per token must not exceed this; 0 = no budget
-    # ...nor the teacher's shape in llama.cpp (the peer to beat, as latency-lm timed it on this
-    # device) divided by this; 0 = none. The tighter one applies.
+    # which latency the search minimises and budgets: "ms_per_token" (generating) or
+    # "time_to_first_token" (the timed prompt processed and the first token), as latency-lm timed them
+    objective: str = "ms_per_token"
+    latency_budget_ms: float = 0.0  # the objective's predicted ms must not exceed this; 0 = no budget
+    # ...nor the teacher's shape in llama.cpp (the peer to beat, its objective as latency-lm timed it
+    # on this device) divided by this; 0 = none. The tighter one applies.
     min_speedup: float = 0.0
     params_budget: int = 0  # parameters must not exceed this; 0 = no budget
     eval_tokens: int = 4096  # held-out tokens scored per subnet (the supernet's heldout.txt); 0 = all
@@ -223,5 +233,7 @@ class LMSearchConfig:
             raise ConfigError("trials: must be >= 1; population_size: >= 2")
         if self.eval_tokens < 0 or self.remeasure < 0:
             raise ConfigError("eval_tokens, remeasure: must be >= 0")
+        if self.objective not in LM_OBJECTIVES:
+            raise ConfigError(f"objective: {self.objective!r} is not one of {', '.join(LM_OBJECTIVES)}")
         check_min_speedup(self.min_speedup)
         _check_torch_device(self.torch_device)

@@ -1,8 +1,10 @@
 """finalize-lm: the generation search's chosen point (the lowest perplexity within its latency
 budget) extracted into a standalone decoder and fine-tuned by the same distillation as
 distill-lm; its held-out perplexity and greedy agreement with the teacher in the manifest,
-and its GGUF export for llama.cpp beside it, with llama.cpp's own perplexity of that file (what
-serving's `lm_perplexity_tol` reads before it serves the file).
+beside the latencies the search gave it (ms per token and time to first token, predicted, and
+measured where the search timed it again), and its GGUF export for llama.cpp beside it, with
+llama.cpp's own perplexity of that file (what serving's `lm_perplexity_tol` reads before it
+serves the file).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from canao.lm.data import HELDOUT_FILE, TRAIN_FILE, perplexity, read_text_file, 
 from canao.lm.distill import corpus_file, distilled_teacher, lm_kd_loss, load_decoder_supernet, torch_device, trainable
 from canao.lm.gguf import GGUF_FILE, export_gguf, gguf_model
 from canao.lm.model import load_causal_lm, load_tokenizer
-from canao.lm.search import GENERATION
+from canao.lm.search import LATENCY_NAMES, OBJECTIVES
 from canao.lm.space import DecoderSubnet
 from canao.manifest import reusable, sha256_file, verify_stage, write_manifest
 
@@ -35,7 +37,8 @@ def finalize_student(cfg: LMFinalizeConfig, supernet_dir: str | Path, search_dir
     Resumable like every `fit`; a directory holding this run's result is reused, another's refused."""
     supernet_dir, search_dir, out_dir = Path(supernet_dir), Path(search_dir), Path(out_dir)
     search_manifest = verify_stage(search_dir, "search-lm", "a generation search (search-lm)")
-    point = choose(json.loads((search_dir / FRONT_JSON).read_text()), GENERATION)
+    result = json.loads((search_dir / FRONT_JSON).read_text())
+    point = choose(result, OBJECTIVES[result["objective"]])
     subnet = DecoderSubnet.from_dict(point["subnet"])
     fingerprint = config_hash(cfg) + "-" + search_manifest["files"][FRONT_JSON][:16]
     existing = reusable(out_dir, fingerprint, "student")
@@ -79,7 +82,9 @@ def finalize_student(cfg: LMFinalizeConfig, supernet_dir: str | Path, search_dir
         gguf_perplexity=round(exported["perplexity"], 3),
         greedy_agreement=round(float((scored["top1"] == reference["top1"]).double().mean()), 4),
         parameters=sum(p.numel() for p in student.parameters()), search_perplexity=point["perplexity"],
-        predicted_ms_per_token=point["predicted_ms"], measured_ms_per_token=point["measured_ms"])
+        search_objective=result["objective"],
+        **{f"{kind}_{name}": point[f"{kind}_{name}"] for name in LATENCY_NAMES.values()
+           for kind in ("predicted", "measured")})
     inputs = {"supernet": str(supernet_dir.resolve()), "search": str(search_dir.resolve()),
               "train_file": {"path": str(train_file), "sha256": sha256_file(train_file)},
               "heldout_file": {"path": str(heldout_file), "sha256": sha256_file(heldout_file)}}

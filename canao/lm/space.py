@@ -161,10 +161,24 @@ def decoder_work(subnet: DecoderSubnet, teacher: DecoderShape, context: int) -> 
             "elementwise": n * (4 * c * kv + c * q // head_size + 3 * f + 4 * e)}
 
 
-def decoder_flops(subnet: DecoderSubnet, teacher: DecoderShape, context: int) -> int:
-    """Matmul FLOPs of one decode step: the proxy that a compiler-unaware search would use."""
-    work = decoder_work(subnet, teacher, context)
-    return work["dense"] + work["attention"]
+def prefill_work(subnet: DecoderSubnet, teacher: DecoderShape, prompt: int) -> dict[str, int]:
+    """Work of processing a prompt of `prompt` tokens up to the first token's logits (the time to
+    first token), by `decoder_work`'s kinds: the projections and FFN of every prompt token
+    ("dense"), causal attention of each token over itself and those before it (prompt x
+    (prompt + 1) / 2 pairs, "attention"), and the memory-bound rest ("elementwise": each token's
+    keys and values written to the cache, softmax over its pairs, SwiGLU, norms, residual adds).
+    The compiled steps take the prompt in padded chunks that each attend over (and rewrite) the
+    whole static cache: at the one prompt length a latency model is fitted for, their dense and
+    attention work is a fixed multiple of the work here, which each backend's fitted cost per
+    unit takes up (the parts of the elementwise work weigh differently there). The output head
+    is left out as in `decoder_work`."""
+    e = teacher.hidden_size
+    q, kv, head_size = decoder_widths(subnet, teacher)
+    f, p, n = subnet.ffn_size, prompt, subnet.num_layers
+    pairs = p * (p + 1) // 2
+    return {"dense": n * p * 2 * (e * (q + 2 * kv) + q * e + 3 * e * f),
+            "attention": n * 4 * pairs * q,
+            "elementwise": n * (2 * p * kv + pairs * q // head_size + p * (3 * f + 4 * e))}
 
 
 def decoder_params(subnet: DecoderSubnet, teacher: DecoderShape, vocab_size: int, tied_head: bool) -> int:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers import BertConfig
 
-from canao.codesign.latency_model import Family, measure_and_fit, sample_subnets
+from canao.codesign.latency_model import Family, Metric, measure_and_fit, sample_subnets
 from canao.config import config_hash, to_dict
 from canao.lab.devices import Device
 from canao.qa.bench import bench
@@ -39,7 +39,7 @@ def features(subnet: SubnetConfig, teacher: BertShape, seq_len: int) -> np.ndarr
     return np.array([1.0, dense, attention, elementwise])
 
 
-BERT_QA = Family("bert-qa", SubnetConfig, BertShape, features, flops)
+BERT_QA = Family("bert-qa", SubnetConfig, BertShape, (Metric("ms", features, flops),))  # p50 ms
 
 
 def measure(subnet: SubnetConfig, teacher_dir: Path, device: Device, backends: tuple[str, ...],
@@ -71,9 +71,9 @@ def fit_latency_model(cfg: LatencyConfig, device: Device, out_dir: str | Path, t
     fingerprint = config_hash(cfg) + f"-{device.key}-" + config_hash(teacher)
     subnets = sample_subnets(SearchSpace(cfg.space, teacher), cfg.samples, cfg.seed)
 
-    def measure_one(subnet: SubnetConfig, work_dir: Path) -> dict[str, float]:
-        return measure(subnet, teacher_dir, device, cfg.backends, cfg.compile, cfg.bench, work_dir)
+    def measure_one(subnet: SubnetConfig, work_dir: Path) -> dict[str, dict[str, float]]:
+        return {"ms": measure(subnet, teacher_dir, device, cfg.backends, cfg.compile, cfg.bench, work_dir)}
 
-    return measure_and_fit(out_dir, fingerprint, device, cfg.compile.seq_len, teacher, BERT_QA, subnets,
+    return measure_and_fit(out_dir, fingerprint, device, {"ms": cfg.compile.seq_len}, teacher, BERT_QA, subnets,
                             cfg.holdout, measure_one, to_dict(cfg), {"teacher": str(teacher_dir.resolve())},
                             cfg.compile.reuse_other_hardware)

@@ -1,5 +1,6 @@
-"""The generation search on the tiny profile: decoder supernet, per-token latency model of
-compiled subnets timed on x86-1t (a local device: no lab needed), NSGA-II front, the student."""
+"""The generation search on the tiny profile: decoder supernet, latency models (per token, to the
+first token) of compiled subnets timed on x86-1t (a local device: no lab needed), NSGA-II front,
+the student."""
 
 import json
 
@@ -11,7 +12,7 @@ from canao.codesign.latency_model import LatencyModel
 from canao.codesign.pareto import FRONT_JSON, FRONT_PNG, choose, dominated
 from canao.hardware import Hardware
 from canao.lm import generator
-from canao.lm.latency import DECODER
+from canao.lm.latency import DECODER, FIRST_TOKEN, PER_TOKEN
 from canao.lm.model import load_causal_lm
 from canao.lm.search import GENERATION
 from canao.lm.space import DecoderSubnet
@@ -39,12 +40,18 @@ def test_decode_latency_model_round_trips_through_its_artifact(stages):
     model = LatencyModel.load(stages / "latency", DECODER)
     assert model.family.name == "decoder" and model.device == "x86-1t" and model.seq_len == 48
     assert len(model.measurements) == 4 and sum(m["heldout"] for m in model.measurements) == 1
-    assert all(set(m["ms"]) == {"tvm", "llama.cpp"} and min(m["ms"].values()) > 0 for m in model.measurements)
-    refit = LatencyModel.fit(model.device, model.seq_len, model.teacher, model.measurements, model.family)
+    for key in (PER_TOKEN, FIRST_TOKEN):
+        assert all(set(m[key]) == {"tvm", "llama.cpp"} and min(m[key].values()) > 0 for m in model.measurements)
+    first_token = model.of(FIRST_TOKEN)
+    assert first_token.seq_len == 44  # the prompt: the 48-token cache but the 4 tokens generated
+    refit = LatencyModel.fit_family(model.device, {PER_TOKEN: model.seq_len, FIRST_TOKEN: first_token.seq_len},
+                                    model.teacher, model.measurements, model.family)
     assert refit.coefficients == model.coefficients and refit.error == model.error
+    assert refit.of(FIRST_TOKEN).coefficients == first_token.coefficients
     subnet = DecoderSubnet.from_dict(model.measurements[0]["subnet"])
     assert model.fastest(subnet) == min((model.predict(subnet, b), b) for b in ("tvm", "llama.cpp"))
-    assert set(manifest["metrics"]["error"]["llama.cpp"]) == {"model", "flops_proxy", "fitted_on", "heldout"}
+    for error in ("error", f"{FIRST_TOKEN}_error"):
+        assert set(manifest["metrics"][error]["llama.cpp"]) == {"model", "flops_proxy", "fitted_on", "heldout"}
 
 
 def test_generation_search_returns_a_non_dominated_front(stages):
@@ -54,16 +61,24 @@ def test_generation_search_returns_a_non_dominated_front(stages):
     for t in result["trials"]:  # no evaluated subnet beats a front point on both objectives
         for p in front:
             assert not (t["perplexity"] < p["perplexity"] and t["predicted_ms"] < p["predicted_ms"])
+    assert result["objective"] == "ms_per_token" and result["prompt_tokens"] == 44
     for p in front:
         assert set(p) >= {"subnet", "perplexity", "greedy_agreement", "predicted_ms", "measured_ms", "params", "flops"}
         assert DecoderSubnet.from_dict(p["subnet"]) and p["perplexity"] > 1 and p["flops"] > 0
         assert 0 <= p["greedy_agreement"] <= 1
+        # the objective's prediction, and both latencies on the same backend
+        assert p["predicted_ms"] == p["predicted_ms_per_token"] and p["predicted_time_to_first_token_ms"] > 0
     measured = [p for p in front if p["measured_ms"] is not None]
     assert len(measured) == 1 and measured[0]["perplexity"] == min(p["perplexity"] for p in front)
+    assert measured[0]["measured_ms"] == measured[0]["measured_ms_per_token"]
+    assert measured[0]["measured_time_to_first_token_ms"] > 0
+    assert all(p["measured_time_to_first_token_ms"] is None for p in front if p["measured_ms"] is None)
     teacher = result["teacher"]
     assert teacher["subnet"] == {"num_layers": 2, "kv_heads": 2, "ffn_size": 128}
     assert teacher["teacher_perplexity"] > 1 and 0 <= teacher["greedy_agreement"] <= 1
     assert set(result["teacher"]["measured_ms_by_backend"]) == {"tvm", "llama.cpp"}
+    assert teacher["measured_ms_by_backend"] == teacher["measured_ms_per_token_by_backend"]
+    assert set(teacher["measured_time_to_first_token_ms_by_backend"]) == {"tvm", "llama.cpp"}
     assert (stages / "search" / FRONT_PNG).read_bytes()[:4] == b"\x89PNG"
     assert verify_manifest(stages / "search")["stage"] == "search-lm"
 
@@ -95,6 +110,8 @@ def test_finalize_lm_writes_the_chosen_student_fine_tuned(stages, capsys):
     m = manifest["metrics"]
     chosen = choose(json.loads((stages / "search" / FRONT_JSON).read_text()), GENERATION)
     assert m["subnet"] == chosen["subnet"] == manifest["config"]["subnet"] and m["steps"] == 4
+    assert m["search_objective"] == "ms_per_token" and m["predicted_ms_per_token"] == chosen["predicted_ms"]
+    assert m["predicted_time_to_first_token_ms"] == chosen["predicted_time_to_first_token_ms"]
     assert m["perplexity"] > 1 and m["teacher_perplexity"] > 1 and 0 <= m["greedy_agreement"] <= 1
     assert m["perplexity_vs_teacher"] == pytest.approx(m["perplexity"] / m["teacher_perplexity"], rel=1e-3)
     student = load_causal_lm(stages / "student")
