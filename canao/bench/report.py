@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from canao.bench.suite import SEARCH_SECTION, put_section
-from canao.codesign.pareto import FRONT_JSON
+from canao.codesign.pareto import FRONT_JSON, RERANKED
 from canao.hardware import Hardware
 from canao.manifest import verify_stage
 from canao.qa.finalize import BASELINE_DIR, finalized_figures
@@ -80,15 +80,21 @@ def search_report(student_dir: str | Path) -> str:
                      f"{_figure(model['spearman'])} | {proxy['mape_pct']} | {_figure(proxy['spearman'])} |")
 
     sm = search["metrics"]
+    rerank = front.get("rerank")  # searches before finalists have none
+    finalists = (f", then {_minutes(sm['rerank_seconds'])} distilling each budget's {rerank['per_budget']} "
+                 f"finalists (\"after KD\": {rerank['by']}), which each budget ships by") if rerank else ""
     lines += ["", f"**Search** (`canao search`): {sm['trials']} NSGA-II trials ({sm['distinct_subnets']} distinct "
               f"subnets) scored on the last {sm['val_questions']} training questions, which the supernet never saw, in "
-              f"{_minutes(sm['search_seconds'])}, then {_minutes(sm['remeasure_seconds'])} re-measuring the front. "
-              f"{_budget(front)} The teacher's shape scores F1 {front['teacher']['f1']:.2f} on that slice. "
-              "The front:", "",
-              "| subnet | params M | val F1 | predicted ms | measured ms | backend |", "|---|---|---|---|---|---|"]
+              f"{_minutes(sm['search_seconds'])}, then {_minutes(sm['remeasure_seconds'])} re-measuring the front"
+              f"{finalists}. {_budget(front)} The teacher's shape scores F1 {front['teacher']['f1']:.2f} on that "
+              "slice. The front:", "",
+              "| subnet | params M | val F1 | predicted ms | measured ms | backend |" + (" val F1 after KD |" if rerank
+                                                                                      else ""),
+              "|---|---|---|---|---|---|" + ("---|" if rerank else "")]
     for p in front["front"]:
         lines.append(f"| {p['label']} | {p['params'] / 1e6:.1f} | {p['f1']:.2f} | {p['predicted_ms']:.2f} | "
-                     f"{_figure(p['measured_ms'])} | {p['measured_backend'] or p['predicted_backend']} |")
+                     f"{_figure(p['measured_ms'])} | {p['measured_backend'] or p['predicted_backend']} |"
+                     + (f" {_figure(p.get(RERANKED))} |" if rerank else ""))
 
     best = m["student_best_backend"]
     speedup = m["speedup_vs_teacher_litert"]

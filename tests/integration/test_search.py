@@ -202,6 +202,7 @@ def test_search_report_writes_the_chain_figures_into_its_section_and_keeps_the_r
     front = json.loads((stages["search"] / FRONT_JSON).read_text())
     assert f"**{m['speedup_vs_teacher_litert']:.2f}x** on {m['student_best_backend']}" in section
     assert all(f"| {p['label']} |" in section for p in front["front"])
+    assert "val F1 after KD |" in section and "distilling each budget's 2 finalists" in section
     error = verify_manifest(stages["latency"])["metrics"]["error"]
     assert all(f"| {b} | {e['fitted_on']} | {e['heldout']} | {e['model']['mape_pct']} |" in section
                for b, e in error.items())
