@@ -136,7 +136,10 @@ def run_search(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) ->
 
 
 def run_finalize(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
-    return finalize(cfg, inputs["teacher"], inputs["supernet"], inputs["search"], out_dir)
+    # A model an earlier finalize in the cache distilled alike is copied, not trained again: a new
+    # search that ships one new student leaves the other budgets' models and the baselines as they were.
+    earlier = [d for d in sorted((cache_root() / "finalize").glob("*")) if d != out_dir and _finished(d)]
+    return finalize(cfg, inputs["teacher"], inputs["supernet"], inputs["search"], out_dir, reuse=earlier)
 
 
 def run_compile(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:

@@ -6,6 +6,7 @@ for the device and benchmarked against the teacher's shape on the peers.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from canao.codesign.elastic import extract
-from canao.codesign.kd import IMPORTANCE_FILE, TeacherTargets, fit
+from canao.codesign.kd import IMPORTANCE_FILE, SUPERNET_DIR, TeacherTargets, fit
 from canao.codesign.pareto import FRONT_JSON, choose
 from canao.config import TrainConfig, config_hash, from_dict, resolve_path, to_dict
 from canao.hardware import torch_threads
@@ -40,7 +41,10 @@ from canao.qa.space import SubnetConfig
 
 BASELINE_DIR = "baseline"  # the uniform baseline's model, inside the student's directory
 BUDGETS_DIR = "budgets"  # the students of the search's looser budgets (`front_speedups`), one directory each
-STATS_FILE = "fit.json"  # a finished distillation's figures, beside its weights in the work directory
+# a finished distillation's figures beside its weights: in the work directory (a resumed finalize)
+# and in each model directory with its `model_key` (a later finalize reuses it)
+STATS_FILE = "fit.json"
+WEIGHTS_FILE = "model.safetensors"  # save_pretrained's weights of the teacher and the supernet
 # The deployed student's benchmark figures are named student_<key> in finalize's metrics.
 STUDENT_PREFIXED = ("ms", "best_backend", "best_backend_f1", "best_backend_exact_match")
 
@@ -95,10 +99,13 @@ def plan(result: dict, with_baseline: bool) -> list[Finalized]:
 
 
 def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | Path, search_dir: str | Path,
-             out_dir: str | Path) -> dict:
+             out_dir: str | Path, reuse: list[Path] = ()) -> dict:
     """The student model directory (save_pretrained layout + manifest with dev EM/F1); beside it,
     in `BASELINE_DIR`, the search's uniform baseline finalized alike, so its figures compare, and
-    in `BUDGETS_DIR`, the students (and baselines) of the search's looser budgets."""
+    in `BUDGETS_DIR`, the students (and baselines) of the search's looser budgets. A model already
+    distilled alike in one of the finished finalize outputs `reuse` (same recipe, subnet, teacher
+    and supernet: `model_key`) is copied from there instead of trained again; every model is
+    scored, compiled and timed anew."""
     teacher_dir, supernet_dir, search_dir, out_dir = map(Path, (teacher_dir, supernet_dir, search_dir, out_dir))
     search_manifest = verify_stage(search_dir, "search", "a search")
     result = json.loads((search_dir / FRONT_JSON).read_text())
@@ -118,12 +125,14 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
     teacher_layers = supernet.shape.num_layers
     subnets = {m.name: kept_blocks(SubnetConfig.from_dict(m.origin["subnet"]), teacher_layers) for m in models}
     work_dir = out_dir / "checkpoints"
-    # One teacher pass serves every student: the hidden states any of them learns from.
-    hidden = target_layers([s.layer_indices(teacher_layers) for s in subnets.values()], cfg.kd, teacher_layers)
-    targets = TeacherTargets.compute(
-        work_dir / "teacher-targets", fingerprint, features.lengths(),
-        lambda index: teacher_targets(teacher, features.model_inputs(index), hidden),
-        cfg.train.eval_batch_size, cfg.train.bf16)
+    contents = [sha256_file(path) for path in (teacher_dir / WEIGHTS_FILE, supernet_dir / SUPERNET_DIR / WEIGHTS_FILE,
+                                               supernet_dir / IMPORTANCE_FILE, train_file)]
+    keys = {m.name: model_key(cfg, not m.budget, subnets[m.name], features_cfg, contents) for m in models}
+    distilled_before = _distilled_models(reuse)
+    # One teacher pass serves every student to train: the hidden states any of them learns from.
+    hidden = target_layers([subnets[m.name].layer_indices(teacher_layers) for m in models
+                            if keys[m.name] not in distilled_before], cfg.kd, teacher_layers)
+    targets = None
     eval_examples = load_squad(eval_file, cfg.data.eval_questions)
     teacher_metrics, _ = evaluate(QAPredictor(teacher, tokenizer, features_cfg, cfg.train.eval_batch_size),
                                   eval_examples)
@@ -136,13 +145,26 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
             _copy_model(out_dir / trained.directory, directory)
             scores[m.name] = {**scores[trained.name], "budget": m.budget or "deployed", "budget_ms": m.budget_ms}
             continue
-        print(f"finalize: {m.name} {m.origin['label']} (search F1 {m.origin['f1']:.2f}); fine-tuning on "
-              f"{len(features)} windows", flush=True)
-        student, stats = _distilled(cfg.kd, cfg.train_of(not m.budget), cfg.seed, extract(supernet, subnet),
-                                    subnet.layer_indices(teacher_layers), features, targets, teacher,
-                                    work_dir / m.name, fingerprint, m.name)
-        student.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
+        if keys[m.name] in distilled_before:
+            source = distilled_before[keys[m.name]]
+            print(f"finalize: {m.name} {m.origin['label']} was distilled alike in {source}; copying it", flush=True)
+            _copy_model(source, directory)
+            student, stats = load_qa_model(directory), json.loads((directory / STATS_FILE).read_text())["stats"]
+            stats = {**stats, "reused_from": str(source)}
+        else:
+            print(f"finalize: {m.name} {m.origin['label']} (search F1 {m.origin['f1']:.2f}); fine-tuning on "
+                  f"{len(features)} windows", flush=True)
+            if targets is None:
+                targets = TeacherTargets.compute(
+                    work_dir / "teacher-targets", fingerprint, features.lengths(),
+                    lambda index: teacher_targets(teacher, features.model_inputs(index), hidden),
+                    cfg.train.eval_batch_size, cfg.train.bf16)
+            student, stats = _distilled(cfg.kd, cfg.train_of(not m.budget), cfg.seed, extract(supernet, subnet),
+                                        subnet.layer_indices(teacher_layers), features, targets, teacher,
+                                        work_dir / m.name, fingerprint, m.name)
+            student.save_pretrained(directory)
+            tokenizer.save_pretrained(directory)
+            write_text_atomic(directory / STATS_FILE, json.dumps({"model_key": keys[m.name], "stats": stats}))
         scored, _ = evaluate(QAPredictor(student, tokenizer, features_cfg, cfg.train.eval_batch_size), eval_examples)
         print(f"finalize: {m.name}: dev F1 {scored['f1']:.2f} (teacher {teacher_metrics['f1']:.2f})", flush=True)
         scores[m.name] = {**scored, **stats, "f1_drop": teacher_metrics["f1"] - scored["f1"],
@@ -180,6 +202,29 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
                        inputs, config_hash=fingerprint)
     return write_manifest(out_dir, "finalize", {**config, "subnet": models[0].origin["subnet"]}, metrics, inputs,
                           config_hash=fingerprint)
+
+
+def model_key(cfg: FinalizeConfig, deployed: bool, subnet: SubnetConfig, features: SquadFeatureConfig,
+              contents: list[str]) -> str:
+    """What a finalized model's training depends on: the recipe (`cfg`'s KD, training questions,
+    augmentation, seed and its budget's training), its subnet (blocks written out,
+    `kept_blocks`), its windows (`features`) and the `contents` it learns from (the sha256 of the
+    teacher's weights, the supernet's and its unit order, and the training file)."""
+    recipe = {"kd": to_dict(cfg.kd), "train_questions": cfg.data.train_questions, "augment": to_dict(cfg.augment),
+              "seed": cfg.seed, "train": to_dict(cfg.train_of(deployed)), "features": to_dict(features),
+              "subnet": subnet.to_dict(), "contents": contents}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _distilled_models(outputs: list[Path]) -> dict[str, Path]:
+    """model_key -> directory of every model the finished finalize `outputs` distilled."""
+    found = {}
+    for output in outputs:
+        for stats in sorted(Path(output).rglob(STATS_FILE)):
+            key = json.loads(stats.read_text()).get("model_key")
+            if key:
+                found.setdefault(key, stats.parent)
+    return found
 
 
 def kept_blocks(subnet: SubnetConfig, teacher_layers: int) -> SubnetConfig:

@@ -16,7 +16,7 @@ from canao.manifest import verify_manifest
 from canao.profiles import load_config
 from canao.qa.data import SquadExample
 from canao.qa.distill import train_supernet
-from canao.qa.finalize import BASELINE_DIR, finalize
+from canao.qa.finalize import BASELINE_DIR, finalize, finalized_figures
 from canao.qa.latency import BERT_QA, fit_latency_model
 from canao.qa.predictor import QAPredictor
 from canao.qa.search import QA, search
@@ -152,6 +152,27 @@ def test_finalize_writes_a_student_that_predicts_compiles_and_is_benchmarked(sta
     assert predictor.features_cfg.max_seq_len == 128
     answer = predictor.predict([SquadExample("q", "Who wrote it?", "It was written by Ada in 1843.", ())])["q"]
     assert answer.text in "It was written by Ada in 1843."
+
+
+def test_finalize_copies_the_models_an_earlier_finalize_distilled_alike(stages, tmp_path, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("a model distilled alike before was trained again")
+
+    monkeypatch.setattr("canao.qa.finalize.fit", no_training)
+    earlier = verify_manifest(stages["student"])["metrics"]
+    again = finalize(load_config("finalize", "tiny", overrides=["baseline=true", "benchmark=false"]),
+                     stages["teacher"], stages["supernet"], stages["search"], tmp_path / "again",
+                     reuse=[stages["root"] / "missing", stages["student"]])["metrics"]
+    for (_, _, figures), (_, _, before) in zip(finalized_figures(again), finalized_figures(earlier), strict=True):
+        # (a budget that chose another's subnet was a copy of it then, and is now)
+        assert figures["reused_from"].startswith(str(stages["student"]))
+        assert figures["f1"] == before["f1"] and figures["steps"] == before["steps"]
+    # another recipe trains anew
+    monkeypatch.undo()
+    other = finalize(load_config("finalize", "tiny", overrides=["baseline=false", "benchmark=false", "seed=7"]),
+                     stages["teacher"], stages["supernet"], stages["search"], tmp_path / "other",
+                     reuse=[stages["student"]])["metrics"]
+    assert "reused_from" not in other
 
 
 def test_finalize_scores_the_fastest_backend_as_compiled_and_eval_qa_agrees(stages, capsys):
