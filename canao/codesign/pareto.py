@@ -123,8 +123,7 @@ def contenders(front: list[dict], objectives: Objectives, budget_ms: float, coun
     """The `count` most accurate front points whose latency (measured, else predicted) is within
     `budget_ms` (0 = none), most accurate first."""
     sign = -1 if objectives.maximize else 1
-    fitting = [p for p in front if not budget_ms or point_ms(p) <= budget_ms]
-    return sorted(fitting, key=lambda p: sign * p[objectives.accuracy])[:count]
+    return sorted(_within(front, budget_ms), key=lambda p: sign * p[objectives.accuracy])[:count]
 
 
 def rerank(front: list[dict], objectives: Objectives, budgets: list[float], per_budget: int,
@@ -267,8 +266,13 @@ def choose(result: dict, objectives: Objectives, budget_ms: float | None = None)
     return point
 
 
+def _within(front: list[dict], budget_ms: float) -> list[dict]:
+    """The front points whose latency (measured, else predicted) is within `budget_ms` (0 = none)."""
+    return [p for p in front if not budget_ms or point_ms(p) <= budget_ms]
+
+
 def _most_accurate_within(front: list[dict], objectives: Objectives, budget_ms: float) -> dict | None:
-    fitting = [p for p in front if not budget_ms or point_ms(p) <= budget_ms]
+    fitting = _within(front, budget_ms)
     key = RERANKED if any(RERANKED in p for p in fitting) else objectives.accuracy
     sign = 1 if objectives.maximize else -1
     return max((p for p in fitting if key in p), key=lambda p: sign * p[key], default=None)

@@ -125,8 +125,9 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
     teacher_layers = supernet.shape.num_layers
     subnets = {m.name: kept_blocks(SubnetConfig.from_dict(m.origin["subnet"]), teacher_layers) for m in models}
     work_dir = out_dir / "checkpoints"
-    contents = [sha256_file(path) for path in (teacher_dir / WEIGHTS_FILE, supernet_dir / SUPERNET_DIR / WEIGHTS_FILE,
-                                               supernet_dir / IMPORTANCE_FILE, train_file)]
+    train_sha256 = sha256_file(train_file)
+    contents = [*(sha256_file(path) for path in (teacher_dir / WEIGHTS_FILE, supernet_dir / SUPERNET_DIR / WEIGHTS_FILE,
+                                                 supernet_dir / IMPORTANCE_FILE)), train_sha256]
     keys = {m.name: model_key(cfg, not m.budget, subnets[m.name], features_cfg, contents) for m in models}
     distilled_before = _distilled_models(reuse)
     # One teacher pass serves every student to train: the hidden states any of them learns from.
@@ -193,7 +194,7 @@ def finalize(cfg: FinalizeConfig, teacher_dir: str | Path, supernet_dir: str | P
         metrics["budgets"] = budgets
     inputs = {"teacher": str(teacher_dir.resolve()), "supernet": str(supernet_dir.resolve()),
               "search": str(search_dir.resolve()),
-              "train_file": {"path": str(train_file), "sha256": sha256_file(train_file)},
+              "train_file": {"path": str(train_file), "sha256": train_sha256},
               "eval_file": {"path": str(eval_file), "sha256": sha256_file(eval_file)}}
     # `features` in the config: QAPredictor.from_dir windows inputs the way the student was trained.
     config = {**to_dict(cfg), "features": to_dict(features_cfg)}
