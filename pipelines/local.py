@@ -40,7 +40,7 @@ def running_services(mlflow_port: int = services.MLFLOW_PORT, s3_port: int = ser
     started_lab = rpc.read_state() is None and not os.environ.get("CANAO_TRACKER")
     try:
         with _stop_signals_held():
-            state = services.up(mlflow_port, s3_port)
+            state = services.up(mlflow_port, s3_port, avoid=(lab_port,))
             if started_lab:
                 rpc.up(port=lab_port)
         os.environ.update(services.env(state))

@@ -21,6 +21,7 @@ import socket
 import sys
 import time
 import urllib.request
+from collections.abc import Collection
 from pathlib import Path
 
 from canao.config import resolve_path
@@ -89,13 +90,19 @@ def _answers(port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-def free_ports(n: int) -> list[int]:
-    """`n` distinct ports free on 127.0.0.1 now (all held open together, so none repeats)."""
-    sockets = [socket.socket() for _ in range(n)]
+def free_ports(n: int, avoid: Collection[int] = ()) -> list[int]:
+    """`n` distinct ports free on 127.0.0.1 now (all held open together, so none repeats), none of
+    them in `avoid`: ports already given to a service that may not have bound them yet."""
+    sockets: list[socket.socket] = []
+    ports: list[int] = []
     try:
-        for sock in sockets:
+        while len(ports) < n:
+            sock = socket.socket()
+            sockets.append(sock)
             sock.bind((HOST, 0))
-        return [sock.getsockname()[1] for sock in sockets]
+            if sock.getsockname()[1] not in avoid:
+                ports.append(sock.getsockname()[1])
+        return ports
     finally:
         for sock in sockets:
             sock.close()
@@ -172,9 +179,10 @@ def start_mlflow(directory: Path, port: int, allowed_hosts: str | None = None) -
     return {"name": "mlflow", "pid": pid, "port": port, "url": f"http://{HOST}:{port}", "log": str(log)}
 
 
-def start_s3(directory: Path, port: int, identities: dict) -> dict:
+def start_s3(directory: Path, port: int, identities: dict, avoid: Collection[int] = ()) -> dict:
     """SeaweedFS `weed mini` (master, volume, filer, S3) with its data under `directory`, answering
-    the keys of `identities` (s3_identities) and no other."""
+    the keys of `identities` (s3_identities) and no other; its inner listeners take free ports
+    outside `avoid` (the ports of services started beside it, which bind them seconds later)."""
     _check_free(port, "s3")
     directory.mkdir(parents=True, exist_ok=True)
     weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
@@ -190,7 +198,7 @@ def start_s3(directory: Path, port: int, identities: dict) -> dict:
     # and its grpc ports (port + 10000) would collide with a second instance or another program.
     names = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
              "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc")
-    ports = dict(zip(names, free_ports(len(names)), strict=True))
+    ports = dict(zip(names, free_ports(len(names), avoid={port, *avoid}), strict=True))
     command = [weed, "mini", f"-dir={directory}", f"-ip={HOST}", f"-ip.bind={HOST}", f"-s3.port={port}",
                *(f"-{name}={p}" for name, p in ports.items()),
                "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
@@ -220,8 +228,9 @@ def read_state() -> dict | None:
         return None
 
 
-def up(mlflow_port: int = MLFLOW_PORT, s3_port: int = S3_PORT) -> dict:
-    """Start MLflow and SeaweedFS (or return the running ones); stop both if either fails."""
+def up(mlflow_port: int = MLFLOW_PORT, s3_port: int = S3_PORT, avoid: Collection[int] = ()) -> dict:
+    """Start MLflow and SeaweedFS (or return the running ones); stop both if either fails. `avoid`:
+    ports the caller will bind next (SeaweedFS's inner listeners stay off them)."""
     state = read_state()
     if state and all(_alive(state[s]["pid"]) and _answers(state[s]["port"]) for s in ("mlflow", "s3")):
         return state
@@ -233,7 +242,7 @@ def up(mlflow_port: int = MLFLOW_PORT, s3_port: int = S3_PORT) -> dict:
     try:
         mlflow = start_mlflow(directory / "mlflow", mlflow_port)
         started.append(mlflow)
-        s3 = start_s3(directory / "s3", s3_port, s3_identities(directory))
+        s3 = start_s3(directory / "s3", s3_port, s3_identities(directory), avoid={mlflow_port, *avoid})
         started.append(s3)
         wait_ready(mlflow, deadline)
         wait_ready(s3, deadline)
