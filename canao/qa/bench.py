@@ -91,6 +91,32 @@ def bench(artifact_dir: str | Path, model_dir: str | Path, device: Device, backe
     return records
 
 
+def timed_in_turn(targets: dict[str, tuple[Path, Path]], device: Device, backends: tuple[str, ...],
+                  cfg: BenchConfig, rounds: int) -> dict[str, list[dict[str, float]]]:
+    """`targets` (name -> (compiled artifact directory, model directory)) timed in turn, `rounds`
+    times over, every timing in a process of its own: name -> one {backend: p50 ms} per round.
+    One process's p50 differs from the next one's by up to ~20 % on a shared 2-core machine (an
+    int8 student's read 7.9 to 9.6 ms over eight rounds, 2026-12-07), far more than within a
+    process; a decision on one timing flips with it. `median_ms` and `speedup` reduce the rounds."""
+    timings: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+    for _ in range(rounds):
+        for name, (artifact_dir, model_dir) in targets.items():
+            timings[name].append({r.backend: r.p50_ms for r in bench(artifact_dir, model_dir, device, backends, cfg)})
+    return timings
+
+
+def median_ms(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Each backend's median p50 over the rounds of `timed_in_turn`."""
+    return {backend: float(np.median([r[backend] for r in rounds])) for backend in rounds[0]}
+
+
+def speedup(reference: list[dict[str, float]], reference_backend: str, model: list[dict[str, float]],
+            backend: str) -> float:
+    """The median over rounds of `reference`'s ms over `model`'s, each ratio of two timings taken
+    in the same round (back to back), so a slow stretch of the machine slows both."""
+    return float(np.median([r[reference_backend] / m[backend] for r, m in zip(reference, model, strict=True)]))
+
+
 def _tvm_version() -> str:
     import tvm
 

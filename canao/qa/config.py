@@ -219,12 +219,14 @@ class SearchConfig:
     val_questions: int = 500  # the LAST N training questions: held out of distillation, scored each trial
     eval_batch_size: int = 64  # windows per forward pass
     remeasure: int = 8  # front points compiled and measured on the device (highest F1 first)
+    # processes each of them is timed in, its ms their median (canao.qa.bench.timed_in_turn: why)
+    remeasure_rounds: int = 1
     finalists: FinalistConfig = field(default_factory=FinalistConfig)  # re-ranking by short KD
     reuse_other_hardware: bool = REUSE_OTHER_HARDWARE  # see REUSE_OTHER_HARDWARE (here: the latency model)
 
     def __post_init__(self):
-        if self.trials < 1 or self.population_size < 2 or self.val_questions < 1:
-            raise ConfigError("trials, val_questions: must be >= 1; population_size: >= 2")
+        if self.trials < 1 or self.population_size < 2 or self.val_questions < 1 or self.remeasure_rounds < 1:
+            raise ConfigError("trials, val_questions, remeasure_rounds: must be >= 1; population_size: >= 2")
         check_min_speedup(self.min_speedup)
         if not all(s > 0 for s in self.front_speedups):  # also refuses NaN
             raise ConfigError(f"front_speedups: every speed-up must be > 0, got {list(self.front_speedups)}")
@@ -241,6 +243,9 @@ class FinalizeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     benchmark: bool = True  # compile the student for the search's device and time it against the peers
     bench_backends: tuple[str, ...] = ("tvm", "litert")  # backends timed for the student and the teacher
+    # rounds timing the teacher and every model in turn, each in a process of its own: ms are the
+    # medians, a speed-up the median of the rounds' ratios (canao.qa.bench.timed_in_turn: why)
+    timing_rounds: int = 1
     baseline: bool = True  # finalize the search's uniform baseline beside the student, alike (twice the work)
     # epochs of the deployed (tightest) budget's student and its baseline; 0 = train.epochs. The
     # smallest students lose the most to distillation cut short and cost the least a step.
@@ -249,6 +254,8 @@ class FinalizeConfig:
     def __post_init__(self):
         if self.deployed_epochs < 0:
             raise ConfigError(f"deployed_epochs: must be >= 0 (0 = train.epochs), got {self.deployed_epochs}")
+        if self.timing_rounds < 1:
+            raise ConfigError(f"timing_rounds: must be >= 1, got {self.timing_rounds}")
 
     def train_of(self, deployed: bool) -> TrainConfig:
         """The training settings of a deployed-budget model, or of a looser budget's."""

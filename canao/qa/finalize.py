@@ -22,7 +22,7 @@ from canao.hardware import torch_threads
 from canao.lab import devices
 from canao.manifest import reusable, sha256_file, verify_manifest, verify_stage, write_manifest, write_text_atomic
 from canao.qa.augment import with_copies
-from canao.qa.bench import bench
+from canao.qa.bench import BASELINE, median_ms, speedup, timed_in_turn
 from canao.qa.compile import compile_model
 from canao.qa.config import BenchConfig, CompileConfig, FinalizeConfig, QAKDConfig, SquadFeatureConfig
 from canao.qa.data import Features, build_features, load_squad
@@ -262,12 +262,16 @@ def _distilled(kd: QAKDConfig, train: TrainConfig, seed: int, student: torch.nn.
     return student, stats
 
 
+TEACHER = "teacher"  # the teacher's name among the timed models (no finalized model is named so)
+
+
 def _benchmark(cfg: FinalizeConfig, out_dir: Path, teacher_dir: Path, search_dir: Path, result: dict,
                eval_examples: list, models: list[Finalized]) -> tuple[dict, dict]:
     """Compile every finalized model (into its compiled/) and the teacher (a scratch directory,
     removed afterwards) for the search's device with the latency stage's compiler settings, and
-    time them back to back: two timings taken at different times on a shared machine are not
-    comparable, so a speed-up never mixes them. Each model's fastest backend is then scored on
+    time them in turn, `cfg.timing_rounds` times over: two timings taken at different times on a
+    shared machine are not comparable, so a speed-up is the median of ratios of timings taken
+    in the same round. Each model's fastest backend is then scored on
     `eval_examples` as compiled (an int8 backend loses accuracy of its own), so a speed-up comes
     with the F1 of what runs at that speed. Returns the figures by model name, and the device,
     sequence length and teacher's timings they share."""
@@ -282,20 +286,23 @@ def _benchmark(cfg: FinalizeConfig, out_dir: Path, teacher_dir: Path, search_dir
     scratch = out_dir / "teacher-compiled"
     try:
         compile_model(teacher_dir, device, compile_cfg, scratch)
-        teacher_ms = {r.backend: r.p50_ms for r in bench(scratch, teacher_dir, device, cfg.bench_backends,
-                                                                bench_cfg)}
-        model_ms = {name: {r.backend: r.p50_ms for r in bench(d / "compiled", d, device, cfg.bench_backends,
-                                                              bench_cfg)} for name, d in directories.items()}
+        timings = timed_in_turn({TEACHER: (scratch, teacher_dir)} | {name: (d / "compiled", d)
+                                                                     for name, d in directories.items()},
+                                device, cfg.bench_backends, bench_cfg, cfg.timing_rounds)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    teacher_ms = median_ms(timings[TEACHER])
     figures = {}
     for name, directory in directories.items():
-        best_ms, best_backend = min((v, b) for b, v in model_ms[name].items())
+        model_ms = median_ms(timings[name])
+        best_ms, best_backend = min((v, b) for b, v in model_ms.items())
         predictor, _, _ = load_artifact(directory / "compiled", compiled[name], best_backend, device.threads)
         compiled_metrics, _ = evaluate(predictor, eval_examples)
-        figures[name] = {"ms": model_ms[name], "best_backend": best_backend,
+        figures[name] = {"ms": model_ms, "ms_rounds": timings[name], "best_backend": best_backend,
                          "best_backend_f1": compiled_metrics["f1"],
                          "best_backend_exact_match": compiled_metrics["exact_match"]}
-        if "litert" in teacher_ms:
-            figures[name]["speedup_vs_teacher_litert"] = teacher_ms["litert"] / best_ms
-    return figures, {"device": device.key, "seq_len": compile_cfg.seq_len, "teacher_ms": teacher_ms}
+        if BASELINE in teacher_ms:
+            figures[name]["speedup_vs_teacher_litert"] = speedup(timings[TEACHER], BASELINE, timings[name],
+                                                                 best_backend)
+    return figures, {"device": device.key, "seq_len": compile_cfg.seq_len, "teacher_ms": teacher_ms,
+                     "teacher_ms_rounds": timings[TEACHER], "timing_rounds": cfg.timing_rounds}

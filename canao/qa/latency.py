@@ -19,7 +19,7 @@ from transformers import BertConfig
 from canao.codesign.latency_model import Family, Metric, measure_and_fit, sample_subnets
 from canao.config import config_hash, to_dict
 from canao.lab.devices import Device
-from canao.qa.bench import bench
+from canao.qa.bench import median_ms, timed_in_turn
 from canao.qa.compile import compile_model
 from canao.qa.config import BenchConfig, BertShape, CompileConfig, LatencyConfig
 from canao.qa.model import load_tokenizer, subnet_config
@@ -43,10 +43,11 @@ BERT_QA = Family("bert-qa", SubnetConfig, BertShape, (Metric("ms", features, flo
 
 
 def measure(subnet: SubnetConfig, teacher_dir: Path, device: Device, backends: tuple[str, ...],
-            compile_cfg: CompileConfig, bench_cfg: BenchConfig, work_dir: Path) -> dict[str, float]:
+            compile_cfg: CompileConfig, bench_cfg: BenchConfig, work_dir: Path, rounds: int = 1) -> dict[str, float]:
     """p50 latency (ms) of `subnet` on the device for each backend: a random-weight model of its
     shape, compiled by the compiler stage (shared tuning database), timed with the benchmark
-    protocol. `work_dir` is scratch space, removed afterwards."""
+    protocol, the median over `rounds` processes (`timed_in_turn`). `work_dir` is scratch space,
+    removed afterwards."""
     shutil.rmtree(work_dir, ignore_errors=True)
     model_dir = work_dir / "model"
     try:
@@ -56,8 +57,8 @@ def measure(subnet: SubnetConfig, teacher_dir: Path, device: Device, backends: t
         load_tokenizer(teacher_dir).save_pretrained(model_dir)
         cfg = dataclasses.replace(compile_cfg, peers=tuple(b for b in backends if b != "tvm"))
         compile_model(model_dir, device, cfg, work_dir / "compiled")
-        records = bench(work_dir / "compiled", model_dir, device, backends, bench_cfg)
-        return {r.backend: round(r.p50_ms, 4) for r in records}
+        timings = timed_in_turn({"model": (work_dir / "compiled", model_dir)}, device, backends, bench_cfg, rounds)
+        return {backend: round(ms, 4) for backend, ms in median_ms(timings["model"]).items()}
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 

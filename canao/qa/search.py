@@ -135,7 +135,8 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
     budgets = [budget, *(b["latency_budget_ms"] for b in looser)]
     remeasure(front, QA, cfg.remeasure, lambda subnet: measure(
         SubnetConfig.from_dict(subnet), supernet_dir / SUPERNET_DIR, device, tuple(latency.coefficients),
-        compile_cfg, bench_cfg, out_dir / "work"), budgets, per_budget=max(1, cfg.finalists.count))
+        compile_cfg, bench_cfg, out_dir / "work", cfg.remeasure_rounds), budgets,
+        per_budget=max(1, cfg.finalists.count))
     remeasure_seconds = time.perf_counter() - started_measure
     started_rerank = time.perf_counter()
     if cfg.finalists.count:

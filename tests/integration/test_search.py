@@ -2,6 +2,7 @@
 lab, NSGA-II search, finalize."""
 
 import json
+import statistics
 
 import pytest
 import yaml
@@ -127,23 +128,34 @@ def test_search_holds_the_uniform_baseline_at_the_shipped_points_latency(stages)
         assert any(p["f1"] >= b["f1"] and p["predicted_ms"] <= b["predicted_ms"] for p in result["front"])
 
 
+def paired_speedup(metrics: dict, ms: dict, figures: dict | None = None) -> float:
+    """The median over timing rounds of the teacher's LiteRT fp32 ms over the model's on its fastest
+    backend (by median), each ratio within one round; `figures`: the model's (default: the student's)."""
+    rounds = (figures or metrics)["ms_rounds"]
+    assert ms == {b: statistics.median(r[b] for r in rounds) for b in ms}
+    best = min(ms, key=ms.get)
+    return statistics.median(t["litert"] / r[best] for t, r in zip(metrics["teacher_ms_rounds"], rounds, strict=True))
+
+
 def test_finalize_writes_a_student_that_predicts_compiles_and_is_benchmarked(stages):
     manifest = verify_manifest(stages["student"])
     m = manifest["metrics"]
     assert m["questions"] == 8 and 0 <= m["f1"] <= 100 and "teacher_f1" in m
     assert set(m["student_ms"]) == set(m["teacher_ms"]) == {"tvm", "litert"}
-    assert m["speedup_vs_teacher_litert"] == m["teacher_ms"]["litert"] / min(m["student_ms"].values())
+    assert m["timing_rounds"] == 2 and len(m["teacher_ms_rounds"]) == 2
+    assert m["teacher_ms"] == {b: statistics.median(r[b] for r in m["teacher_ms_rounds"]) for b in m["teacher_ms"]}
+    assert m["speedup_vs_teacher_litert"] == pytest.approx(paired_speedup(m, m["student_ms"]))
     assert not (stages["student"] / "teacher-compiled").exists()
     baseline = m["baseline"]  # finalized alike: same recipe and steps, compiled and timed in the same run
     assert baseline["steps"] == m["steps"] and set(baseline["ms"]) == {"tvm", "litert"}
-    assert baseline["speedup_vs_teacher_litert"] == m["teacher_ms"]["litert"] / min(baseline["ms"].values())
+    assert baseline["speedup_vs_teacher_litert"] == pytest.approx(paired_speedup(m, baseline["ms"], baseline))
     assert 0 <= baseline["best_backend_f1"] <= 100 and set(baseline["final_loss_terms"]) == {"kl", "hidden", "hard"}
     assert QAPredictor.from_dir(stages["student"] / BASELINE_DIR).features_cfg.max_seq_len == 128
     looser = m["budgets"]["0.5x"]  # the looser budget's student and baseline, finalized and timed alike
     for figures, directory in ((looser, stages["student"] / "budgets/0.5x"),
                                (looser["baseline"], stages["student"] / "budgets/0.5x/baseline")):
         assert figures["steps"] == m["steps"] and set(figures["ms"]) == {"tvm", "litert"}
-        assert figures["speedup_vs_teacher_litert"] == m["teacher_ms"]["litert"] / min(figures["ms"].values())
+        assert figures["speedup_vs_teacher_litert"] == pytest.approx(paired_speedup(m, figures["ms"], figures))
         assert figures["budget"] == "0.5x" and figures["budget_ms"] > m["budget_ms"]
         assert verify_manifest(directory)["metrics"]["f1"] == figures["f1"]
         assert QAPredictor.from_dir(directory).features_cfg.max_seq_len == 128
@@ -221,7 +233,10 @@ def test_search_report_writes_the_chain_figures_into_its_section_and_keeps_the_r
     assert section.strip() in document and section.strip().splitlines()[-1] in capsys.readouterr().out
     m = verify_manifest(stages["student"])["metrics"]
     front = json.loads((stages["search"] / FRONT_JSON).read_text())
-    assert f"**{m['speedup_vs_teacher_litert']:.2f}x** on {m['student_best_backend']}" in section
+    best = m["student_best_backend"]
+    ratios = [t["litert"] / r[best] for t, r in zip(m["teacher_ms_rounds"], m["ms_rounds"], strict=True)]
+    assert (f"**{m['speedup_vs_teacher_litert']:.2f}x** (rounds from {min(ratios):.2f}x to {max(ratios):.2f}x) "
+            f"on {m['student_best_backend']}") in section and "timed in turn, 2 rounds of a process each" in section
     assert all(f"| {p['label']} |" in section for p in front["front"])
     assert "val F1 after KD |" in section and "distilling each budget's 2 finalists" in section
     error = verify_manifest(stages["latency"])["metrics"]["error"]
