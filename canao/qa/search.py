@@ -16,18 +16,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from pathlib import Path
 
 import optuna
 import torch
+from scipy.stats import spearmanr
 
 from canao.codesign.elastic import extract
 from canao.codesign.kd import SUPERNET_DIR, TeacherTargets, fit
 from canao.codesign.pareto import (
     FRONT_JSON,
     FRONT_PNG,
+    RERANKED,
     Objectives,
     TrialHook,
     choose,
@@ -160,6 +163,7 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
             [SubnetConfig.from_dict(p["subnet"]) for p in points], supernet, space, distill_cfg, cfg,
             build_features(examples[:cfg.finalists.questions], tokenizer, features_cfg), val_f1,
             out_dir / "finalists"))
+    rerank_seconds = time.perf_counter() - started_rerank
     result = {
         "device": latency.device, "seq_len": latency.seq_len,
         "latency_budget_ms": budget, "min_speedup": cfg.min_speedup, "params_budget": cfg.params_budget,
@@ -190,14 +194,21 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
                            measured_backend=min(ms, key=ms.get))
         return figures
 
+    started_baselines = time.perf_counter()
     result["baseline"] = baseline_within(budget or point_ms(choose(result, QA)))
     result["front_budgets"] = [{**b, "baseline": baseline_within(b["latency_budget_ms"])} for b in looser]
+    baseline_seconds = time.perf_counter() - started_baselines
     (out_dir / FRONT_JSON).write_text(json.dumps(result, indent=1) + "\n")
     plot_front(result, out_dir / FRONT_PNG, QA)
     metrics = {"search_seconds": round(search_seconds, 1), "remeasure_seconds": round(remeasure_seconds, 1),
-               "rerank_seconds": round(time.perf_counter() - started_rerank, 1),
+               "rerank_seconds": round(rerank_seconds, 1), "baseline_seconds": round(baseline_seconds, 1),
                "trials": len(study.trials), "distinct_subnets": len(f1_cache), "front_size": len(front),
                "teacher_val_f1": result["teacher"]["f1"], "val_questions": len(val_examples)}
+    reranked = [p for p in front if RERANKED in p]
+    if len(reranked) >= 2:  # how well the supernet's F1 ranks what a short distillation makes of each
+        rho = float(spearmanr([p["f1"] for p in reranked], [p[RERANKED] for p in reranked]).statistic)
+        if math.isfinite(rho):  # NaN where either side is constant
+            metrics["finalists_spearman"] = rho
     inputs = {"supernet": str(supernet_dir.resolve()), "latency": str(latency_dir.resolve()),
               "train_file": {"path": str(train_file), "sha256": sha256_file(train_file)}}
     return write_manifest(out_dir, "search", {"device": latency.device, **to_dict(cfg)}, metrics, inputs,
