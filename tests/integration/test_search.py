@@ -6,6 +6,7 @@ import statistics
 
 import pytest
 import yaml
+from scipy.stats import spearmanr
 
 from canao.bench.suite import PROXY_SECTION, SEARCH_SECTION, STUDENTS_SECTION, markdown_section
 from canao.cli.main import main
@@ -93,7 +94,12 @@ def test_search_returns_a_non_dominated_front_with_measurements(stages):
         assert c["measured_ms"] is not None and (not b or c["measured_ms"] <= b)
         finalists = contenders(front, QA, b, 2)
         assert all(RERANKED in p for p in finalists) and c[RERANKED] == max(p[RERANKED] for p in finalists)
-    assert result["rerank"]["per_budget"] == 2 and verify_manifest(stages["search"])["metrics"]["rerank_seconds"] > 0
+    metrics = verify_manifest(stages["search"])["metrics"]
+    assert result["rerank"]["per_budget"] == 2 and metrics["rerank_seconds"] > 0 and metrics["baseline_seconds"] > 0
+    reranked = [p for p in front if RERANKED in p]
+    if len({p["f1"] for p in reranked}) > 1 and len({p[RERANKED] for p in reranked}) > 1:
+        assert metrics["finalists_spearman"] == pytest.approx(
+            spearmanr([p["f1"] for p in reranked], [p[RERANKED] for p in reranked]).statistic)
     assert set(result["teacher"]["measured_ms_by_backend"]) == {"tvm", "onnxruntime", "litert"}
     assert (stages["search"] / FRONT_PNG).read_bytes()[:4] == b"\x89PNG"
     assert [n for n, _, _ in stages["trials"]] == list(range(6))
