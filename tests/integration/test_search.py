@@ -49,11 +49,13 @@ def stages(tmp_path_factory, lab, litert_env):
     trials = []
     found = root / "search"
     # Deployed at the teacher's LiteRT fp32 speed, and a student for a budget twice as loose.
-    search(load_config("search", "tiny", overrides=["min_speedup=1", "front_speedups=[0.5]"]), supernet, latency, found,
+    search(load_config("search", "tiny", overrides=["min_speedup=1", "front_speedups=[0.5]", "remeasure_rounds=2",
+                                                    "baseline_tries=2"]), supernet, latency, found,
            on_trial=lambda number, params, metrics: trials.append((number, params, metrics)))
     student = root / "student"
     # Timed on LiteRT fp32 too: the speed-up and the search report are against the teacher on it.
-    finalize(load_config("finalize", "tiny", overrides=["bench_backends=[tvm, litert]", "baseline=true"]), teacher,
+    finalize(load_config("finalize", "tiny", overrides=["bench_backends=[tvm, litert]", "baseline=true",
+                                                      "timing_rounds=2"]), teacher,
              supernet, found, student)
     return {"root": root, "teacher": teacher, "supernet": supernet, "latency": latency, "search": found,
             "student": student, "trials": trials}
