@@ -83,6 +83,11 @@ def search_report(student_dir: str | Path) -> str:
     rerank = front.get("rerank")  # searches before finalists have none
     finalists = (f", then {_minutes(sm['rerank_seconds'])} distilling each budget's {rerank['per_budget']} "
                  f"finalists (\"after KD\": {rerank['by']}), which each budget ships by") if rerank else ""
+    if "finalists_spearman" in sm:
+        finalists += (f" (Spearman of the supernet's val F1 to the F1 after KD over the finalists: "
+                      f"{sm['finalists_spearman']:.2f})")
+    if sm.get("baseline_seconds"):
+        finalists += f", then {_minutes(sm['baseline_seconds'])} timing uniform baselines to fit each budget"
     lines += ["", f"**Search** (`canao search`): {sm['trials']} NSGA-II trials ({sm['distinct_subnets']} distinct "
               f"subnets) scored on the last {sm['val_questions']} training questions, which the supernet never saw, in "
               f"{_minutes(sm['search_seconds'])}, then {_minutes(sm['remeasure_seconds'])} re-measuring the front"

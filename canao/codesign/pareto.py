@@ -119,6 +119,26 @@ def remeasure(front: list[dict], objectives: Objectives, count: int,
             measure(unmeasured[0])
 
 
+def priced_within(candidates: list, predicted_ms: Callable[[object], float], budget_ms: float, slack: float,
+                  count: int) -> list:
+    """The first `count` of `candidates` (best first) the latency model prices within `budget_ms *
+    (1 + slack)`: it errs both ways by a few to tens of percent on one shape, so a shape priced
+    over a budget may measure within it (`first_fitting` tells)."""
+    return [c for c in candidates if predicted_ms(c) <= budget_ms * (1 + slack)][:count]
+
+
+def first_fitting(candidates: list, measure_one: Callable[[object], dict[str, float]],
+                  budget_ms: float) -> tuple[object, dict[str, float]] | None:
+    """The first of `candidates` whose measured latency (`measure_one(candidate)` -> ms by backend,
+    the fastest counts) is within `budget_ms`, with its timings; None when none is. Each is
+    measured in turn until one fits."""
+    for candidate in candidates:
+        ms = measure_one(candidate)
+        if min(ms.values()) <= budget_ms:
+            return candidate, ms
+    return None
+
+
 def contenders(front: list[dict], objectives: Objectives, budget_ms: float, count: int) -> list[dict]:
     """The `count` most accurate front points whose latency (measured, else predicted) is within
     `budget_ms` (0 = none), most accurate first."""
@@ -229,8 +249,9 @@ def plot_front(result: dict, path: Path, objectives: Objectives) -> None:
                label="front, measured on the device", zorder=3)
     # the family's uniform student at each budget, with supernet weights
     for baseline in [b["baseline"] for b in [result, *result.get("front_budgets", [])] if "baseline" in b]:
-        ax.scatter([baseline["predicted_ms"]], [baseline[key]], marker="s", s=50, c="black", zorder=3,
-                   label=f"uniform baseline (predicted): {baseline['label']}")
+        how = "measured" if baseline.get("measured_ms") is not None else "predicted"
+        ax.scatter([baseline["measured_ms" if how == "measured" else "predicted_ms"]], [baseline[key]], marker="s",
+                   s=50, c="black", zorder=3, label=f"uniform baseline ({how}): {baseline['label']}")
     teacher = result["teacher"]
     colors = iter(["tab:red", "tab:green", "tab:purple", "tab:brown"])
     for backend, ms in sorted(teacher["measured_ms_by_backend"].items()):

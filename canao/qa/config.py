@@ -222,11 +222,19 @@ class SearchConfig:
     # processes each of them is timed in, its ms their median (canao.qa.bench.timed_in_turn: why)
     remeasure_rounds: int = 1
     finalists: FinalistConfig = field(default_factory=FinalistConfig)  # re-ranking by short KD
+    # The uniform baseline held to each budget as measured, as the student is: the largest uniform
+    # subnets priced within the budget plus `baseline_slack` are measured in turn (at most
+    # `baseline_tries`) and the first that fits is the baseline; 0 tries: the largest priced within.
+    baseline_tries: int = 0
+    baseline_slack: float = 0.25
     reuse_other_hardware: bool = REUSE_OTHER_HARDWARE  # see REUSE_OTHER_HARDWARE (here: the latency model)
 
     def __post_init__(self):
         if self.trials < 1 or self.population_size < 2 or self.val_questions < 1 or self.remeasure_rounds < 1:
             raise ConfigError("trials, val_questions, remeasure_rounds: must be >= 1; population_size: >= 2")
+        if self.baseline_tries < 0 or not self.baseline_slack >= 0:  # also refuses NaN
+            raise ConfigError(f"baseline_tries, baseline_slack: must be >= 0, got {self.baseline_tries}, "
+                              f"{self.baseline_slack}")
         check_min_speedup(self.min_speedup)
         if not all(s > 0 for s in self.front_speedups):  # also refuses NaN
             raise ConfigError(f"front_speedups: every speed-up must be > 0, got {list(self.front_speedups)}")

@@ -16,26 +16,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from pathlib import Path
 
 import optuna
 import torch
+from scipy.stats import spearmanr
 
 from canao.codesign.elastic import extract
 from canao.codesign.kd import SUPERNET_DIR, TeacherTargets, fit
 from canao.codesign.pareto import (
     FRONT_JSON,
     FRONT_PNG,
+    RERANKED,
     Objectives,
     TrialHook,
     choose,
+    first_fitting,
     front_budgets,
     front_of,
     latency_budget,
     pareto_search,
     plot_front,
+    point_ms,
+    priced_within,
     remeasure,
     rerank,
     search_budget,
@@ -51,7 +57,7 @@ from canao.qa.distill import kept_targets_of, load_supernet, student_kd_loss, ta
 from canao.qa.latency import BERT_QA, measure
 from canao.qa.model import load_tokenizer
 from canao.qa.predictor import QAPredictor
-from canao.qa.space import SearchSpace, SubnetConfig, flops, params, uniform_baseline
+from canao.qa.space import SearchSpace, SubnetConfig, flops, params, uniform_baseline, uniform_subnets
 
 QA = Objectives("f1", True, "F1 on the held-out training slice (supernet weights)",
                 "latency on {device}, seq {seq_len} (ms, log scale)", BASELINE)
@@ -115,11 +121,18 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
     def fastest_ms(subnet: SubnetConfig) -> float:
         return latency.fastest(subnet)[0]
 
-    # The teacher's shape first (the reference point), then each budget's uniform baseline: 96
-    # trials over ~10^9 subnets can miss the deep, thin ones a user tries first (the 2026-12-06 full
+    def baseline_candidates(budget_ms: float) -> list[SubnetConfig]:
+        """The uniform subnets that may be the budget's baseline (`baseline_within`), largest first."""
+        if cfg.baseline_tries:
+            return priced_within(uniform_subnets(space), fastest_ms, budget_ms, cfg.baseline_slack, cfg.baseline_tries)
+        return [uniform_baseline(space, fastest_ms, budget_ms)]
+
+    # The teacher's shape first (the reference point), then each budget's uniform baseline candidates:
+    # 96 trials over ~10^9 subnets can miss the deep, thin ones a user tries first (the 2026-12-06 full
     # run's front had none under its 8x budget, where the 6-block baseline scored 42 to its 34).
-    seeds = [space.largest(), *(uniform_baseline(space, fastest_ms, b)
-                                for b in (budget, *(b["latency_budget_ms"] for b in looser)) if b)]
+    seeds = [space.largest()]
+    for b in (budget, *(b["latency_budget_ms"] for b in looser)):
+        seeds += [s for s in (baseline_candidates(b) if b else []) if s not in seeds]
     started = time.perf_counter()
     study = pareto_search(dataclasses.replace(cfg, latency_budget_ms=search_budget(budget, looser)), QA, suggest,
                           lambda s: {"f1": f1_of(s)}, latency, lambda s: params(s, space.teacher, vocab, positions),
@@ -133,10 +146,13 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     started_measure = time.perf_counter()
     budgets = [budget, *(b["latency_budget_ms"] for b in looser)]
-    remeasure(front, QA, cfg.remeasure, lambda subnet: measure(
-        SubnetConfig.from_dict(subnet), supernet_dir / SUPERNET_DIR, device, tuple(latency.coefficients),
-        compile_cfg, bench_cfg, out_dir / "work", cfg.remeasure_rounds), budgets,
-        per_budget=max(1, cfg.finalists.count))
+
+    def measured(subnet: SubnetConfig) -> dict[str, float]:
+        return measure(subnet, supernet_dir / SUPERNET_DIR, device, tuple(latency.coefficients), compile_cfg,
+                       bench_cfg, out_dir / "work", cfg.remeasure_rounds)
+
+    remeasure(front, QA, cfg.remeasure, lambda subnet: measured(SubnetConfig.from_dict(subnet)), budgets,
+              per_budget=max(1, cfg.finalists.count))
     remeasure_seconds = time.perf_counter() - started_measure
     started_rerank = time.perf_counter()
     if cfg.finalists.count:
@@ -147,6 +163,7 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
             [SubnetConfig.from_dict(p["subnet"]) for p in points], supernet, space, distill_cfg, cfg,
             build_features(examples[:cfg.finalists.questions], tokenizer, features_cfg), val_f1,
             out_dir / "finalists"))
+    rerank_seconds = time.perf_counter() - started_rerank
     result = {
         "device": latency.device, "seq_len": latency.seq_len,
         "latency_budget_ms": budget, "min_speedup": cfg.min_speedup, "params_budget": cfg.params_budget,
@@ -161,23 +178,37 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
                                   "training questions)", "per_budget": cfg.finalists.count}
 
     # The student a user would build without the search, held to each budget (without one, to the
-    # latency of the point finalize ships), so the two compare at equal latency.
+    # latency of the point finalize ships), so the two compare at equal latency: as measured where
+    # `baseline_tries` says so (the student's choice is measured too), else as priced.
     def baseline_within(budget_ms: float) -> dict:
-        baseline = uniform_baseline(space, fastest_ms, budget_ms)
+        fitted = first_fitting(baseline_candidates(budget_ms), measured, budget_ms) if cfg.baseline_tries else None
+        baseline, ms = fitted or (uniform_baseline(space, fastest_ms, budget_ms), None)
         baseline_ms, baseline_backend = latency.fastest(baseline)
-        return {"subnet": baseline.to_dict(), "label": baseline.label(), "f1": f1_of(baseline),
-                "predicted_ms": baseline_ms, "predicted_backend": baseline_backend,
-                "params": params(baseline, space.teacher, vocab, positions),
-                "flops": flops(baseline, space.teacher, latency.seq_len)}
+        figures = {"subnet": baseline.to_dict(), "label": baseline.label(), "f1": f1_of(baseline),
+                   "predicted_ms": baseline_ms, "predicted_backend": baseline_backend,
+                   "measured_ms": None, "measured_backend": None,
+                   "params": params(baseline, space.teacher, vocab, positions),
+                   "flops": flops(baseline, space.teacher, latency.seq_len)}
+        if ms:
+            figures.update(measured_ms_by_backend=ms, measured_ms=min(ms.values()),
+                           measured_backend=min(ms, key=ms.get))
+        return figures
 
-    result["baseline"] = baseline_within(budget or choose(result, QA)["predicted_ms"])
+    started_baselines = time.perf_counter()
+    result["baseline"] = baseline_within(budget or point_ms(choose(result, QA)))
     result["front_budgets"] = [{**b, "baseline": baseline_within(b["latency_budget_ms"])} for b in looser]
+    baseline_seconds = time.perf_counter() - started_baselines
     (out_dir / FRONT_JSON).write_text(json.dumps(result, indent=1) + "\n")
     plot_front(result, out_dir / FRONT_PNG, QA)
     metrics = {"search_seconds": round(search_seconds, 1), "remeasure_seconds": round(remeasure_seconds, 1),
-               "rerank_seconds": round(time.perf_counter() - started_rerank, 1),
+               "rerank_seconds": round(rerank_seconds, 1), "baseline_seconds": round(baseline_seconds, 1),
                "trials": len(study.trials), "distinct_subnets": len(f1_cache), "front_size": len(front),
                "teacher_val_f1": result["teacher"]["f1"], "val_questions": len(val_examples)}
+    reranked = [p for p in front if RERANKED in p]
+    if len(reranked) >= 2:  # how well the supernet's F1 ranks what a short distillation makes of each
+        rho = float(spearmanr([p["f1"] for p in reranked], [p[RERANKED] for p in reranked]).statistic)
+        if math.isfinite(rho):  # NaN where either side is constant
+            metrics["finalists_spearman"] = rho
     inputs = {"supernet": str(supernet_dir.resolve()), "latency": str(latency_dir.resolve()),
               "train_file": {"path": str(train_file), "sha256": sha256_file(train_file)}}
     return write_manifest(out_dir, "search", {"device": latency.device, **to_dict(cfg)}, metrics, inputs,

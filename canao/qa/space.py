@@ -151,15 +151,20 @@ def uniform_baseline(space: SearchSpace, predicted_ms: Callable[[SubnetConfig], 
     every kept layer pruned alike (the same heads and FFN width, the most important units kept),
     the largest such subnet (in parameters) whose `predicted_ms` is within `budget_ms`; the
     fastest one when none is (its predicted latency then shows it over the budget)."""
+    uniform = uniform_subnets(space)
+    fitting = [s for s in uniform if predicted_ms(s) <= budget_ms]
+    return fitting[0] if fitting else min(uniform, key=predicted_ms)
+
+
+def uniform_subnets(space: SearchSpace) -> list[SubnetConfig]:
+    """Every subnet a user builds without a search (`uniform_baseline`), largest first (in
+    parameters, then depth)."""
     c, t = space.cfg, space.teacher
-    uniform = [SubnetConfig(layers, hidden, (heads,) * layers, (ffn,) * layers,
-                            tuple(first_layers_spread(layers, t.num_layers)))
+    uniform = [space.validate(SubnetConfig(layers, hidden, (heads,) * layers, (ffn,) * layers,
+                                           tuple(first_layers_spread(layers, t.num_layers))))
                for layers in c.layer_counts for hidden in c.hidden_sizes
                for heads in c.head_counts if heads <= space.max_heads(hidden) for ffn in c.ffn_sizes]
-    fitting = [s for s in uniform if predicted_ms(s) <= budget_ms]
-    if not fitting:
-        return space.validate(min(uniform, key=predicted_ms))
-    return space.validate(max(fitting, key=lambda s: (params(s, t, 0, 0), s.num_layers)))
+    return sorted(uniform, key=lambda s: (params(s, t, 0, 0), s.num_layers), reverse=True)
 
 
 def params(subnet: SubnetConfig, teacher: BertShape, vocab_size: int, max_positions: int) -> int:

@@ -6,6 +6,7 @@ import statistics
 
 import pytest
 import yaml
+from scipy.stats import spearmanr
 
 from canao.bench.suite import PROXY_SECTION, SEARCH_SECTION, STUDENTS_SECTION, markdown_section
 from canao.cli.main import main
@@ -48,11 +49,13 @@ def stages(tmp_path_factory, lab, litert_env):
     trials = []
     found = root / "search"
     # Deployed at the teacher's LiteRT fp32 speed, and a student for a budget twice as loose.
-    search(load_config("search", "tiny", overrides=["min_speedup=1", "front_speedups=[0.5]"]), supernet, latency, found,
+    search(load_config("search", "tiny", overrides=["min_speedup=1", "front_speedups=[0.5]", "remeasure_rounds=2",
+                                                    "baseline_tries=2"]), supernet, latency, found,
            on_trial=lambda number, params, metrics: trials.append((number, params, metrics)))
     student = root / "student"
     # Timed on LiteRT fp32 too: the speed-up and the search report are against the teacher on it.
-    finalize(load_config("finalize", "tiny", overrides=["bench_backends=[tvm, litert]", "baseline=true"]), teacher,
+    finalize(load_config("finalize", "tiny", overrides=["bench_backends=[tvm, litert]", "baseline=true",
+                                                      "timing_rounds=2"]), teacher,
              supernet, found, student)
     return {"root": root, "teacher": teacher, "supernet": supernet, "latency": latency, "search": found,
             "student": student, "trials": trials}
@@ -93,7 +96,12 @@ def test_search_returns_a_non_dominated_front_with_measurements(stages):
         assert c["measured_ms"] is not None and (not b or c["measured_ms"] <= b)
         finalists = contenders(front, QA, b, 2)
         assert all(RERANKED in p for p in finalists) and c[RERANKED] == max(p[RERANKED] for p in finalists)
-    assert result["rerank"]["per_budget"] == 2 and verify_manifest(stages["search"])["metrics"]["rerank_seconds"] > 0
+    metrics = verify_manifest(stages["search"])["metrics"]
+    assert result["rerank"]["per_budget"] == 2 and metrics["rerank_seconds"] > 0 and metrics["baseline_seconds"] > 0
+    reranked = [p for p in front if RERANKED in p]
+    if len({p["f1"] for p in reranked}) > 1 and len({p[RERANKED] for p in reranked}) > 1:
+        assert metrics["finalists_spearman"] == pytest.approx(
+            spearmanr([p["f1"] for p in reranked], [p[RERANKED] for p in reranked]).statistic)
     assert set(result["teacher"]["measured_ms_by_backend"]) == {"tvm", "onnxruntime", "litert"}
     assert (stages["search"] / FRONT_PNG).read_bytes()[:4] == b"\x89PNG"
     assert [n for n, _, _ in stages["trials"]] == list(range(6))
@@ -117,14 +125,23 @@ def test_search_holds_the_uniform_baseline_at_the_shipped_points_latency(stages)
     assert result["latency_budget_ms"] == teacher_litert  # min_speedup 1
     # the shipped point fits by the latency `choose` reads (measured where re-measured): its prediction
     # may sit a hair over a budget of ~0.03 ms
-    assert baseline["predicted_ms"] <= result["latency_budget_ms"] and point_ms(shipped) <= teacher_litert
+    # tiny's baseline_tries: each baseline measured to fit (by price alone where none of the tried fits)
+    assert point_ms(baseline) <= result["latency_budget_ms"] and point_ms(shipped) <= teacher_litert
     assert 0 <= baseline["f1"] <= 100 and baseline["label"] == subnet.label()
     [looser] = result["front_budgets"]  # 0.5x: a budget of twice the teacher's time, and its own baseline
     assert looser["min_speedup"] == 0.5 and looser["latency_budget_ms"] == 2 * teacher_litert
-    assert looser["baseline"]["predicted_ms"] <= looser["latency_budget_ms"]
+    assert point_ms(looser["baseline"]) <= looser["latency_budget_ms"]
+    for b, budget_ms in ((baseline, result["latency_budget_ms"]), (looser["baseline"], looser["latency_budget_ms"])):
+        if b["measured_ms"] is None:  # none of the tried fit: the largest priced within
+            assert b["predicted_ms"] <= budget_ms
+        else:
+            assert b["measured_ms"] == min(b["measured_ms_by_backend"].values())
     # Each baseline was a trial (a seed of the search), so the front holds it or a point that
-    # dominates it: the searched choice at any budget is at least the baseline's, by the proxy.
+    # dominates it: the searched choice at any budget is at least the baseline's, by the proxy. (A
+    # candidate priced over the search's own budget, the loosest, is an infeasible trial; tiny's
+    # uniform subnets are all priced within twice the teacher's time.)
     for b in (baseline, looser["baseline"]):
+        assert b["predicted_ms"] <= looser["latency_budget_ms"]
         assert any(p["f1"] >= b["f1"] and p["predicted_ms"] <= b["predicted_ms"] for p in result["front"])
 
 

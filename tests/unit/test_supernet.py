@@ -1,17 +1,19 @@
 """The search space and the elastic supernet: slicing, importance sorting, extraction."""
 
 import dataclasses
+import itertools
 import random
 
 import pytest
 import torch
 
 from canao.codesign.elastic import extract
+from canao.codesign.pareto import first_fitting, priced_within
 from canao.config import ConfigError
 from canao.qa.config import BertShape, SpaceConfig
 from canao.qa.model import Supernet, init_qa_model, load_qa_model, sort_by_importance
 from canao.qa.modeling_canao_bert import CanaoBertForQuestionAnswering
-from canao.qa.space import SearchSpace, SubnetConfig, first_layers_spread, params, uniform_baseline
+from canao.qa.space import SearchSpace, SubnetConfig, first_layers_spread, params, uniform_baseline, uniform_subnets
 
 SHAPE = BertShape(num_layers=3, hidden_size=48, num_heads=3, ffn_size=96)  # head size 16
 SPACE = SpaceConfig(layer_counts=(1, 2, 3), hidden_sizes=(16, 32, 48), head_counts=(1, 2, 3),
@@ -153,3 +155,33 @@ def test_a_student_loads_with_canaos_classes_and_never_runs_its_saved_modeling_f
     x = inputs()
     with torch.no_grad():
         assert torch.equal(reloaded(**x).start_logits, student(**x).start_logits)
+
+
+def test_the_measured_baseline_is_the_largest_uniform_subnet_that_measures_within_its_budget():
+    """`first_fitting` over `uniform_subnets`, as the search holds the baseline to a budget as measured:
+    a shape priced over the budget but measured under it may be the baseline; one priced past the
+    slack is never timed; the tries are capped; none fitting is None."""
+    space = SearchSpace(SPACE, SHAPE)
+    uniform = uniform_subnets(space)
+    assert all(params(a, SHAPE, 0, 0) >= params(b, SHAPE, 0, 0) for a, b in itertools.pairwise(uniform))
+    assert uniform_baseline(space, lambda s: params(s, SHAPE, 0, 0), 1e12) == uniform[0]
+
+    def priced(subnet):  # the latency model: 10 % over what the device measures
+        return params(subnet, SHAPE, 0, 0) / 1000 * 1.1
+
+    timed = []
+
+    def measure(subnet):
+        timed.append(subnet)
+        return {"litert": params(subnet, SHAPE, 0, 0) / 1000 * 1.3, "litert-int8": params(subnet, SHAPE, 0, 0) / 1000}
+
+    budget = params(uniform[len(uniform) // 2], SHAPE, 0, 0) / 1000  # that one measures exactly the budget
+    candidates = priced_within(uniform, priced, budget, slack=0.25, count=len(uniform))
+    assert all(priced(s) <= budget * 1.25 for s in candidates) and candidates == [
+        s for s in uniform if priced(s) <= budget * 1.25]  # largest first, nothing priced past the slack
+    baseline, ms = first_fitting(candidates, measure, budget)
+    assert min(ms.values()) <= budget and priced(baseline) > budget  # priced over, measured within: it fits
+    assert all(min(measure(s).values()) > budget for s in timed[:-1])  # the larger ones tried first did not
+    assert uniform_baseline(space, priced, budget) != baseline  # by price alone, a smaller one
+    timed.clear()
+    assert first_fitting(priced_within(uniform, priced, 0.5, 0.25, 2), measure, 0.5) is None and len(timed) <= 2
