@@ -145,7 +145,7 @@ def search_report(student_dir: str | Path) -> str:
 
 def _budgets_table(m: dict) -> list[str]:
     """Every budget finalize trained a student (and a uniform baseline) for, as deployed."""
-    lines = ["Finalized at each budget (the same recipe and steps; compiled, timed back to back with the teacher, "
+    lines = ["Finalized at each budget (the same recipe and steps; compiled, timed in turn with the teacher, "
              "scored as compiled on its fastest backend):", "",
              "| budget | model | config | runs on | p50 ms | LiteRT fp32 on the teacher / model | dev-a F1 | "
              "below the teacher |", "|---|---|---|---|---|---|---|---|"]
