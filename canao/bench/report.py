@@ -15,6 +15,7 @@ from canao.bench.suite import SEARCH_SECTION, put_section
 from canao.codesign.pareto import FRONT_JSON, RERANKED
 from canao.hardware import Hardware
 from canao.manifest import verify_stage
+from canao.qa.bench import BASELINE, paired_ratios
 from canao.qa.finalize import BASELINE_DIR, finalized_figures
 from canao.qa.space import SubnetConfig
 
@@ -131,7 +132,7 @@ def search_report(student_dir: str | Path) -> str:
     met = speedup >= GOAL_SPEEDUP and f1_drop <= GOAL_F1_DROP
     spread = ""
     if rounds > 1:
-        ratios = [t["litert"] / r[best] for t, r in zip(m["teacher_ms_rounds"], m["ms_rounds"], strict=True)]
+        ratios = paired_ratios(m["teacher_ms_rounds"], BASELINE, m["ms_rounds"], best)
         spread = f" (rounds from {min(ratios):.2f}x to {max(ratios):.2f}x)"
     lines += ["", f"Speed-up over LiteRT fp32 on the teacher: **{speedup:.2f}x**{spread} on {best}, at a dev-a F1 "
               f"{f1_drop:.2f} points below the teacher's. Goal (>= {GOAL_SPEEDUP:g}x within {GOAL_F1_DROP:g} F1): "

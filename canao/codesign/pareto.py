@@ -107,9 +107,7 @@ def remeasure(front: list[dict], objectives: Objectives, count: int,
     most accurate takes its place."""
 
     def measure(point: dict) -> None:
-        ms = measure_one(point["subnet"])
-        point["measured_ms_by_backend"] = ms
-        point["measured_ms"], point["measured_backend"] = min((v, b) for b, v in ms.items())
+        point.update(measured_fields(measure_one(point["subnet"])))
 
     sign = -1 if objectives.maximize else 1
     for point in sorted(front, key=lambda p: sign * p[objectives.accuracy])[:count]:
@@ -117,6 +115,12 @@ def remeasure(front: list[dict], objectives: Objectives, count: int,
     for budget in budgets:
         while unmeasured := [p for p in contenders(front, objectives, budget, per_budget) if p["measured_ms"] is None]:
             measure(unmeasured[0])
+
+
+def measured_fields(ms: dict[str, float]) -> dict:
+    """A point's figures from its timings by backend: those, and the fastest backend and its ms."""
+    fastest_ms, fastest = min((v, b) for b, v in ms.items())
+    return {"measured_ms_by_backend": ms, "measured_ms": fastest_ms, "measured_backend": fastest}
 
 
 def priced_within(candidates: list, predicted_ms: Callable[[object], float], budget_ms: float, slack: float,

@@ -110,11 +110,17 @@ def median_ms(rounds: list[dict[str, float]]) -> dict[str, float]:
     return {backend: float(np.median([r[backend] for r in rounds])) for backend in rounds[0]}
 
 
+def paired_ratios(reference: list[dict[str, float]], reference_backend: str, model: list[dict[str, float]],
+                  backend: str) -> list[float]:
+    """Each round's `reference` ms over `model`'s: two timings taken in the same round (back to
+    back), so a slow stretch of the machine slows both."""
+    return [r[reference_backend] / m[backend] for r, m in zip(reference, model, strict=True)]
+
+
 def speedup(reference: list[dict[str, float]], reference_backend: str, model: list[dict[str, float]],
             backend: str) -> float:
-    """The median over rounds of `reference`'s ms over `model`'s, each ratio of two timings taken
-    in the same round (back to back), so a slow stretch of the machine slows both."""
-    return float(np.median([r[reference_backend] / m[backend] for r, m in zip(reference, model, strict=True)]))
+    """The median of `paired_ratios`."""
+    return float(np.median(paired_ratios(reference, reference_backend, model, backend)))
 
 
 def _tvm_version() -> str:

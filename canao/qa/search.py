@@ -38,6 +38,7 @@ from canao.codesign.pareto import (
     front_budgets,
     front_of,
     latency_budget,
+    measured_fields,
     pareto_search,
     plot_front,
     point_ms,
@@ -189,10 +190,7 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
                    "measured_ms": None, "measured_backend": None,
                    "params": params(baseline, space.teacher, vocab, positions),
                    "flops": flops(baseline, space.teacher, latency.seq_len)}
-        if ms:
-            figures.update(measured_ms_by_backend=ms, measured_ms=min(ms.values()),
-                           measured_backend=min(ms, key=ms.get))
-        return figures
+        return {**figures, **measured_fields(ms)} if ms else figures
 
     started_baselines = time.perf_counter()
     result["baseline"] = baseline_within(budget or point_ms(choose(result, QA)))
