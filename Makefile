@@ -49,12 +49,15 @@ fuzz: setup
 
 # The main job: the canao-compress pipeline (PROFILE, default quick) with kfp's local runner;
 # starts MLflow, SeaweedFS and the device lab if they are not running and stops what it started.
-# The summary goes to outputs/latest/summary.json. SET: space-separated STAGE:KEY=VALUE overrides,
-# e.g. `make run PROFILE=full SET=compile:trials=0`.
+# The summary goes to outputs/latest/summary.json. APPS: the chains to run (qa, generation; default
+# both). SET: space-separated STAGE:KEY=VALUE overrides, e.g.
+# `make run PROFILE=full APPS=qa SET=compile:trials=0`.
 DEVICE ?= x86-1t
+APPS ?= qa generation
 SET ?=
 run: setup litert-env
-	$(BIN)/python -m pipelines.local --profile $(PROFILE) --device $(DEVICE) $(foreach s,$(SET),--set $(s))
+	$(BIN)/python -m pipelines.local --profile $(PROFILE) --device $(DEVICE) $(foreach a,$(APPS),--app $(a)) \
+		$(foreach s,$(SET),--set $(s))
 
 # MLflow (http://127.0.0.1:5000) and SeaweedFS S3 (127.0.0.1:8333) and the device lab, left
 # running for the UIs; `make down` stops them. `canao services env` prints the client env.

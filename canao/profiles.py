@@ -15,6 +15,7 @@ from canao.lm.config import (
     GenBenchConfig,
     LMCompileConfig,
     LMDataConfig,
+    LMDeployConfig,
     LMDistillConfig,
     LMFinalizeConfig,
     LMLatencyConfig,
@@ -38,7 +39,7 @@ STAGES: dict[str, type] = {
     "lm-teacher": LMTeacherConfig, "lm-data": LMDataConfig, "distill-lm": LMDistillConfig,
     "latency-lm": LMLatencyConfig, "search-lm": LMSearchConfig, "finalize-lm": LMFinalizeConfig,
     "compile-lm": LMCompileConfig,
-    "bench-lm": GenBenchConfig,
+    "bench-lm": GenBenchConfig, "deploy-lm": LMDeployConfig,
 }
 
 

@@ -10,6 +10,8 @@ from canao.lab.devices import get_device
 from canao.mlops import tracking
 from canao.mlops.stages import DEPLOYMENT, Context, execute
 
+SUMMARY = "summary.json"  # close_run's: the pipeline run's outcome, both apps
+
 
 def run_stage(stage: str, profile: str, overrides: dict, inputs: dict, out, metrics, device: str,
               parent_run_id: str, pipeline_run: str = "") -> dict:
@@ -40,18 +42,36 @@ def open_run(run_name: str, profile: str, device: str, latency_budgets_ms: list)
                                        {"device": device, "profile": profile, "latency_budgets_ms": latency_budgets_ms})
 
 
-def close_run(parent_run_id: str, deployment) -> None:
-    """Log the deployment's outcome on the pipeline run and mark it finished."""
-    summary = json.loads((Path(deployment.path) / DEPLOYMENT).read_text())
-    if summary["front"]:
-        # Here rather than in deploy: a deployment reused from the cache still gets its front
-        # logged on this run.
-        front_json = Path(deployment.path) / summary["front"]
-        tracking.log_front(parent_run_id, front_json, front_json.with_suffix(".png"))
-    tracking.log(parent_run_id, metrics={"teacher": summary["teacher"], "student": summary["student"],
-                                         "speedup_vs_litert_fp32_teacher": summary["speedup_vs_litert_fp32_teacher"]},
-                 tags={"registry_uri": summary["registry_uri"], "backend": summary["backend"]["backend"]})
-    tracking.log_artifact(parent_run_id, Path(deployment.path) / DEPLOYMENT)
+def close_run(parent_run_id: str, summary, deployment=None, generation=None) -> None:
+    """Log the apps' deployments (`deployment`: question answering's, `generation`: the generation
+    student's; a run may make either or both) on the pipeline run, write the run's summary
+    (SUMMARY in `summary`: the QA deployment's figures and its front's path, and `generation`)
+    and mark the run finished."""
+    content, metrics, tags = {}, {}, {}
+    if deployment is not None:
+        qa_dir = Path(deployment.path)
+        qa = json.loads((qa_dir / DEPLOYMENT).read_text())
+        if qa["front"]:
+            # Here rather than in deploy: a deployment reused from the cache still gets its front
+            # logged on this run.
+            front_json = qa_dir / qa["front"]
+            tracking.log_front(parent_run_id, front_json, front_json.with_suffix(".png"))
+        metrics.update(teacher=qa["teacher"], student=qa["student"],
+                       speedup_vs_litert_fp32_teacher=qa["speedup_vs_litert_fp32_teacher"])
+        tags.update(registry_uri=qa["registry_uri"], backend=qa["backend"]["backend"])
+        tracking.log_artifact(parent_run_id, qa_dir / DEPLOYMENT)
+        content.update(qa, deployment=str(qa_dir), front=str(qa_dir / qa["front"]) if qa["front"] else None)
+    if generation is not None:
+        lm_dir = Path(generation.path)
+        lm = json.loads((lm_dir / DEPLOYMENT).read_text())
+        metrics["generation"] = {"teacher": lm["teacher"], "student": lm["student"]}
+        tags.update(generation_registry_uri=lm["registry_uri"], generation_backend=lm["backend"]["backend"])
+        tracking.log_artifact(parent_run_id, lm_dir / DEPLOYMENT, "generation")
+        content["generation"] = {**lm, "deployment": str(lm_dir)}
+    tracking.log(parent_run_id, metrics=metrics, tags=tags)
+    out = Path(summary.path)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SUMMARY).write_text(json.dumps(content, indent=1) + "\n")
     tracking.end_run(parent_run_id)
 
 

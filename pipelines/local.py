@@ -24,8 +24,8 @@ import kfp.local
 from canao.config import PROFILES, resolve_path
 from canao.lab import devices, rpc
 from canao.mlops import services, tracking
-from canao.mlops.stages import DEPLOYMENT
-from pipelines.canao_compress import canao_compress
+from components.runtime import SUMMARY as SUMMARY_FILE
+from pipelines.canao_compress import APPS, local_pipeline
 
 SUMMARY = "outputs/latest/summary.json"
 PIPELINE_ROOT = "outputs/pipeline-runs"
@@ -84,25 +84,25 @@ def _stop_signals_held():
 
 
 def run(profile: str, device: str, latency_budgets_ms: list[float], overrides: dict[str, list[str]],
-        pipeline_root: Path, summary_path: Path | None) -> dict:
-    """Run the pipeline with kfp.local in this environment (services must be up); returns the summary."""
+        pipeline_root: Path, summary_path: Path | None, apps: tuple[str, ...] = APPS) -> dict:
+    """Run the pipeline, making `apps`' chains, with kfp.local in this environment (services must
+    be up); returns the summary."""
     run_name = f"canao-compress-{profile}-{datetime.datetime.now(datetime.UTC):%Y%m%d-%H%M%S}"
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
                    raise_on_error=True)
     # kfp warns that the tasks' base image is not Python's; this environment is that image's content.
     warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom")
     try:
-        task = canao_compress(device=device, profile=profile, latency_budgets_ms=latency_budgets_ms,
+        task = local_pipeline(apps)(device=device, profile=profile, latency_budgets_ms=latency_budgets_ms,
                               run_name=run_name, overrides=overrides)
     except BaseException:
         _mark_failed(run_name)
         raise
-    deployment = task.output  # the pipeline's output artifact: the deploy stage's directory
-    summary = json.loads((Path(deployment.path) / DEPLOYMENT).read_text())
-    # The deployment may come from the cache (an earlier run); the MLflow run is this run's.
+    # the pipeline's output artifact: close_run's summary of both deployments
+    summary = json.loads((Path(task.output.path) / SUMMARY_FILE).read_text())
+    # The deployments may come from the cache (an earlier run); the MLflow run is this run's.
     run_id = tracking.find_pipeline_run(run_name)
-    summary.update(pipeline_run=run_name, profile=profile, deployment=deployment.path, mlflow_run_id=run_id,
-                   mlflow_url=tracking.run_url(run_id), front=str(Path(deployment.path) / summary["front"]))
+    summary.update(pipeline_run=run_name, profile=profile, mlflow_run_id=run_id, mlflow_url=tracking.run_url(run_id))
     if summary_path is not None:
         summary_path.parent.mkdir(parents=True, exist_ok=True)
         summary_path.write_text(json.dumps(summary, indent=1) + "\n")
@@ -122,10 +122,17 @@ def _times(speedup: float | None) -> str:
 
 
 def describe(summary: dict) -> str:
+    lines = _describe_qa(summary) if "student" in summary else []
+    if "generation" in summary:
+        lines += _describe_generation(summary["generation"])
+    return "\n".join([*lines, f"mlflow       {summary['mlflow_url']}"])
+
+
+def _describe_qa(summary: dict) -> list[str]:
     teacher, student, backend = summary["teacher"], summary["student"], summary["backend"]
     model = summary["mlflow_model"]
     speedup = summary["speedup_vs_litert_fp32_teacher"]
-    return "\n".join([
+    return [
         f"teacher      EM {teacher['exact_match']:.2f}  F1 {teacher['f1']:.2f}  ({teacher['dir']})",
         f"student      EM {student['exact_match']:.2f}  F1 {student['f1']:.2f}  {student['config']}, "
         f"{student['params'] / 1e6:.1f}M params, {student['flops'] / 1e9:.2f} GFLOPs at {student['seq_len']} tokens",
@@ -138,8 +145,20 @@ def describe(summary: dict) -> str:
           f"{_times(s['speedup_vs_litert_fp32_teacher'])} vs LiteRT fp32 teacher"
           for kind, entries in (("searched", summary.get("students", [])), ("baseline", summary.get("baseline", [])))
           for s in entries),
-        f"mlflow       {summary['mlflow_url']}",
-    ])
+    ]
+
+
+def _describe_generation(generation: dict) -> list[str]:
+    teacher, student, model = generation["teacher"], generation["student"], generation["mlflow_model"]
+    return [
+        f"generation   teacher perplexity {teacher['perplexity']:.2f}, llama.cpp {teacher['ms_per_token']:.2f} "
+        f"ms/token ({teacher['gguf']})",
+        f"             student perplexity {student['perplexity']:.2f}, {student['backend']} "
+        f"{student['ms_per_token']:.2f} ms/token, {_times(student['speedup_vs_llamacpp_teacher'])} vs llama.cpp "
+        f"teacher, {student['config']}",
+        f"             {generation['registry_uri']}; alias {'moved' if model['promoted'] else 'not moved'}: "
+        f"{model['reason']}",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mlflow-port", type=int, default=services.MLFLOW_PORT, help="if not running yet")
     parser.add_argument("--s3-port", type=int, default=services.S3_PORT, help="if not running yet")
     parser.add_argument("--lab-port", type=int, default=rpc.DEFAULT_PORT, help="tracker, if not running")
+    parser.add_argument("--app", dest="apps", action="append", choices=APPS,
+                        help="a chain to run (repeatable; default: all of them)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE:KEY=VALUE",
                         help="override one config value of one stage, e.g. compile:trials=0")
     args = parser.parse_args(argv)
@@ -166,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with running_services(args.mlflow_port, args.s3_port, args.lab_port):
             summary = run(args.profile, args.device, args.budgets or [], overrides,
-                          resolve_path(PIPELINE_ROOT), resolve_path(SUMMARY))
+                          resolve_path(PIPELINE_ROOT), resolve_path(SUMMARY), tuple(args.apps or APPS))
     except (services.ServiceError, devices.DeviceLabError, tracking.TrackingError) as e:
         print(f"canao-compress: error: {e}", file=sys.stderr)
         return 2

@@ -150,11 +150,9 @@ def lm_backend(model_dir: Path, manifest: dict, cfg: ServeConfig) -> str:
     has no llama.cpp), else PyTorch; a file never scored is not served."""
     if cfg.lm_backend != "auto":
         return cfg.lm_backend
-    from canao.lm.gguf import exported_gguf
+    from canao.lm.gguf import exported_gguf, scored_within
 
-    metrics = manifest.get("metrics", {})
-    exported, own = metrics.get("gguf_perplexity"), metrics.get("perplexity")
-    if (exported_gguf(model_dir) and exported and own and exported <= own * (1 + cfg.lm_perplexity_tol)
+    if (exported_gguf(model_dir) and scored_within(manifest.get("metrics", {}), cfg.lm_perplexity_tol)
             and importlib.util.find_spec("llama_cpp") is not None):
         return "llama.cpp"
     return "torch"

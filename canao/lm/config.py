@@ -1,13 +1,21 @@
 """The configs of the generation family's stages: the decoder teacher, its text corpus, the
 elastic decoder and its space, the decode latency models, search-lm, finalize-lm,
-compile-lm and the generation benchmark.
+compile-lm, the generation benchmark and deploy-lm.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from canao.config import REUSE_OTHER_HARDWARE, ConfigError, KDConfig, TrainConfig, check_min_speedup, check_samples
+from canao.config import (
+    REUSE_OTHER_HARDWARE,
+    ConfigError,
+    KDConfig,
+    ServeConfig,
+    TrainConfig,
+    check_min_speedup,
+    check_samples,
+)
 
 
 @dataclass(frozen=True)
@@ -237,3 +245,22 @@ class LMSearchConfig:
             raise ConfigError(f"objective: {self.objective!r} is not one of {', '.join(LM_OBJECTIVES)}")
         check_min_speedup(self.min_speedup)
         _check_torch_device(self.torch_device)
+
+
+@dataclass(frozen=True)
+class LMDeployConfig:
+    """The generation student's registry entry and the rule of which measured backend serves it."""
+
+    model_name: str = "canao-generation"  # registry name: s3://<bucket>/models/<model_name>/<version>/, and MLflow's
+    bucket: str = "canao"  # S3 bucket of the registry (endpoint and credentials come from the environment)
+    alias: str = "production"  # MLflow Model Registry alias moved to the new version, if it passes the gate:
+    max_perplexity: float = 0.0  # its held-out perplexity at most this (0: no ceiling), and no higher than the holder's
+    max_ms_per_token: float = 0.0  # its ms per token on the device at most this (0: no ceiling)
+    # The fastest measured backend serves, llama.cpp (the GGUF export) only where finalize-lm scored the
+    # file within this relative perplexity of PyTorch: serving's own rule (ServeConfig.lm_perplexity_tol).
+    perplexity_tol: float = ServeConfig.lm_perplexity_tol
+
+    def __post_init__(self):
+        for name in ("max_perplexity", "max_ms_per_token", "perplexity_tol"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")

@@ -111,6 +111,14 @@ class GGUFModel:
         return torch.from_numpy(np.array(self.llm.scores[: len(ids)]))
 
 
+def scored_within(metrics: dict, tol: float) -> bool:
+    """Whether finalize-lm scored a model's GGUF export (manifest metric `gguf_perplexity`, llama.cpp's
+    own perplexity of the file) within relative `tol` of the model's PyTorch perplexity (`perplexity`):
+    the rule by which llama.cpp may serve it. A file never scored is not within."""
+    exported, own = metrics.get("gguf_perplexity"), metrics.get("perplexity")
+    return bool(exported and own and exported <= own * (1 + tol))
+
+
 def gguf_model(model_dir: str | Path, threads: int) -> GGUFModel:
     """The GGUFModel of `model_dir`'s own GGUF export, in windows of the perplexity protocol."""
     path = exported_gguf(model_dir)

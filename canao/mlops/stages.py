@@ -28,14 +28,17 @@ from pathlib import Path
 from canao.codesign.pareto import FRONT_JSON, FRONT_PNG, TrialHook
 from canao.config import DeployConfig, config_hash, resolve_path, to_dict
 from canao.lab.devices import Device
+from canao.lm.bench import bench_generation
 from canao.lm.compile import compile_lm
+from canao.lm.config import GenBenchConfig, LMDeployConfig
 from canao.lm.data import build_corpus
 from canao.lm.distill import train_decoder_supernet
 from canao.lm.finalize import finalize_student
+from canao.lm.gguf import exported_gguf, scored_within
 from canao.lm.latency import fit_decoder_latency_model
 from canao.lm.search import search_lm
-from canao.lm.teacher import save_teacher
-from canao.manifest import read_manifest, staged_dir, verify_manifest, write_manifest, write_records
+from canao.lm.teacher import save_teacher, teacher_gguf
+from canao.manifest import read_manifest, staged_dir, verify_manifest, verify_stage, write_manifest, write_records
 from canao.mlops import tracking
 from canao.mlops.registry import COMPILED_DIR, MODEL_DIR, Registry, content_version, directory_files
 from canao.profiles import load_config
@@ -51,6 +54,7 @@ from canao.qa.teacher import train_teacher
 
 CACHE_DIR = "outputs/cache"  # relative to the project root; env CANAO_CACHE_DIR overrides
 RECORDS = "records.json"
+TEACHER_RECORDS = "teacher_records.json"  # benchmark-lm: llama.cpp on the teacher's GGUF, the peer
 DEPLOYMENT = "deployment.json"
 
 
@@ -236,6 +240,28 @@ def model_stats(model_dir: Path, seq_len: int) -> dict:
             "seq_len": seq_len}
 
 
+def _push_and_register(cfg, files: dict[str, Path], metadata: dict, context: Context, tags: dict[str, str],
+                       figures: dict[str, float], gate: tracking.Gate) -> tuple[str, str, dict]:
+    """`files` pushed to the S3 registry as `cfg.model_name`'s version named by their content (a
+    version already there is reused) with `metadata` in its manifest, and, in a tracked run,
+    registered in MLflow with `tags` and `figures`, `cfg.alias` moved to it if it passes `gate`.
+    Returns (registry URI, version, promotion)."""
+    version = content_version(files)
+    registry = Registry(cfg.bucket)
+    if registry.has_version(cfg.model_name, version):
+        print(f"{registry.uri(cfg.model_name, version)}: this content is already in the registry; reusing it")
+    else:
+        registry.push(cfg.model_name, version, files, metadata)
+    uri = registry.uri(cfg.model_name, version)
+    promotion = {"version": None, "promoted": False, "reason": "no MLflow run"}
+    if context.parent_run_id:
+        promotion = tracking.register_model(cfg.model_name, uri, context.parent_run_id, cfg.alias,
+                                            {"registry_version": version, **tags}, figures, gate)
+        print(f"deploy: {cfg.model_name} {'promoted' if promotion['promoted'] else 'not promoted'}: "
+              f"{promotion['reason']}", flush=True)
+    return uri, version, promotion
+
+
 def run_deploy(cfg: DeployConfig, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
     """Choose the serving backend from the measurements, push the student and its compiled
     artifact to the S3 registry, register that version in MLflow under `cfg.alias`. With a
@@ -256,28 +282,15 @@ def run_deploy(cfg: DeployConfig, inputs: dict[str, Path], out_dir: Path, contex
     student_files = {rel: path for rel, path in directory_files(inputs["model"], MODEL_DIR).items()
                      if not rel.startswith((f"{MODEL_DIR}/{BASELINE_DIR}/", f"{MODEL_DIR}/{BUDGETS_DIR}/"))}
     files = {**student_files, **directory_files(inputs["compiled"], f"{COMPILED_DIR}/{device}")}
-    version = content_version(files)
-    registry = Registry(cfg.bucket)
-    if registry.has_version(cfg.model_name, version):
-        print(f"{registry.uri(cfg.model_name, version)}: this content is already in the registry; reusing it")
-    else:
-        registry.push(cfg.model_name, version, files, {
+    uri, version, promotion = _push_and_register(
+        cfg, files, {
             "metrics": {"exact_match": student["exact_match"], "f1": student["f1"], "p50_ms": choice["p50_ms"],
                         "p90_ms": choice["p90_ms"], "speedup_vs_litert_fp32_teacher": speedup, **stats},
             "backends": {device: choice},
             "lineage": {"teacher": {"dir": teacher["dir"], "content": content_id(inputs["teacher"])},
                         "pipeline_run": context.pipeline_run, "mlflow_run_id": context.parent_run_id},
-        })
-    uri = registry.uri(cfg.model_name, version)
-    promotion = None
-    if context.parent_run_id:
-        promotion = tracking.register_model(cfg.model_name, uri, context.parent_run_id, cfg.alias,
-                                            {"registry_version": version, "device": device,
-                                             "backend": choice["backend"]},
-                                            {"f1": student["f1"], "p50_ms": choice["p50_ms"]},
-                                            tracking.Gate(cfg.min_f1, cfg.max_p50_ms))
-        print(f"deploy: {'promoted' if promotion['promoted'] else 'not promoted'}: {promotion['reason']}",
-              flush=True)
+        }, context, {"device": device, "backend": choice["backend"]},
+        {"f1": student["f1"], "p50_ms": choice["p50_ms"]}, tracking.Gate("f1", cfg.min_f1, "p50_ms", cfg.max_p50_ms))
     deployment = {
         "teacher": teacher,
         # `canao deploy` without --teacher ships the teacher itself.
@@ -291,8 +304,7 @@ def run_deploy(cfg: DeployConfig, inputs: dict[str, Path], out_dir: Path, contex
         **_finalized_budgets(inputs["model"]),
         "registry_uri": uri,
         "registry_version": version,
-        "mlflow_model": {"name": cfg.model_name, "alias": cfg.alias,
-                         **(promotion or {"version": None, "promoted": False, "reason": "no MLflow run"})},
+        "mlflow_model": {"name": cfg.model_name, "alias": cfg.alias, **promotion},
     }
 
     def fill(staging: Path) -> dict:
@@ -341,6 +353,95 @@ def run_compile_lm(cfg, inputs: dict[str, Path], out_dir: Path, context: Context
     return compile_lm(inputs["model"], context.device, cfg, out_dir)
 
 
+# What a generation student may be served by (canao serve's lm_backend), timed by benchmark-lm.
+LM_SERVED_BACKENDS = ("llama.cpp", "torch")
+
+
+def run_benchmark_lm(cfg: GenBenchConfig, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
+    """The generation student timed generating in each backend that may serve it (llama.cpp on
+    its GGUF export, PyTorch), then llama.cpp on the teacher's GGUF file, the peer its speed-up
+    is over, on the device at each of `cfg.contexts`."""
+    student = bench_generation(inputs["model"], None, context.device, LM_SERVED_BACKENDS, cfg)
+    teacher = bench_generation(None, None, context.device, ("llama.cpp",), cfg)
+
+    def fill(staging: Path) -> dict:
+        write_records(student, staging / RECORDS)
+        write_records(teacher, staging / TEACHER_RECORDS)
+        metrics = {field: {f"{r.backend}_{r.context}": getattr(r, field) for r in student}
+                   for field in ("ms_per_token", "time_to_first_token_ms")}
+        metrics["teacher_llama_cpp_ms_per_token"] = {str(r.context): r.ms_per_token for r in teacher}
+        return write_manifest(staging, "benchmark-lm", to_dict(cfg), metrics,
+                              inputs={name: str(path) for name, path in inputs.items()},
+                              config_hash=config_hash(cfg), device=context.device.key)
+
+    return _write_through_staging(out_dir, fill)
+
+
+def run_deploy_lm(cfg: LMDeployConfig, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
+    """The generation student's deployment: the fastest backend benchmark-lm timed (per token, at
+    its longest context) of those that may serve it (llama.cpp only where finalize-lm scored the
+    GGUF export within `cfg.perplexity_tol` of PyTorch), its speed-up over llama.cpp on the
+    teacher's GGUF, the student pushed to the S3 registry and registered in MLflow under `cfg.alias`
+    if its held-out perplexity passes the gate."""
+    model = verify_stage(inputs["model"], "finalize-lm", "a finalized generation student (finalize-lm)")
+    metrics = model["metrics"]
+    benchmark = verify_stage(inputs["benchmark"], "benchmark-lm", "a generation benchmark (benchmark-lm)")
+    device = benchmark["device"]
+    rows, peer = (json.loads((inputs["benchmark"] / name).read_text())["records"]
+                  for name in (RECORDS, TEACHER_RECORDS))
+    context_len = max(r["context"] for r in rows)
+    servable = [r for r in rows if r["context"] == context_len
+                and (r["backend"] != "llama.cpp" or scored_within(metrics, cfg.perplexity_tol))]
+    choice = min(servable, key=lambda r: r["ms_per_token"])
+    teacher_ms = next(r["ms_per_token"] for r in peer if r["context"] == context_len)
+    backend = {"backend": choice["backend"], "context": context_len, "ms_per_token": choice["ms_per_token"],
+               "time_to_first_token_ms": choice["time_to_first_token_ms"],
+               "candidates": [{k: r[k] for k in ("backend", "context", "ms_per_token", "time_to_first_token_ms")}
+                              for r in rows]}
+    speedup = teacher_ms / choice["ms_per_token"]
+    gguf = exported_gguf(inputs["model"])
+    student = {"dir": str(inputs["model"]), "gguf": str(gguf) if gguf else None, "config": model["config"]["subnet"],
+               "backend": choice["backend"], "ms_per_token": choice["ms_per_token"],
+               "time_to_first_token_ms": choice["time_to_first_token_ms"], "speedup_vs_llamacpp_teacher": speedup,
+               **{k: metrics[k] for k in ("perplexity", "gguf_perplexity", "perplexity_vs_teacher",
+                                          "greedy_agreement", "parameters")}}
+    teacher = {"dir": str(inputs["teacher"]), "gguf": str(teacher_gguf()), "perplexity": metrics["teacher_perplexity"],
+               "ms_per_token": teacher_ms}
+    uri, version, promotion = _push_and_register(
+        cfg, directory_files(inputs["model"], MODEL_DIR), {
+            "metrics": {k: student[k] for k in ("perplexity", "gguf_perplexity", "greedy_agreement", "ms_per_token",
+                                                "time_to_first_token_ms", "speedup_vs_llamacpp_teacher")},
+            "backends": {device: backend},
+            "lineage": {"teacher": {"dir": teacher["dir"], "content": content_id(inputs["teacher"])},
+                        "pipeline_run": context.pipeline_run, "mlflow_run_id": context.parent_run_id},
+        }, context, {"device": device, "backend": choice["backend"]},
+        {"perplexity": student["perplexity"], "ms_per_token": choice["ms_per_token"]},
+        tracking.Gate("perplexity", cfg.max_perplexity, "ms_per_token", cfg.max_ms_per_token))
+    student["registry_uri"] = uri
+    deployment = {
+        "teacher": teacher,
+        "student": student,
+        # every finalized front point; finalize-lm finalizes the search's chosen one
+        "students": [student],
+        "device": device,
+        "backend": backend,
+        "speedup_vs_llamacpp_teacher": speedup,
+        "registry_uri": uri,
+        "registry_version": version,
+        "mlflow_model": {"name": cfg.model_name, "alias": cfg.alias, **promotion},
+    }
+
+    def fill(staging: Path) -> dict:
+        (staging / DEPLOYMENT).write_text(json.dumps(deployment, indent=1))
+        return write_manifest(staging, "deploy-lm", to_dict(cfg),
+                              {"ms_per_token": choice["ms_per_token"], "perplexity": student["perplexity"],
+                               "speedup_vs_llamacpp_teacher": speedup},
+                              inputs={name: str(path) for name, path in inputs.items()},
+                              config_hash=config_hash(cfg), registry_uri=uri, backend=choice["backend"])
+
+    return _write_through_staging(out_dir, fill)
+
+
 Runner = Callable[[object, dict[str, Path], Path, Context], dict]
 
 # stage -> (config name in configs/<profile>/, runner)
@@ -353,7 +454,7 @@ RUNNERS: dict[str, tuple[str, Runner]] = {
     "compile": ("compile", run_compile),
     "benchmark": ("bench", run_benchmark),
     "deploy": ("deploy", run_deploy),
-    # the generation chain (its pipeline wiring comes with the generation issue)
+    # the generation chain
     "lm-teacher": ("lm-teacher", run_lm_teacher),
     "lm-data": ("lm-data", run_lm_data),
     "distill-lm": ("distill-lm", run_distill_lm),
@@ -361,6 +462,8 @@ RUNNERS: dict[str, tuple[str, Runner]] = {
     "search-lm": ("search-lm", run_search_lm),
     "finalize-lm": ("finalize-lm", run_finalize_lm),
     "compile-lm": ("compile-lm", run_compile_lm),
+    "benchmark-lm": ("bench-lm", run_benchmark_lm),
+    "deploy-lm": ("deploy-lm", run_deploy_lm),
 }
 
 

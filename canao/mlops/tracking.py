@@ -181,21 +181,36 @@ def log_front(run_id: str, front_json: str | Path, front_png: str | Path | None 
 STALE_LOCK_SECONDS = 600
 
 
+# The figures a gate judges: quality ones by which way is better, latency ones (lower is better) by how
+# their refusal reads.
+HIGHER_IS_BETTER = {"f1": True, "perplexity": False}
+LATENCY_READS = {"p50_ms": "p50 {:.2f} ms", "ms_per_token": "{:.2f} ms per token"}
+
+
 @dataclass(frozen=True)
 class Gate:
-    """What a version must show before an alias moves to it."""
+    """What a version must show before an alias moves to it: its quality figure within a bound and
+    no worse than the alias holder's, its latency figure under a ceiling. Bounds are named as the
+    deploy config names them: min_<quality> (higher is better) or max_<quality>, max_<latency>."""
 
-    min_f1: float  # its held-out F1 at least this (0: no floor)
-    max_p50_ms: float  # its p50 latency at most this (0: no ceiling)
+    quality: str  # a key of HIGHER_IS_BETTER: "f1" (QA, held-out) or "perplexity" (generation, held-out)
+    quality_bound: float  # the floor (higher is better) or ceiling of `quality`; 0: none
+    latency: str  # a key of LATENCY_READS: "p50_ms" (QA) or "ms_per_token" (generation)
+    max_latency: float  # the ceiling of `latency`; 0: none
+
+    def __post_init__(self):
+        if self.quality not in HIGHER_IS_BETTER or self.latency not in LATENCY_READS:
+            raise ValueError(f"Gate: quality must be one of {', '.join(HIGHER_IS_BETTER)} and latency one of "
+                             f"{', '.join(LATENCY_READS)}, got {self.quality!r} and {self.latency!r}")
 
 
 def register_model(name: str, source_uri: str, run_id: str, alias: str, tags: dict[str, str],
                    figures: dict[str, float], gate: Gate) -> dict:
-    """A Model Registry version of `name` pointing at `source_uri`, its `figures` ("f1", "p50_ms")
-    kept as tags; `alias` moves to it only if it passes `gate` and its F1 is no lower than that of
-    the version the alias holds, checked and moved under the alias's promotion lock (one
-    compare-and-set, whatever else deploys at the same time). Returns {"version", "promoted",
-    "reason", "previous"} (previous: the version the alias held, or None)."""
+    """A Model Registry version of `name` pointing at `source_uri`, its `figures` (`gate`'s quality
+    and latency among them) kept as tags; `alias` moves to it only if it passes `gate` and its
+    quality is no worse than that of the version the alias holds, checked and moved under the
+    alias's promotion lock (one compare-and-set, whatever else deploys at the same time). Returns
+    {"version", "promoted", "reason", "previous"} (previous: the version the alias held, or None)."""
     mlflow = client()
     try:
         mlflow.get_registered_model(name)
@@ -223,14 +238,24 @@ def register_model(name: str, source_uri: str, run_id: str, alias: str, tags: di
 
 def _refusal(figures: dict[str, float], gate: Gate, holder) -> str | None:
     """Why a version with `figures` must not take the alias from `holder` (a ModelVersion or None)."""
-    f1, ms = figures["f1"], figures["p50_ms"]
-    if gate.min_f1 and f1 < gate.min_f1:
-        return f"F1 {f1:.2f} is below the deploy config's min_f1 {gate.min_f1:g}"
-    if gate.max_p50_ms and ms > gate.max_p50_ms:
-        return f"p50 {ms:.2f} ms is over the deploy config's max_p50_ms {gate.max_p50_ms:g}"
-    held = holder.tags.get("f1") if holder else None
-    if held is not None and f1 < float(held):
-        return f"F1 {f1:.2f} is below the F1 {float(held):.2f} of version {holder.version}, which the alias holds"
+    quality, ms = figures[gate.quality], figures[gate.latency]
+    higher = HIGHER_IS_BETTER[gate.quality]
+    name = "F1" if gate.quality == "f1" else gate.quality
+    worse, bound = ("below", "min") if higher else ("above", "max")
+
+    def worse_than(reference: float) -> bool:
+        return quality < reference if higher else quality > reference
+
+    if gate.quality_bound and worse_than(gate.quality_bound):
+        return (f"{name} {quality:.2f} is {worse} the deploy config's {bound}_{gate.quality} "
+                f"{gate.quality_bound:g}")
+    if gate.max_latency and ms > gate.max_latency:
+        return (f"{LATENCY_READS[gate.latency].format(ms)} is over the deploy config's max_{gate.latency} "
+                f"{gate.max_latency:g}")
+    held = holder.tags.get(gate.quality) if holder else None
+    if held is not None and worse_than(float(held)):
+        return (f"{name} {quality:.2f} is {worse} the {name} {float(held):.2f} of version {holder.version}, "
+                "which the alias holds")
     return None
 
 

@@ -1,7 +1,9 @@
 """canao-compress (tiny profile) with kfp's local runner against the real MLflow server,
 SeaweedFS S3 store and device lab on 127.0.0.1: teacher -> distill -> latency -> search ->
-finalize -> compile and benchmark (student and teacher) -> deploy; a failed run resumes from
-its finished stages, and MLflow's REST API and the S3 bucket hold what the summary says."""
+finalize -> compile and benchmark (student and teacher) -> deploy, and the generation chain
+lm-teacher, lm-data -> distill-lm -> latency-lm -> search-lm -> finalize-lm -> benchmark-lm ->
+deploy-lm; a failed run resumes from its finished stages, and MLflow's REST API and the S3
+bucket hold what the summary says."""
 
 import json
 import os
@@ -24,6 +26,9 @@ from canao.mlops import services, tracking
 from canao.mlops.registry import Registry
 from pipelines import local
 from tests.integration.conftest import live_processes, running_lab, running_services
+
+GENERATION_STAGES = ("lm-teacher", "lm-data", "distill-lm", "latency-lm", "search-lm", "finalize-lm", "benchmark-lm",
+                     "deploy-lm")
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +66,18 @@ def test_pipeline_resumes_after_a_failed_stage_and_records_what_its_summary_says
     # finalize times only what it trains beyond the student; here the student alone, which the
     # compile and benchmark tasks time
     overrides = {"compile": [f"tuning_dir={tuning}"], "latency": [f"compile.tuning_dir={tuning}"],
-                 "finalize": ["benchmark=false"]}
+                 "finalize": ["benchmark=false"],
+                 # the decoder latency model on llama.cpp alone: TVM's decoders have tests of their own
+                 "latency-lm": ["backends=[llama.cpp]"]}
     budgets = [25.0, 10.0]
-    # No device lab: the stages that need none (teacher, distill, compile) may finish, the
-    # first that measures on the device (latency, benchmark) fails.
+    # No device lab: the stages that need none (teacher, distill, compile, and the generation chain,
+    # which times on this machine) may finish, the first that measures through the lab (latency,
+    # benchmark) fails.
     monkeypatch.setenv("CANAO_LAB_DIR", str(root / "no-lab"))
     with pytest.raises(RuntimeError, match="latency|benchmark"):
         local.run("tiny", "x86-1t", budgets, overrides, root / "runs", None)
     finished = Counter(p.parent.parent.name for p in (root / "cache").glob("*/*/manifest.json"))
-    assert finished["teacher"] == 1 and set(finished) <= {"teacher", "distill", "compile"}
+    assert finished["teacher"] == 1 and set(finished) <= {"teacher", "distill", "compile", *GENERATION_STAGES}
     mlflow = tracking.client()
     runs = mlflow.search_runs([mlflow.get_experiment_by_name(tracking.EXPERIMENT).experiment_id],
                               filter_string="tags.`canao.kind` = 'pipeline'")
@@ -104,7 +112,8 @@ def test_pipeline_resumes_after_a_failed_stage_and_records_what_its_summary_says
     assert tags["device"] == "x86-1t" and tags["profile"] == "tiny" and len(tags["git_commit"]) == 40
     assert tags["registry_uri"] == summary["registry_uri"]
     children = child_runs(summary["mlflow_run_id"], run["info"]["experiment_id"])
-    tasks = Counter(teacher=1, distill=1, latency=1, search=1, finalize=1, compile=2, benchmark=2, deploy=1)
+    tasks = Counter(teacher=1, distill=1, latency=1, search=1, finalize=1, compile=2, benchmark=2, deploy=1,
+                    **dict.fromkeys(GENERATION_STAGES, 1))
     assert Counter((name, t["cached"]) for name, t in children if "cached" in t) == Counter(
         {**{(stage, "true"): n for stage, n in finished.items()},
          **{(stage, "false"): n - finished[stage] for stage, n in tasks.items() if n > finished[stage]}})
@@ -128,6 +137,26 @@ def test_pipeline_resumes_after_a_failed_stage_and_records_what_its_summary_says
     assert {"model/model.safetensors", "compiled/x86-1t/tvm/model.so", "compiled/x86-1t/manifest.json"} <= set(
         manifest["files"])
     assert manifest["lineage"]["mlflow_run_id"] == summary["mlflow_run_id"]
+
+    # Generation: the deployed student, in the registry with its GGUF export, under the tiny alias.
+    generation = summary["generation"]
+    lm_student, lm_teacher = generation["student"], generation["teacher"]
+    assert {"dir", "gguf", "perplexity", "speedup_vs_llamacpp_teacher", "registry_uri"} <= set(lm_student)
+    assert {"dir", "gguf", "perplexity", "ms_per_token"} <= set(lm_teacher)
+    assert generation["students"] == [lm_student] and "greedy_agreement" in lm_student
+    assert lm_student["speedup_vs_llamacpp_teacher"] == pytest.approx(
+        lm_teacher["ms_per_token"] / lm_student["ms_per_token"])
+    assert lm_student["backend"] == generation["backend"]["backend"] in ("llama.cpp", "torch")
+    assert generation["registry_uri"] in local.describe(summary) and tags["generation_registry_uri"] == \
+        generation["registry_uri"]
+    lm_version = rest("registered-models/alias", name="canao-generation", alias="tiny")["model_version"]
+    assert lm_version["source"] == generation["registry_uri"] == lm_student["registry_uri"]
+    assert generation["mlflow_model"]["promoted"] and generation["mlflow_model"]["version"] == lm_version["version"]
+    lm_manifest = Registry("canao").manifest("canao-generation", generation["registry_version"])
+    assert {"model/model.safetensors", "model/model.gguf", "model/manifest.json"} <= set(lm_manifest["files"])
+    assert lm_manifest["backends"]["x86-1t"]["backend"] == lm_student["backend"]
+    artifacts = rest("artifacts/list", run_id=summary["mlflow_run_id"], path="generation")["files"]
+    assert [a["path"] for a in artifacts] == ["generation/deployment.json"]
 
 
 def test_front_and_candidates_are_logged_for_comparison(workspace, tmp_path):

@@ -327,7 +327,7 @@ def test_an_alias_moves_only_to_a_version_that_passes_the_gate_and_beats_its_hol
     from canao.mlops import tracking
 
     run_id = tracking.start_pipeline_run("promotion", {"device": "x86-1t", "profile": "tiny"}, {})
-    gate = tracking.Gate(min_f1=30.0, max_p50_ms=10.0)
+    gate = tracking.Gate("f1", 30.0, "p50_ms", 10.0)
 
     def deploy(source: str, f1: float, ms: float) -> dict:
         return tracking.register_model("gated", f"s3://b/models/gated/{source}/", run_id, "live", {},
@@ -352,6 +352,30 @@ def test_an_alias_moves_only_to_a_version_that_passes_the_gate_and_beats_its_hol
     assert tracking.model_source("gated", "live") == "s3://b/models/gated/v5/"
     monkeypatch.setattr(tracking, "STALE_LOCK_SECONDS", 0)  # ...unless that deploy died holding it
     assert deploy("v7", 70.0, 5.0)["promoted"] and tracking.model_source("gated", "live") == "s3://b/models/gated/v7/"
+
+
+def test_a_perplexity_gate_moves_the_alias_only_to_a_lower_perplexity(store):
+    """Generation's gate: lower is better, bounded by max_perplexity and max_ms_per_token."""
+    from canao.mlops import tracking
+
+    run_id = tracking.start_pipeline_run("lm-promotion", {"device": "x86-1t", "profile": "tiny"}, {})
+    gate = tracking.Gate("perplexity", 40.0, "ms_per_token", 20.0)
+
+    def deploy(source: str, perplexity: float, ms: float) -> dict:
+        return tracking.register_model("gated-lm", f"s3://b/models/gated-lm/{source}/", run_id, "live", {},
+                                       {"perplexity": perplexity, "ms_per_token": ms}, gate)
+
+    assert deploy("v1", 30.0, 10.0)["promoted"]
+    for source, perplexity, ms, why in (
+            ("v2", 35.0, 10.0, "perplexity 35.00 is above the perplexity 30.00 of version 1"),
+            ("v3", 50.0, 10.0, "above the deploy config's max_perplexity 40"),
+            ("v4", 20.0, 25.0, "25.00 ms per token is over the deploy config's max_ms_per_token 20")):
+        refused = deploy(source, perplexity, ms)
+        assert not refused["promoted"] and why in refused["reason"]
+    assert deploy("v5", 25.0, 10.0)["promoted"]
+    assert tracking.model_source("gated-lm", "live") == "s3://b/models/gated-lm/v5/"
+    with pytest.raises(ValueError, match="Gate: quality must be one of f1, perplexity"):
+        tracking.Gate("bleu", 0.0, "ms_per_token", 0.0)
 
 
 def test_the_exit_handler_ends_a_failed_pipelines_run_failed_and_leaves_a_succeeded_one(store):

@@ -22,7 +22,9 @@ def venv_tool(name: str) -> str:
 
 # compile-model-2 and benchmark-2: the teacher's, the baseline of the speed-up
 STAGE_TASKS = {"teacher", "distill", "latency", "search", "finalize", "compile-model", "benchmark",
-               "compile-model-2", "benchmark-2", "deploy"}
+               "compile-model-2", "benchmark-2", "deploy",
+               "lm-teacher", "lm-data", "distill-lm", "latency-lm", "search-lm", "finalize-lm", "benchmark-lm",
+               "deploy-lm"}
 
 
 def test_compiled_pipeline_runs_every_task_in_the_image_with_secrets_from_kubernetes(tmp_path):
@@ -43,7 +45,8 @@ def test_compiled_pipeline_runs_every_task_in_the_image_with_secrets_from_kubern
         # kfp's cache off (the tasks with side effects must run; canao's stage cache resumes), retries
         # on the tasks that are MLflow and S3 calls
         assert not task.get("cachingOptions", {}).get("enableCache"), name
-        assert ("retryPolicy" in task) == (name in {"open-run", "deploy", "close-run", "end-failed-run"}), name
+        assert ("retryPolicy" in task) == (name in {"open-run", "deploy", "deploy-lm", "close-run",
+                                                    "end-failed-run"}), name
     executors = spec["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {IMAGE}
     for name, executor in executors.items():  # requests equal to limits: a task gets what it is sized for
