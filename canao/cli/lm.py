@@ -68,7 +68,7 @@ def cmd_finalize_lm(args) -> None:
     cfg = load_config("finalize-lm", args.profile, args.config, args.overrides)
     manifest = finalize_student(cfg, args.supernet, args.search, args.out)
     m = manifest["metrics"]
-    keys = ("subnet", "perplexity", "teacher_perplexity", "perplexity_vs_teacher", "greedy_agreement",
+    keys = ("subnet", "perplexity", "teacher_perplexity", "perplexity_vs_teacher", "greedy_agreement", "top1_agreement",
             "predicted_ms_per_token", "measured_ms_per_token", "predicted_time_to_first_token_ms",
             "measured_time_to_first_token_ms")
     print(json.dumps({"model": str(Path(args.out).resolve()), **{k: m[k] for k in keys}}))

@@ -167,11 +167,19 @@ class LMFinalizeConfig:
     seq_len: int = 256  # tokens per training window: train.txt tokenized once, cut into consecutive windows
     max_windows: int = 0  # train on the first N windows only; 0 = all
     eval_tokens: int = 0  # held-out tokens scored for the student's and the teacher's perplexity; 0 = all
+    # greedy_agreement: the share of the teacher's greedy tokens the student's greedy continuation
+    # repeats, over `agreement_tokens` tokens after each of `agreement_prompts` held-out prompts
+    agreement_prompts: int = 50  # prompts spread evenly over the held-out text
+    agreement_prompt_tokens: int = 32  # tokens per prompt
+    agreement_tokens: int = 64  # greedy tokens compared after each prompt
     train: TrainConfig = field(default_factory=TrainConfig)
     torch_device: str = "cpu"  # where the teacher and the student run: "cpu", or "cuda" (a GPU torch sees)
 
     def __post_init__(self):
         _check_lm_training(self)
+        for name in ("agreement_prompts", "agreement_prompt_tokens", "agreement_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
 
 # The generation backends: TVM (compile-lm), PyTorch eager, llama.cpp (a GGUF file), LiteRT (the

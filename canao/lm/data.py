@@ -146,3 +146,35 @@ def perplexity(model, tokenizer, text: str, max_tokens: int = 0, progress: bool 
     if top1:
         result["top1"] = torch.cat(choices).cpu()
     return result
+
+
+def prompt_windows(tokenizer, text: str, count: int, length: int) -> torch.Tensor:
+    """`count` prompts of `length` tokens spread evenly over `text` (the first at its start, the
+    last at its end), [count, length] int64: the same prompts for every model scored on `text`."""
+    if count < 1 or length < 1:
+        raise ValueError(f"prompts: need count >= 1 and length >= 1, got {count} and {length}")
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    if len(ids) < length:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than one prompt of {length}")
+    return torch.stack([ids[start:start + length] for start in torch.linspace(0, len(ids) - length, count).long()])
+
+
+@torch.inference_mode()
+def greedy_tokens(model, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Each prompt's greedy continuation by a PyTorch causal LM, [P, new_tokens]: the most likely
+    token at every step, end-of-sequence tokens included (it does not stop a row)."""
+    prompts = prompts.to(next(model.parameters()).device)
+    out = model(input_ids=prompts, use_cache=True)
+    tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]  # [P, 1]
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=tokens[-1], past_key_values=out.past_key_values, use_cache=True)
+        tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    return torch.cat(tokens, 1).cpu()
+
+
+def greedy_agreement(model, reference_tokens: torch.Tensor, prompts: torch.Tensor) -> float:
+    """The share of `reference_tokens` (a teacher's `greedy_tokens` on `prompts`) that `model`'s own
+    greedy continuations of the same prompts repeat, position by position: generation's "does it
+    write what the teacher writes", where the teacher-forced top-1 agreement scores each position
+    on the teacher's own text."""
+    return float((greedy_tokens(model, prompts, reference_tokens.shape[1]) == reference_tokens).double().mean())

@@ -1,6 +1,7 @@
 """finalize-lm: the generation search's chosen point (the lowest perplexity within its latency
 budget) extracted into a standalone decoder and fine-tuned by the same distillation as
-distill-lm; its held-out perplexity and greedy agreement with the teacher in the manifest,
+distill-lm; its held-out perplexity and its agreement with the teacher in the manifest (greedy:
+of the tokens each writes after held-out prompts; top-1: on the held-out text itself),
 beside the latencies the search gave it (ms per token and time to first token, predicted, and
 measured where the search timed it again), and its GGUF export for llama.cpp beside it, with
 llama.cpp's own perplexity of that file (what serving's `lm_perplexity_tol` reads before it
@@ -21,7 +22,16 @@ from canao.codesign.pareto import FRONT_JSON, choose
 from canao.config import config_hash, to_dict
 from canao.hardware import torch_threads
 from canao.lm.config import LMFinalizeConfig
-from canao.lm.data import HELDOUT_FILE, TRAIN_FILE, perplexity, read_text_file, token_windows
+from canao.lm.data import (
+    HELDOUT_FILE,
+    TRAIN_FILE,
+    greedy_agreement,
+    greedy_tokens,
+    perplexity,
+    prompt_windows,
+    read_text_file,
+    token_windows,
+)
 from canao.lm.distill import corpus_file, distilled_teacher, lm_kd_loss, load_decoder_supernet, torch_device, trainable
 from canao.lm.gguf import GGUF_FILE, export_gguf, gguf_model
 from canao.lm.model import load_causal_lm, load_tokenizer
@@ -75,12 +85,15 @@ def finalize_student(cfg: LMFinalizeConfig, supernet_dir: str | Path, search_dir
                          for net in (student, teacher))
     exported = perplexity(gguf_model(out_dir, threads), tokenizer, heldout, cfg.eval_tokens,
                           progress=False)
+    prompts = prompt_windows(tokenizer, heldout, cfg.agreement_prompts, cfg.agreement_prompt_tokens)
+    written = greedy_agreement(student.eval(), greedy_tokens(teacher, prompts, cfg.agreement_tokens), prompts)
     stats.update(
         subnet=subnet.to_dict(), train_windows=len(windows), perplexity=round(scored["perplexity"], 3),
         teacher_perplexity=round(reference["perplexity"], 3), heldout_tokens=scored["tokens"],
         perplexity_vs_teacher=round(scored["perplexity"] / reference["perplexity"], 4),
         gguf_perplexity=round(exported["perplexity"], 3),
-        greedy_agreement=round(float((scored["top1"] == reference["top1"]).double().mean()), 4),
+        greedy_agreement=round(written, 4), agreement_prompts=len(prompts),
+        top1_agreement=round(float((scored["top1"] == reference["top1"]).double().mean()), 4),
         parameters=sum(p.numel() for p in student.parameters()), search_perplexity=point["perplexity"],
         search_objective=result["objective"],
         **{f"{kind}_{name}": point[f"{kind}_{name}"] for name in LATENCY_NAMES.values()

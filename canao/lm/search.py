@@ -59,7 +59,7 @@ def search_lm(cfg: LMSearchConfig, supernet_dir: str | Path, latency_dir: str | 
     `cfg.objective`: ms per generated token or time to first token) of a decoder supernet's
     subnets (a `canao distill-lm` output) on the device of a `canao latency-lm` model.
     Perplexity is that of the subnet with the supernet's weights on the supernet's held-out
-    text (the first `eval_tokens` tokens; canao.lm.data's protocol); beside it, its greedy
+    text (the first `eval_tokens` tokens; canao.lm.data's protocol); beside it, its top-1
     agreement with the teacher: the share of those positions where its most likely next token
     is the teacher's. The front's most accurate points are compiled and timed again. Output as
     `search`'s; each point's `predicted_ms` and `measured_ms` are the objective's, and it holds
@@ -86,7 +86,7 @@ def search_lm(cfg: LMSearchConfig, supernet_dir: str | Path, latency_dir: str | 
             scored = perplexity(extract(supernet, subnet).to(device), tokenizer, heldout, cfg.eval_tokens,
                                 progress=False, top1=True)
             scores[subnet] = {"perplexity": scored["perplexity"],
-                              "greedy_agreement": float((scored["top1"] == teacher["top1"]).double().mean())}
+                              "top1_agreement": float((scored["top1"] == teacher["top1"]).double().mean())}
         return scores[subnet]
 
     c = space.cfg

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from canao.config import PROJECT_ROOT
+from canao.apps import service
+from canao.config import PROJECT_ROOT, ServeConfig
 from canao.lab import devices, rpc
 from canao.mlops import services, tracking
 from canao.mlops.registry import Registry
@@ -157,6 +158,17 @@ def test_pipeline_resumes_after_a_failed_stage_and_records_what_its_summary_says
     assert lm_manifest["backends"]["x86-1t"]["backend"] == lm_student["backend"]
     artifacts = rest("artifacts/list", run_id=summary["mlflow_run_id"], path="generation")["files"]
     assert [a["path"] for a in artifacts] == ["generation/deployment.json"]
+    # What `canao serve --lm-model canao-generation@tiny` loads: the pulled student directory, GGUF included.
+    monkeypatch.setenv("CANAO_REGISTRY_CACHE", str(root / "pulled"))
+    pulled = service.pull_model("canao-generation@tiny", ServeConfig(), "--lm-model")
+    assert (pulled / "model.gguf").is_file() and pulled.name == "model"
+    decoder, info = service.load_lm(pulled, ServeConfig())
+    assert info.backend == decoder.backend in ("llama.cpp", "torch")
+
+    # One app alone: generation's chain, every stage from the cache, summarised without a QA block.
+    alone = local.run("tiny", "x86-1t", budgets, overrides, root / "runs", None, apps=("generation",))
+    assert "student" not in alone and alone["generation"]["registry_uri"] == generation["registry_uri"]
+    assert "generation" in local.describe(alone)
 
 
 def test_front_and_candidates_are_logged_for_comparison(workspace, tmp_path):

@@ -44,6 +44,27 @@ def test_corpus_holds_out_the_last_articles(tmp_path):
         data.build_corpus(cfg, tmp_path / "corpus")
 
 
+def test_greedy_agreement_compares_free_running_greedy_continuations(tiny_lm):
+    model, tokenizer = load_causal_lm(tiny_lm).eval(), load_tokenizer(tiny_lm)
+    text = "The quick brown fox jumps over the lazy dog. " * 6
+    prompts = data.prompt_windows(tokenizer, text, 3, 5)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert prompts.tolist()[0] == ids[:5] and prompts.tolist()[-1] == ids[-5:]  # spread from start to end
+    tokens = data.greedy_tokens(model, prompts, 6)
+    # the cached steps pick what a full forward pass over the grown sequence picks, step by step
+    grown = prompts
+    with torch.no_grad():
+        for step in range(6):
+            assert torch.equal(model(input_ids=grown).logits[:, -1].argmax(-1), tokens[:, step])
+            grown = torch.cat([grown, tokens[:, step:step + 1]], 1)
+    assert data.greedy_agreement(model, tokens, prompts) == 1.0
+    other = tokens.clone()
+    other[:, 3:] = (other[:, 3:] + 1) % model.config.vocab_size  # the last half written otherwise
+    assert data.greedy_agreement(model, other, prompts) == 0.5
+    with pytest.raises(ValueError, match="fewer than one prompt of"):
+        data.prompt_windows(tokenizer, "fox", 2, 50)
+
+
 def test_perplexity_scores_every_token_once(tiny_lm, monkeypatch):
     model, tokenizer = load_causal_lm(tiny_lm), load_tokenizer(tiny_lm)
     sample = "The quick brown fox jumps over the lazy dog. " * 6

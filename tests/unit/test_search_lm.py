@@ -63,9 +63,9 @@ def test_generation_search_returns_a_non_dominated_front(stages):
             assert not (t["perplexity"] < p["perplexity"] and t["predicted_ms"] < p["predicted_ms"])
     assert result["objective"] == "ms_per_token" and result["prompt_tokens"] == 44
     for p in front:
-        assert set(p) >= {"subnet", "perplexity", "greedy_agreement", "predicted_ms", "measured_ms", "params", "flops"}
+        assert set(p) >= {"subnet", "perplexity", "top1_agreement", "predicted_ms", "measured_ms", "params", "flops"}
         assert DecoderSubnet.from_dict(p["subnet"]) and p["perplexity"] > 1 and p["flops"] > 0
-        assert 0 <= p["greedy_agreement"] <= 1
+        assert 0 <= p["top1_agreement"] <= 1
         # the objective's prediction, and both latencies on the same backend
         assert p["predicted_ms"] == p["predicted_ms_per_token"] and p["predicted_time_to_first_token_ms"] > 0
     measured = [p for p in front if p["measured_ms"] is not None]
@@ -75,7 +75,7 @@ def test_generation_search_returns_a_non_dominated_front(stages):
     assert all(p["measured_time_to_first_token_ms"] is None for p in front if p["measured_ms"] is None)
     teacher = result["teacher"]
     assert teacher["subnet"] == {"num_layers": 2, "kv_heads": 2, "ffn_size": 128}
-    assert teacher["teacher_perplexity"] > 1 and 0 <= teacher["greedy_agreement"] <= 1
+    assert teacher["teacher_perplexity"] > 1 and 0 <= teacher["top1_agreement"] <= 1
     assert set(result["teacher"]["measured_ms_by_backend"]) == {"tvm", "llama.cpp"}
     assert teacher["measured_ms_by_backend"] == teacher["measured_ms_per_token_by_backend"]
     assert set(teacher["measured_time_to_first_token_ms_by_backend"]) == {"tvm", "llama.cpp"}
@@ -112,7 +112,8 @@ def test_finalize_lm_writes_the_chosen_student_fine_tuned(stages, capsys):
     assert m["subnet"] == chosen["subnet"] == manifest["config"]["subnet"] and m["steps"] == 4
     assert m["search_objective"] == "ms_per_token" and m["predicted_ms_per_token"] == chosen["predicted_ms"]
     assert m["predicted_time_to_first_token_ms"] == chosen["predicted_time_to_first_token_ms"]
-    assert m["perplexity"] > 1 and m["teacher_perplexity"] > 1 and 0 <= m["greedy_agreement"] <= 1
+    assert m["perplexity"] > 1 and m["teacher_perplexity"] > 1 and 0 <= m["top1_agreement"] <= 1
+    assert 0 <= m["greedy_agreement"] <= 1 and m["agreement_prompts"] == 4
     assert m["perplexity_vs_teacher"] == pytest.approx(m["perplexity"] / m["teacher_perplexity"], rel=1e-3)
     student = load_causal_lm(stages / "student")
     assert student.config.num_hidden_layers == chosen["subnet"]["num_layers"]
