@@ -129,14 +129,17 @@ def run_latency(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -
     return fit_latency_model(cfg, context.device, out_dir, inputs["teacher"])
 
 
-def _trial_logger(context: Context) -> TrialHook | None:
-    """A search's hook that logs each trial as a child run of the pipeline run, when it is tracked."""
-    return functools.partial(tracking.log_candidate, context.parent_run_id) if context.parent_run_id else None
+def _trial_logger(context: Context, stage: str) -> TrialHook | None:
+    """The `stage` search's hook that logs each trial as a child run of the pipeline run (tagged
+    with the stage), when it is tracked."""
+    if not context.parent_run_id:
+        return None
+    return functools.partial(tracking.log_candidate, context.parent_run_id, stage=stage)
 
 
 def run_search(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
     shutil.rmtree(out_dir, ignore_errors=True)  # search refuses an existing directory; a finished one is cached
-    return search(cfg, inputs["supernet"], inputs["latency"], out_dir, on_trial=_trial_logger(context))
+    return search(cfg, inputs["supernet"], inputs["latency"], out_dir, on_trial=_trial_logger(context, "search"))
 
 
 def run_finalize(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
@@ -341,7 +344,8 @@ def run_latency_lm(cfg, inputs: dict[str, Path], out_dir: Path, context: Context
 
 def run_search_lm(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
     shutil.rmtree(out_dir, ignore_errors=True)  # search-lm refuses an existing directory; a finished one is cached
-    return search_lm(cfg, inputs["supernet"], inputs["latency"], out_dir, on_trial=_trial_logger(context))
+    return search_lm(cfg, inputs["supernet"], inputs["latency"], out_dir,
+                     on_trial=_trial_logger(context, "search-lm"))
 
 
 def run_finalize_lm(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:

@@ -153,9 +153,9 @@ def log_stage(parent_run_id: str, stage: str, manifest: dict, cached: bool) -> s
     return run_id
 
 
-def log_candidate(parent_run_id: str, number: int, params: dict, metrics: dict) -> str:
-    """One search candidate as a child run (search's `on_trial` hook)."""
-    run_id = start_child_run(parent_run_id, f"candidate-{number}", {"stage": "search", "candidate": str(number)})
+def log_candidate(parent_run_id: str, number: int, params: dict, metrics: dict, stage: str = "search") -> str:
+    """One candidate of the `stage` search as a child run (its `on_trial` hook)."""
+    run_id = start_child_run(parent_run_id, f"candidate-{number}", {"stage": stage, "candidate": str(number)})
     log(run_id, params=params, metrics=metrics)
     end_run(run_id)
     return run_id
