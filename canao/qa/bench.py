@@ -92,16 +92,19 @@ def bench(artifact_dir: str | Path, model_dir: str | Path, device: Device, backe
 
 
 def timed_in_turn(targets: dict[str, tuple[Path, Path]], device: Device, backends: tuple[str, ...],
-                  cfg: BenchConfig, rounds: int) -> dict[str, list[dict[str, float]]]:
+                  cfg: BenchConfig, rounds: int, backends_of: dict[str, tuple[str, ...]] | None = None,
+                  ) -> dict[str, list[dict[str, float]]]:
     """`targets` (name -> (compiled artifact directory, model directory)) timed in turn, `rounds`
     times over, every timing in a process of its own: name -> one {backend: p50 ms} per round.
-    One process's p50 differs from the next one's by up to ~20 % on a shared 2-core machine (an
-    int8 student's read 7.9 to 9.6 ms over eight rounds, 2026-12-07), far more than within a
-    process; a decision on one timing flips with it. `median_ms` and `speedup` reduce the rounds."""
+    Each is timed on `backends`, or on what `backends_of` names for it. One process's p50 differs
+    from the next one's by up to ~20 % on a shared 2-core machine (an int8 student's read 7.9 to
+    9.6 ms over eight rounds, 2026-12-07), far more than within a process; a decision on one
+    timing flips with it. `median_ms`, `speedup` and `in_frame_of` reduce the rounds."""
     timings: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
     for _ in range(rounds):
         for name, (artifact_dir, model_dir) in targets.items():
-            timings[name].append({r.backend: r.p50_ms for r in bench(artifact_dir, model_dir, device, backends, cfg)})
+            timed_on = (backends_of or {}).get(name, backends)
+            timings[name].append({r.backend: r.p50_ms for r in bench(artifact_dir, model_dir, device, timed_on, cfg)})
     return timings
 
 
@@ -121,6 +124,15 @@ def speedup(reference: list[dict[str, float]], reference_backend: str, model: li
             backend: str) -> float:
     """The median of `paired_ratios`."""
     return float(np.median(paired_ratios(reference, reference_backend, model, backend)))
+
+
+def in_frame_of(reference: list[dict[str, float]], reference_backend: str, reference_ms: float,
+                model: list[dict[str, float]]) -> dict[str, float]:
+    """`model`'s ms on each backend as they would read where `reference` (timed in the same rounds)
+    reads `reference_ms` on `reference_backend`: `reference_ms` over the `speedup`. A budget made
+    from one timing of the reference thus judges timings made hours later on a machine that runs
+    faster or slower by then (the full run's whole machine ran 17 % faster one day than the day before)."""
+    return {backend: reference_ms / speedup(reference, reference_backend, model, backend) for backend in model[0]}
 
 
 def _tvm_version() -> str:

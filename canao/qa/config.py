@@ -221,6 +221,10 @@ class SearchConfig:
     remeasure: int = 8  # front points compiled and measured on the device (highest F1 first)
     # processes each of them is timed in, its ms their median (canao.qa.bench.timed_in_turn: why)
     remeasure_rounds: int = 1
+    # Each of them (and each baseline candidate) timed in turn with the teacher's shape on LiteRT fp32
+    # and its ms given in the latency stage's frame (canao.qa.bench.in_frame_of): the budget, made from
+    # the latency stage's timing of the teacher, then judges the ratio, not the machine's speed that hour.
+    timed_with_teacher: bool = False
     finalists: FinalistConfig = field(default_factory=FinalistConfig)  # re-ranking by short KD
     # The uniform baseline held to each budget as measured, as the student is: the largest uniform
     # subnets priced within the budget plus `baseline_slack` are measured in turn (at most

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from transformers import BertConfig
 from canao.codesign.latency_model import Family, Metric, measure_and_fit, sample_subnets
 from canao.config import config_hash, to_dict
 from canao.lab.devices import Device
-from canao.qa.bench import median_ms, timed_in_turn
+from canao.qa.bench import BASELINE, in_frame_of, median_ms, timed_in_turn
 from canao.qa.compile import compile_model
 from canao.qa.config import BenchConfig, BertShape, CompileConfig, LatencyConfig
 from canao.qa.model import load_tokenizer, subnet_config
@@ -42,23 +43,48 @@ def features(subnet: SubnetConfig, teacher: BertShape, seq_len: int) -> np.ndarr
 BERT_QA = Family("bert-qa", SubnetConfig, BertShape, (Metric("ms", features, flops),))  # p50 ms
 
 
+@dataclass(frozen=True)
+class Frame:
+    """A compiled model timed on BASELINE in turn with each measured subnet (`measure`), whose
+    figures are then given as they would read where it reads `ms`."""
+
+    artifact_dir: Path
+    model_dir: Path
+    ms: float
+
+
+FRAME = "frame"  # the frame model's name among the timed ones
+
+
+def shape_model(subnet: SubnetConfig, teacher_dir: Path, model_dir: Path) -> Path:
+    """A model of `subnet`'s shape with random weights (latency depends on the shape only) and
+    the teacher's tokenizer, saved to `model_dir`."""
+    torch.manual_seed(0)
+    CanaoBertForQuestionAnswering(subnet_config(BertConfig.from_pretrained(teacher_dir), subnet)).save_pretrained(
+        model_dir)
+    load_tokenizer(teacher_dir).save_pretrained(model_dir)
+    return model_dir
+
+
 def measure(subnet: SubnetConfig, teacher_dir: Path, device: Device, backends: tuple[str, ...],
-            compile_cfg: CompileConfig, bench_cfg: BenchConfig, work_dir: Path, rounds: int = 1) -> dict[str, float]:
-    """p50 latency (ms) of `subnet` on the device for each backend: a random-weight model of its
-    shape, compiled by the compiler stage (shared tuning database), timed with the benchmark
-    protocol, the median over `rounds` processes (`timed_in_turn`). `work_dir` is scratch space,
-    removed afterwards."""
+            compile_cfg: CompileConfig, bench_cfg: BenchConfig, work_dir: Path, rounds: int = 1,
+            frame: Frame | None = None) -> dict[str, float]:
+    """p50 latency (ms) of `subnet` on the device for each backend: a `shape_model`, compiled by the
+    compiler stage (shared tuning database), timed with the benchmark protocol, the median over
+    `rounds` processes (`timed_in_turn`); with a `frame`, timed in turn with it and given in its
+    frame (`in_frame_of`). `work_dir` is scratch space, removed afterwards."""
     shutil.rmtree(work_dir, ignore_errors=True)
-    model_dir = work_dir / "model"
     try:
-        torch.manual_seed(0)
-        CanaoBertForQuestionAnswering(subnet_config(BertConfig.from_pretrained(teacher_dir), subnet)).save_pretrained(
-            model_dir)
-        load_tokenizer(teacher_dir).save_pretrained(model_dir)
+        model_dir = shape_model(subnet, teacher_dir, work_dir / "model")
         cfg = dataclasses.replace(compile_cfg, peers=tuple(b for b in backends if b != "tvm"))
         compile_model(model_dir, device, cfg, work_dir / "compiled")
-        timings = timed_in_turn({"model": (work_dir / "compiled", model_dir)}, device, backends, bench_cfg, rounds)
-        return {backend: round(ms, 4) for backend, ms in median_ms(timings["model"]).items()}
+        targets = {"model": (work_dir / "compiled", model_dir)}
+        if frame is not None:
+            targets[FRAME] = (frame.artifact_dir, frame.model_dir)
+        timings = timed_in_turn(targets, device, backends, bench_cfg, rounds, {FRAME: (BASELINE,)})
+        ms = in_frame_of(timings[FRAME], BASELINE, frame.ms, timings["model"]) if frame else median_ms(
+            timings["model"])
+        return {backend: round(value, 4) for backend, value in ms.items()}
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 

@@ -6,9 +6,11 @@ with the supernet's shared weights on a held-out slice of the training file (the
 evaluation only) and by the latency model's prediction for the device (the fastest
 backend, i.e. what would be deployed), under a latency budget and an optional parameter
 budget (NSGA-II's constraint handling). The front's best points are compiled and measured
-on the device again. With `finalists`, each budget's best few points (measured to fit) are
-distilled briefly and re-ranked by that F1, which `choose` ships by: the supernet's own F1
-misranks the smallest students. Beside the front, the uniform baseline (canao.qa.space.uniform_baseline)
+on the device again (with `timed_with_teacher`, in turn with the teacher's shape and given in
+the frame of the latency stage's timing of it, which the budgets come from). With
+`finalists`, each budget's best few points (measured to fit) are distilled briefly and
+re-ranked by that F1, which `choose` ships by: the supernet's own F1 misranks the smallest
+students. Beside the front, the uniform baseline (canao.qa.space.uniform_baseline)
 at the same budget: what the search must beat. Output: front.json, front.png, manifest.json.
 """
 
@@ -52,10 +54,11 @@ from canao.codesign.pareto import (
 from canao.config import TrainConfig, config_hash, from_dict, resolve_path, to_dict
 from canao.manifest import read_manifest, sha256_file, write_manifest
 from canao.qa.bench import BASELINE
+from canao.qa.compile import compile_model
 from canao.qa.config import BenchConfig, CompileConfig, QAKDConfig, SearchConfig, SpaceConfig, SquadFeatureConfig
 from canao.qa.data import build_features, load_squad, postprocess, squad_score
 from canao.qa.distill import kept_targets_of, load_supernet, student_kd_loss, target_layers, teacher_targets
-from canao.qa.latency import BERT_QA, measure
+from canao.qa.latency import BERT_QA, Frame, measure, shape_model
 from canao.qa.model import load_tokenizer
 from canao.qa.predictor import QAPredictor
 from canao.qa.space import SearchSpace, SubnetConfig, flops, params, uniform_baseline, uniform_subnets
@@ -148,9 +151,19 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
     started_measure = time.perf_counter()
     budgets = [budget, *(b["latency_budget_ms"] for b in looser)]
 
+    frame_dir = out_dir / "teacher-shape"  # removed before the manifest is written
+    frame = None
+    if cfg.timed_with_teacher:
+        if BASELINE not in teacher_ms:
+            raise ValueError(f"timed_with_teacher: the latency model holds no {BASELINE} timing of the teacher's "
+                             f"shape (only {', '.join(teacher_ms)}); add {BASELINE} to the latency stage's backends")
+        compile_model(shape_model(space.largest(), supernet_dir / SUPERNET_DIR, frame_dir / "model"), device,
+                      dataclasses.replace(compile_cfg, peers=(BASELINE,)), frame_dir / "compiled")
+        frame = Frame(frame_dir / "compiled", frame_dir / "model", teacher_ms[BASELINE])
+
     def measured(subnet: SubnetConfig) -> dict[str, float]:
         return measure(subnet, supernet_dir / SUPERNET_DIR, device, tuple(latency.coefficients), compile_cfg,
-                       bench_cfg, out_dir / "work", cfg.remeasure_rounds)
+                       bench_cfg, out_dir / "work", cfg.remeasure_rounds, frame)
 
     remeasure(front, QA, cfg.remeasure, lambda subnet: measured(SubnetConfig.from_dict(subnet)), budgets,
               per_budget=max(1, cfg.finalists.count))
@@ -196,6 +209,9 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
     result["baseline"] = baseline_within(budget or point_ms(choose(result, QA)))
     result["front_budgets"] = [{**b, "baseline": baseline_within(b["latency_budget_ms"])} for b in looser]
     baseline_seconds = time.perf_counter() - started_baselines
+    shutil.rmtree(frame_dir, ignore_errors=True)
+    result["measured_frame"] = ({"model": "the teacher's shape", "backend": BASELINE, "ms": frame.ms}
+                                if frame else None)
     (out_dir / FRONT_JSON).write_text(json.dumps(result, indent=1) + "\n")
     plot_front(result, out_dir / FRONT_PNG, QA)
     metrics = {"search_seconds": round(search_seconds, 1), "remeasure_seconds": round(remeasure_seconds, 1),

@@ -50,7 +50,8 @@ def stages(tmp_path_factory, lab, litert_env):
     found = root / "search"
     # Deployed at the teacher's LiteRT fp32 speed, and a student for a budget twice as loose.
     search(load_config("search", "tiny", overrides=["min_speedup=1", "front_speedups=[0.5]", "remeasure_rounds=2",
-                                                    "baseline_tries=2"]), supernet, latency, found,
+                                                    "baseline_tries=2", "timed_with_teacher=true"]), supernet,
+           latency, found,
            on_trial=lambda number, params, metrics: trials.append((number, params, metrics)))
     student = root / "student"
     # Timed on LiteRT fp32 too: the speed-up and the search report are against the teacher on it.
@@ -123,6 +124,10 @@ def test_search_holds_the_uniform_baseline_at_the_shipped_points_latency(stages)
     assert subnet.layers[0] == 0 and len(set(subnet.heads)) == len(set(subnet.ffn_sizes)) == 1
     teacher_litert = result["teacher"]["measured_ms_by_backend"]["litert"]
     assert result["latency_budget_ms"] == teacher_litert  # min_speedup 1
+    # every re-measured point and baseline candidate timed in turn with the teacher's shape, in the frame
+    # of the latency stage's timing of it (the budget's); the frame's model is scratch
+    assert result["measured_frame"] == {"model": "the teacher's shape", "backend": "litert", "ms": teacher_litert}
+    assert not (stages["search"] / "teacher-shape").exists()
     # the shipped point fits by the latency `choose` reads (measured where re-measured): its prediction
     # may sit a hair over a budget of ~0.03 ms
     # tiny's baseline_tries: each baseline measured to fit (by price alone where none of the tried fits)
