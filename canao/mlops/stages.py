@@ -244,11 +244,11 @@ def model_stats(model_dir: Path, seq_len: int) -> dict:
 
 
 def _push_and_register(cfg, files: dict[str, Path], metadata: dict, context: Context, tags: dict[str, str],
-                       figures: dict[str, float], gate: tracking.Gate) -> tuple[str, str, dict]:
+                       figures: dict[str, float], gate: tracking.Gate) -> dict:
     """`files` pushed to the S3 registry as `cfg.model_name`'s version named by their content (a
     version already there is reused) with `metadata` in its manifest, and, in a tracked run,
     registered in MLflow with `tags` and `figures`, `cfg.alias` moved to it if it passes `gate`.
-    Returns (registry URI, version, promotion)."""
+    Returns the deployment's registry block: `registry_uri`, `registry_version`, `mlflow_model`."""
     version = content_version(files)
     registry = Registry(cfg.bucket)
     if registry.has_version(cfg.model_name, version):
@@ -262,7 +262,23 @@ def _push_and_register(cfg, files: dict[str, Path], metadata: dict, context: Con
                                             {"registry_version": version, **tags}, figures, gate)
         print(f"deploy: {cfg.model_name} {'promoted' if promotion['promoted'] else 'not promoted'}: "
               f"{promotion['reason']}", flush=True)
-    return uri, version, promotion
+    return {"registry_uri": uri, "registry_version": version,
+            "mlflow_model": {"name": cfg.model_name, "alias": cfg.alias, **promotion}}
+
+
+def _write_deployment(out_dir: Path, stage: str, cfg, inputs: dict[str, Path], deployment: dict, metrics: dict,
+                      kept: tuple[Path, ...] = ()) -> dict:
+    """A deploy stage's result: deployment.json, the `kept` files beside it, the manifest."""
+    def fill(staging: Path) -> dict:
+        (staging / DEPLOYMENT).write_text(json.dumps(deployment, indent=1))
+        for path in kept:
+            shutil.copy2(path, staging / path.name)
+        return write_manifest(staging, stage, to_dict(cfg), metrics,
+                              inputs={name: str(path) for name, path in inputs.items()},
+                              config_hash=config_hash(cfg), registry_uri=deployment["registry_uri"],
+                              backend=deployment["backend"]["backend"])
+
+    return _write_through_staging(out_dir, fill)
 
 
 def run_deploy(cfg: DeployConfig, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
@@ -285,7 +301,7 @@ def run_deploy(cfg: DeployConfig, inputs: dict[str, Path], out_dir: Path, contex
     student_files = {rel: path for rel, path in directory_files(inputs["model"], MODEL_DIR).items()
                      if not rel.startswith((f"{MODEL_DIR}/{BASELINE_DIR}/", f"{MODEL_DIR}/{BUDGETS_DIR}/"))}
     files = {**student_files, **directory_files(inputs["compiled"], f"{COMPILED_DIR}/{device}")}
-    uri, version, promotion = _push_and_register(
+    registry = _push_and_register(
         cfg, files, {
             "metrics": {"exact_match": student["exact_match"], "f1": student["f1"], "p50_ms": choice["p50_ms"],
                         "p90_ms": choice["p90_ms"], "speedup_vs_litert_fp32_teacher": speedup, **stats},
@@ -305,23 +321,12 @@ def run_deploy(cfg: DeployConfig, inputs: dict[str, Path], out_dir: Path, contex
         "backend": choice,
         "speedup_vs_litert_fp32_teacher": speedup,
         **_finalized_budgets(inputs["model"]),
-        "registry_uri": uri,
-        "registry_version": version,
-        "mlflow_model": {"name": cfg.model_name, "alias": cfg.alias, **promotion},
+        **registry,
     }
-
-    def fill(staging: Path) -> dict:
-        (staging / DEPLOYMENT).write_text(json.dumps(deployment, indent=1))
-        if "search" in inputs:
-            for name in (FRONT_JSON, FRONT_PNG):
-                shutil.copy2(inputs["search"] / name, staging / name)
-        return write_manifest(staging, "deploy", to_dict(cfg),
-                              {"p50_ms": choice["p50_ms"], "p90_ms": choice["p90_ms"],
-                               "speedup_vs_litert_fp32_teacher": speedup, "student": stats},
-                              inputs={name: str(path) for name, path in inputs.items()},
-                              config_hash=config_hash(cfg), registry_uri=uri, backend=choice["backend"])
-
-    return _write_through_staging(out_dir, fill)
+    front = tuple(inputs["search"] / name for name in (FRONT_JSON, FRONT_PNG)) if "search" in inputs else ()
+    return _write_deployment(out_dir, "deploy", cfg, inputs, deployment,
+                             {"p50_ms": choice["p50_ms"], "p90_ms": choice["p90_ms"],
+                              "speedup_vs_litert_fp32_teacher": speedup, "student": stats}, front)
 
 
 def run_lm_teacher(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
@@ -411,7 +416,7 @@ def run_deploy_lm(cfg: LMDeployConfig, inputs: dict[str, Path], out_dir: Path, c
                                           "greedy_agreement", "parameters")}}
     teacher = {"dir": str(inputs["teacher"]), "gguf": str(teacher_gguf()), "perplexity": metrics["teacher_perplexity"],
                "ms_per_token": teacher_ms}
-    uri, version, promotion = _push_and_register(
+    registry = _push_and_register(
         cfg, directory_files(inputs["model"], MODEL_DIR), {
             "metrics": {k: student[k] for k in ("perplexity", "gguf_perplexity", "greedy_agreement", "ms_per_token",
                                                 "time_to_first_token_ms", "speedup_vs_llamacpp_teacher")},
@@ -421,7 +426,7 @@ def run_deploy_lm(cfg: LMDeployConfig, inputs: dict[str, Path], out_dir: Path, c
         }, context, {"device": device, "backend": choice["backend"]},
         {"perplexity": student["perplexity"], "ms_per_token": choice["ms_per_token"]},
         tracking.Gate("perplexity", cfg.max_perplexity, "ms_per_token", cfg.max_ms_per_token))
-    student["registry_uri"] = uri
+    student["registry_uri"] = registry["registry_uri"]
     deployment = {
         "teacher": teacher,
         "student": student,
@@ -430,20 +435,11 @@ def run_deploy_lm(cfg: LMDeployConfig, inputs: dict[str, Path], out_dir: Path, c
         "device": device,
         "backend": backend,
         "speedup_vs_llamacpp_teacher": speedup,
-        "registry_uri": uri,
-        "registry_version": version,
-        "mlflow_model": {"name": cfg.model_name, "alias": cfg.alias, **promotion},
+        **registry,
     }
-
-    def fill(staging: Path) -> dict:
-        (staging / DEPLOYMENT).write_text(json.dumps(deployment, indent=1))
-        return write_manifest(staging, "deploy-lm", to_dict(cfg),
-                              {"ms_per_token": choice["ms_per_token"], "perplexity": student["perplexity"],
-                               "speedup_vs_llamacpp_teacher": speedup},
-                              inputs={name: str(path) for name, path in inputs.items()},
-                              config_hash=config_hash(cfg), registry_uri=uri, backend=choice["backend"])
-
-    return _write_through_staging(out_dir, fill)
+    return _write_deployment(out_dir, "deploy-lm", cfg, inputs, deployment,
+                             {"ms_per_token": choice["ms_per_token"], "perplexity": student["perplexity"],
+                              "speedup_vs_llamacpp_teacher": speedup})
 
 
 Runner = Callable[[object, dict[str, Path], Path, Context], dict]
