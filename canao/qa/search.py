@@ -61,7 +61,15 @@ from canao.qa.distill import kept_targets_of, load_supernet, student_kd_loss, ta
 from canao.qa.latency import BERT_QA, Frame, measure, shape_model
 from canao.qa.model import load_tokenizer
 from canao.qa.predictor import QAPredictor
-from canao.qa.space import SearchSpace, SubnetConfig, flops, params, uniform_baseline, uniform_subnets
+from canao.qa.space import (
+    SearchSpace,
+    SubnetConfig,
+    flops,
+    params,
+    uniform_baseline,
+    uniform_per_depth,
+    uniform_subnets,
+)
 
 QA = Objectives("f1", True, "F1 on the held-out training slice (supernet weights)",
                 "latency on {device}, seq {seq_len} (ms, log scale)", BASELINE)
@@ -131,12 +139,16 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
             return priced_within(uniform_subnets(space), fastest_ms, budget_ms, cfg.baseline_slack, cfg.baseline_tries)
         return [uniform_baseline(space, fastest_ms, budget_ms)]
 
-    # The teacher's shape first (the reference point), then each budget's uniform baseline candidates:
-    # 96 trials over ~10^9 subnets can miss the deep, thin ones a user tries first (the 2026-12-06 full
-    # run's front had none under its 8x budget, where the 6-block baseline scored 42 to its 34).
+    # The teacher's shape first (the reference point), then each budget's uniform baseline candidates
+    # and each depth's largest uniform subnet priced within it: 96 trials over ~10^9 subnets can miss
+    # the deep, thin ones a user tries first (the 2026-12-06 full run's front had none under its 8x
+    # budget, where the 6-block baseline scored 42 to its 34), and the baseline candidates, priced
+    # within the budget plus `baseline_slack`, may all be over it and so infeasible to NSGA-II (the
+    # 2026-12-07 run: its 8x front held 3-block students alone).
     seeds = [space.largest()]
     for b in (budget, *(b["latency_budget_ms"] for b in looser)):
-        seeds += [s for s in (baseline_candidates(b) if b else []) if s not in seeds]
+        candidates = [*baseline_candidates(b), *uniform_per_depth(space, fastest_ms, b)] if b else []
+        seeds += [s for s in candidates if s not in seeds]
     started = time.perf_counter()
     study = pareto_search(dataclasses.replace(cfg, latency_budget_ms=search_budget(budget, looser)), QA, suggest,
                           lambda s: {"f1": f1_of(s)}, latency, lambda s: params(s, space.teacher, vocab, positions),

@@ -156,6 +156,17 @@ def uniform_baseline(space: SearchSpace, predicted_ms: Callable[[SubnetConfig], 
     return fitting[0] if fitting else min(uniform, key=predicted_ms)
 
 
+def uniform_per_depth(space: SearchSpace, predicted_ms: Callable[[SubnetConfig], float],
+                      budget_ms: float) -> list[SubnetConfig]:
+    """Each depth's largest uniform subnet (`uniform_subnets`) whose `predicted_ms` is within
+    `budget_ms`, deepest first; a depth with none is left out."""
+    fitting: dict[int, SubnetConfig] = {}
+    for subnet in uniform_subnets(space):
+        if subnet.num_layers not in fitting and predicted_ms(subnet) <= budget_ms:
+            fitting[subnet.num_layers] = subnet
+    return [fitting[depth] for depth in sorted(fitting, reverse=True)]
+
+
 def uniform_subnets(space: SearchSpace) -> list[SubnetConfig]:
     """Every subnet a user builds without a search (`uniform_baseline`), largest first (in
     parameters, then depth)."""

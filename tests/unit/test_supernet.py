@@ -13,7 +13,15 @@ from canao.config import ConfigError
 from canao.qa.config import BertShape, SpaceConfig
 from canao.qa.model import Supernet, init_qa_model, load_qa_model, sort_by_importance
 from canao.qa.modeling_canao_bert import CanaoBertForQuestionAnswering
-from canao.qa.space import SearchSpace, SubnetConfig, first_layers_spread, params, uniform_baseline, uniform_subnets
+from canao.qa.space import (
+    SearchSpace,
+    SubnetConfig,
+    first_layers_spread,
+    params,
+    uniform_baseline,
+    uniform_per_depth,
+    uniform_subnets,
+)
 
 SHAPE = BertShape(num_layers=3, hidden_size=48, num_heads=3, ffn_size=96)  # head size 16
 SPACE = SpaceConfig(layer_counts=(1, 2, 3), hidden_sizes=(16, 32, 48), head_counts=(1, 2, 3),
@@ -141,6 +149,24 @@ def test_the_uniform_baseline_is_the_largest_uniform_subnet_within_its_budget():
     # below the smallest subnet: the fastest uniform one, its latency over the budget for all to see
     assert uniform_baseline(space, ms, 0.1) == dataclasses.replace(space.smallest(), layers=(0,))
     assert first_layers_spread(3, 6) == [0, 2, 4] and first_layers_spread(2, 6) == [0, 3]
+
+
+def test_each_depths_largest_uniform_subnet_within_a_budget_seeds_the_search():
+    space = SearchSpace(SPACE, SHAPE)
+
+    def ms(subnet):  # a latency that grows with the subnet
+        return params(subnet, SHAPE, 0, 0) / 1000
+
+    uniform = uniform_subnets(space)
+    for budget in sorted({ms(s) for s in uniform})[::3]:
+        seeds = uniform_per_depth(space, ms, budget)
+        depths = [s.num_layers for s in seeds]
+        assert depths == sorted({s.num_layers for s in uniform if ms(s) <= budget}, reverse=True)
+        for seed in seeds:  # within the budget, and no larger uniform subnet of its depth is
+            assert ms(seed) <= budget
+            assert all(ms(s) > budget for s in uniform if s.num_layers == seed.num_layers
+                       and params(s, SHAPE, 0, 0) > params(seed, SHAPE, 0, 0))
+        assert uniform_baseline(space, ms, budget) in seeds
 
 
 def test_a_student_loads_with_canaos_classes_and_never_runs_its_saved_modeling_file(supernet, tmp_path):
