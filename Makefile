@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 # Xeon with AMX-INT8 on 2026-12-06. Built without them, llama.cpp uses its AVX-512 kernels there.
 export CMAKE_ARGS ?= -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8
 
-.PHONY: setup litert-env test fuzz run up down pipelines image bench bench-lm bench-serve serve lint clean
+.PHONY: setup litert-env test fuzz run up down pipelines image bench bench-lm bench-serve bench-serve-lm serve lint clean
 
 setup: $(STAMP)
 
@@ -102,6 +102,12 @@ serve: setup
 # SERVE_MODEL -> outputs/bench-serve.json and .md, and the table into BENCHMARKS.md (make bench keeps it).
 bench-serve: setup
 	$(BIN)/canao loadtest --profile full --model $(SERVE_MODEL) --out outputs/bench-serve.json --benchmarks BENCHMARKS.md
+
+# The same against /v1/generate of SERVE_LM_MODEL (default: the generation teacher), 32 greedy
+# tokens per request -> outputs/bench-serve-lm.json and .md, and its own section of BENCHMARKS.md.
+bench-serve-lm: setup
+	$(BIN)/canao loadtest --profile full --lm-model $(or $(SERVE_LM_MODEL),outputs/lm-teacher) \
+		--out outputs/bench-serve-lm.json --benchmarks BENCHMARKS.md
 
 lint: setup
 	$(BIN)/ruff check canao components pipelines tests

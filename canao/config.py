@@ -137,6 +137,9 @@ class ServeConfig:
                               f"{list(self.allowed_hosts)}")
 
 
+LOADTEST_TASKS = ("qa", "generate")  # the serving tasks a load test targets, as /v1/info names them
+
+
 @dataclass(frozen=True)
 class LoadtestConfig:
     data_file: str = "../shared/data/squad/dev-a-v1.1.json"  # the questions the clients ask, in file order
@@ -145,9 +148,13 @@ class LoadtestConfig:
     seconds: float = 30.0  # each scenario stops sending after this long
     max_requests: int = 10000  # ... or after this many requests, whichever comes first
     client_timeout_s: float = 60.0  # a request unanswered by then counts as an error (the server must not hang)
+    task: str = "qa"  # the endpoint: qa (POST /v1/qa) or generate (POST /v1/generate, `canao loadtest --lm-model`)
+    max_new_tokens: int = 32  # generate: greedy tokens asked for per request
 
     def __post_init__(self):
-        for name in ("questions", "max_requests"):
+        if self.task not in LOADTEST_TASKS:
+            raise ConfigError(f"task: expected one of {', '.join(LOADTEST_TASKS)}, got {self.task!r}")
+        for name in ("questions", "max_requests", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not self.clients or min(self.clients) < 1:

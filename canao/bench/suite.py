@@ -28,6 +28,7 @@ from canao.qa.config import BertShape
 from canao.qa.model import init_qa_model, load_tokenizer
 
 SERVING_SECTION = "## Serving load test"  # written by `canao loadtest --benchmarks`, kept by bench-suite
+GENERATION_SERVING_SECTION = "## Generation serving load test"  # ... by `canao loadtest --lm-model ... --benchmarks`
 SEARCH_SECTION = "## CANAO search and student"  # written by `canao search-report`, kept by bench-suite
 TRAINING_SECTION = "## Distillation throughput"  # written by `canao bench-kd --benchmarks`, kept by bench-suite
 STUDENTS_SECTION = "## Which students"  # written by `canao bench-students --benchmarks`, kept by bench-suite
@@ -126,7 +127,8 @@ def suite(teacher_dir: Path, profile: str, out: Path, command: str, lm_teacher_d
               "length; `max abs diff` is against PyTorch fp32 start/end logits.\n")
     # The serving, search and training figures come from their own commands; a re-run of the suite keeps them.
     document = out.read_text() if out.is_file() else ""
-    kept = [section for heading in (SEARCH_SECTION, PROXY_SECTION, STUDENTS_SECTION, TRAINING_SECTION, SERVING_SECTION)
+    kept = [section for heading in (SEARCH_SECTION, PROXY_SECTION, STUDENTS_SECTION, TRAINING_SECTION, SERVING_SECTION,
+                                    GENERATION_SERVING_SECTION)
             if (section := markdown_section(document, heading))]
     write_text_atomic(out, header + "\n" + "\n\n".join(sections) + f"\n\n{GENERATION_SECTION}\n\n{generation}\n"
                       + "".join(f"\n{section}" for section in kept))

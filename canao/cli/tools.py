@@ -67,21 +67,25 @@ def cmd_serve(args) -> int:
 
 def cmd_loadtest(args) -> None:
     from canao.apps import loadtest
+    from canao.bench.suite import GENERATION_SERVING_SECTION, SERVING_SECTION, put_section
 
-    cfg = load_config("loadtest", args.profile, args.config, args.overrides)
+    # a spawned generation server is load-tested on its generation endpoint
+    overrides = [*args.overrides, "task=generate"] if args.lm_model else args.overrides
+    cfg = load_config("loadtest", args.profile, args.config, overrides)
     if args.url:
         result = loadtest.run(args.url, cfg)
     else:
-        with loadtest.spawned_server(args.model, args.profile, args.serve_overrides) as url:
+        with loadtest.spawned_server(args.model, args.profile, args.serve_overrides, lm_model=args.lm_model) as url:
             result = loadtest.run(url, cfg)
     table = loadtest.write(result, args.out)
     print(table.read_text(), end="")
     if args.benchmarks:
-        from canao.bench.suite import SERVING_SECTION, put_section
-
-        source = f"--model {args.model}" if args.model else f"--url {args.url}"
-        command = f"canao loadtest --profile {args.profile} {source} --out {args.out} --benchmarks {args.benchmarks}"
-        put_section(resolve_path(args.benchmarks), SERVING_SECTION,
+        source = (f"--model {args.model}" if args.model else f"--lm-model {args.lm_model}" if args.lm_model
+                  else f"--url {args.url}")
+        settings = "".join(f" --set {o}" for o in args.overrides)
+        command = f"canao loadtest --profile {args.profile}{settings} {source} --out {args.out} " \
+                  f"--benchmarks {args.benchmarks}"
+        put_section(resolve_path(args.benchmarks), SERVING_SECTION if cfg.task == "qa" else GENERATION_SERVING_SECTION,
                     f"Measured with `{command}`.\n\n{table.read_text()}")
 
 
@@ -256,11 +260,15 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, help="port (default: the profile's)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("loadtest", help="concurrent clients against /v1/qa on loopback: answers/s, p50, p99")
+    p = sub.add_parser("loadtest", help="concurrent clients against /v1/qa or /v1/generate on loopback: answers/s "
+                       "(and tokens/s, time to first token), p50, p99")
     add_config_args(p)
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--model", help="start `canao serve` for this model on a free loopback port")
-    target.add_argument("--url", help="a server already running on loopback, e.g. http://127.0.0.1:8000")
+    target.add_argument("--model", help="start `canao serve` for this QA model on a free loopback port")
+    target.add_argument("--lm-model", help="start `canao serve` for this generation model on a free loopback port "
+                        "and load-test /v1/generate (sets task=generate)")
+    target.add_argument("--url", help="a server already running on loopback, e.g. http://127.0.0.1:8000 (its "
+                        "endpoint: the config's task, --set task=generate for /v1/generate)")
     p.add_argument("--serve-set", dest="serve_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the started server's config (repeatable)")
     p.add_argument("--out", required=True, help="JSON figures to write (and the table beside it as .md)")

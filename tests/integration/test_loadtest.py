@@ -2,7 +2,7 @@
 
 import json
 
-from canao.bench.suite import SERVING_SECTION, markdown_section
+from canao.bench.suite import GENERATION_SERVING_SECTION, SERVING_SECTION, markdown_section
 from canao.cli.main import main
 
 
@@ -65,3 +65,25 @@ def test_a_client_that_never_finishes_its_body_is_cut_off_and_connections_are_ca
             sock.close()
         time.sleep(0.5)
         assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+
+
+def test_loadtest_of_a_generation_server_reads_every_stream(tiny_lm, tmp_path, capsys):
+    out, benchmarks = tmp_path / "loadtest-lm.json", tmp_path / "BENCHMARKS.md"
+    benchmarks.write_text(f"# Benchmarks\n\n{SERVING_SECTION}\n\nthe QA table\n")
+    assert main(["loadtest", "--profile", "tiny", "--set", "max_new_tokens=4", "--lm-model", str(tiny_lm),
+                 "--out", str(out), "--benchmarks", str(benchmarks)]) == 0
+    result = json.loads(out.read_text())
+    assert result["task"] == "generate" and result["model"]["backend"] == "torch"
+    (scenario,) = result["scenarios"]
+    assert scenario["errors"] == 0, scenario["error_samples"]
+    answered = scenario["status_counts"]["200"]
+    assert answered > 0 and 0 < scenario["tokens_per_s"] * scenario["seconds"] <= 4 * answered + 1e-6
+    assert 0 < scenario["first_token_p50_ms"] <= scenario["first_token_p99_ms"] <= scenario["p99_ms"]
+    table = out.with_suffix(".md").read_text()
+    assert "| tokens/s |" in table and table in capsys.readouterr().out + "\n"
+    # Its own section beside the QA one, with the command that made it.
+    document = benchmarks.read_text()
+    section = markdown_section(document, GENERATION_SERVING_SECTION)
+    assert table in section and "the QA table" in markdown_section(document, SERVING_SECTION)
+    assert (f"`canao loadtest --profile tiny --set max_new_tokens=4 --lm-model {tiny_lm} --out {out} "
+            f"--benchmarks {benchmarks}`") in section

@@ -280,6 +280,29 @@ def test_the_load_test_targets_loopback_only():
             check_loopback(url)
 
 
+def test_the_load_tests_generation_client_reads_tokens_and_an_error_event_ends_a_stream_as_an_error():
+    import asyncio
+
+    import httpx
+
+    from canao.apps.loadtest import STREAM_ERROR, ask_generate
+
+    def streams(request):
+        prompt = json.loads(request.content)["prompt"]
+        events = [("token", {"text": "a"}), ("token", {"text": "b"})]
+        events.append(("error", {"detail": "generate_timeout_s passed"}) if prompt == "slow" else ("done", {}))
+        body = "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events)
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    async def ask(prompt):
+        async with httpx.AsyncClient(transport=httpx.MockTransport(streams)) as http:
+            return await ask_generate(http, "http://127.0.0.1:1", {"prompt": prompt})
+
+    done, failed = asyncio.run(ask("hi")), asyncio.run(ask("slow"))
+    assert (done.status, done.tokens) == ("200", 2) and done.first_token_s is not None
+    assert failed.status == STREAM_ERROR and "generate_timeout_s" in failed.detail
+
+
 @pytest.mark.parametrize("profile", PROFILES)
 def test_serve_and_loadtest_configs_load_for_every_profile(profile):
     assert load_config("serve", profile).host == "127.0.0.1"
@@ -296,6 +319,8 @@ def test_serve_and_loadtest_configs_load_for_every_profile(profile):
     ("serve", "max_connections=0", "max_connections: must be >= 1"),
     ("serve", "allowed_hosts=[]", "allowed_hosts: host names"),
     ("loadtest", "clients=[4, 0]", "clients: must be counts >= 1"),
+    ("loadtest", "task=translate", "task: expected one of qa, generate"),
+    ("loadtest", "max_new_tokens=0", "max_new_tokens: must be >= 1"),
 ])
 def test_bad_limits_are_refused_naming_the_key(stage, override, error):
     with pytest.raises(ConfigError, match=error):
