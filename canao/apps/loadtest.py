@@ -142,7 +142,8 @@ async def _scenario(url: str, requests: list[dict], clients: int, cfg: LoadtestC
         **_percentiles_ms(latencies, ""),
     }
     if cfg.task == "generate":
-        figures |= {"tokens_per_s": round(tokens / seconds, 2), **_percentiles_ms(first_tokens, "first_token_")}
+        figures |= {"tokens": tokens, "tokens_per_s": round(tokens / seconds, 2),
+                    **_percentiles_ms(first_tokens, "first_token_")}
     return figures
 
 

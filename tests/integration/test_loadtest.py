@@ -77,7 +77,7 @@ def test_loadtest_of_a_generation_server_reads_every_stream(tiny_lm, tmp_path, c
     (scenario,) = result["scenarios"]
     assert scenario["errors"] == 0, scenario["error_samples"]
     answered = scenario["status_counts"]["200"]
-    assert answered > 0 and 0 < scenario["tokens_per_s"] * scenario["seconds"] <= 4 * answered + 1e-6
+    assert answered > 0 and 0 < scenario["tokens"] <= 4 * answered and scenario["tokens_per_s"] > 0
     assert 0 < scenario["first_token_p50_ms"] <= scenario["first_token_p99_ms"] <= scenario["p99_ms"]
     table = out.with_suffix(".md").read_text()
     assert "| tokens/s |" in table and table in capsys.readouterr().out + "\n"
