@@ -108,19 +108,16 @@ def _write_through_staging(out_dir: Path, fill: Callable[[Path], dict]) -> dict:
 
 def run_teacher(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
     from canao.qa.teacher import train_teacher
-
     return train_teacher(cfg, out_dir)
 
 
 def run_distill(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
     from canao.qa.distill import train_supernet
-
     return train_supernet(cfg, inputs["teacher"], out_dir)
 
 
 def run_latency(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
     from canao.qa.latency import fit_latency_model
-
     return fit_latency_model(cfg, context.device, out_dir, inputs["teacher"])
 
 
@@ -134,14 +131,12 @@ def _trial_logger(context: Context, stage: str) -> TrialHook | None:
 
 def run_search(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
     from canao.qa.search import search
-
     shutil.rmtree(out_dir, ignore_errors=True)  # search refuses an existing directory; a finished one is cached
     return search(cfg, inputs["supernet"], inputs["latency"], out_dir, on_trial=_trial_logger(context, "search"))
 
 
 def run_finalize(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
     from canao.qa.finalize import finalize
-
     # A model an earlier finalize in the cache distilled alike is copied, not trained again: a new
     # search that ships one new student leaves the other budgets' models and the baselines as they were.
     earlier = [d for d in sorted((cache_root() / "finalize").glob("*")) if d != out_dir and _finished(d)]
@@ -150,7 +145,6 @@ def run_finalize(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) 
 
 def run_compile(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
     from canao.qa.compile import compile_model
-
     shutil.rmtree(out_dir, ignore_errors=True)  # compile refuses an existing directory; a finished one is cached
     return compile_model(inputs["model"], context.device, cfg, out_dir)
 
@@ -158,7 +152,6 @@ def run_compile(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -
 def run_benchmark(cfg: BenchConfig, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
     """Every backend the compiled artifact holds, and PyTorch, timed on the device."""
     from canao.qa.bench import BACKENDS, bench
-
     compiled = verify_manifest(inputs["compiled"])
     backends = tuple(b for b in BACKENDS if b in compiled["backends"] or b == "torch")
     records = bench(inputs["compiled"], inputs["model"], context.device, backends, cfg)
@@ -200,7 +193,6 @@ def _finalized_budgets(model_dir: Path) -> dict:
     and `baseline` (each budget's uniform baseline), each entry as finalize measured it: the
     fastest backend as compiled when it benchmarked (else PyTorch), back to back with the teacher."""
     from canao.qa.finalize import BASELINE_DIR, finalized_figures
-
     manifest = verify_manifest(model_dir)
     if manifest["stage"] != "finalize":
         return {}
@@ -292,7 +284,6 @@ def run_deploy(cfg: DeployConfig, inputs: dict[str, Path], out_dir: Path, contex
     from canao.codesign.pareto import FRONT_JSON, FRONT_PNG
     from canao.qa.bench import BASELINE
     from canao.qa.finalize import BASELINE_DIR, BUDGETS_DIR
-
     compiled = verify_manifest(inputs["compiled"])
     device = compiled["config"]["device"]
 
@@ -339,33 +330,28 @@ def run_deploy(cfg: DeployConfig, inputs: dict[str, Path], out_dir: Path, contex
 
 def run_lm_teacher(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
     from canao.lm.teacher import save_teacher
-
     shutil.rmtree(out_dir, ignore_errors=True)  # lm-teacher refuses an existing directory; a finished one is cached
     return save_teacher(cfg, out_dir)
 
 
 def run_lm_data(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
     from canao.lm.data import build_corpus
-
     shutil.rmtree(out_dir, ignore_errors=True)  # lm-data refuses an existing directory; a finished one is cached
     return build_corpus(cfg, out_dir)
 
 
 def run_distill_lm(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
     from canao.lm.distill import train_decoder_supernet
-
     return train_decoder_supernet(cfg, inputs["teacher"], inputs["data"], out_dir)
 
 
 def run_latency_lm(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
     from canao.lm.latency import fit_decoder_latency_model
-
     return fit_decoder_latency_model(cfg, context.device, out_dir, inputs["teacher"])
 
 
 def run_search_lm(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
     from canao.lm.search import search_lm
-
     shutil.rmtree(out_dir, ignore_errors=True)  # search-lm refuses an existing directory; a finished one is cached
     return search_lm(cfg, inputs["supernet"], inputs["latency"], out_dir,
                      on_trial=_trial_logger(context, "search-lm"))
@@ -373,13 +359,11 @@ def run_search_lm(cfg, inputs: dict[str, Path], out_dir: Path, context: Context)
 
 def run_finalize_lm(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
     from canao.lm.finalize import finalize_student
-
     return finalize_student(cfg, inputs["supernet"], inputs["search"], out_dir)
 
 
 def run_compile_lm(cfg, inputs: dict[str, Path], out_dir: Path, context: Context) -> dict:
     from canao.lm.compile import compile_lm
-
     shutil.rmtree(out_dir, ignore_errors=True)  # compile-lm refuses an existing directory; a finished one is cached
     return compile_lm(inputs["model"], context.device, cfg, out_dir)
 
@@ -393,7 +377,6 @@ def run_benchmark_lm(cfg: GenBenchConfig, inputs: dict[str, Path], out_dir: Path
     its GGUF export, PyTorch), then llama.cpp on the teacher's GGUF file, the peer its speed-up
     is over, on the device at each of `cfg.contexts`."""
     from canao.lm.bench import bench_generation
-
     student = bench_generation(inputs["model"], None, context.device, LM_SERVED_BACKENDS, cfg)
     teacher = bench_generation(None, None, context.device, ("llama.cpp",), cfg)
 
@@ -418,7 +401,6 @@ def run_deploy_lm(cfg: LMDeployConfig, inputs: dict[str, Path], out_dir: Path, c
     if its held-out perplexity passes the gate."""
     from canao.lm.gguf import exported_gguf, scored_within
     from canao.lm.teacher import teacher_gguf
-
     model = verify_stage(inputs["model"], "finalize-lm", "a finalized generation student (finalize-lm)")
     metrics = model["metrics"]
     benchmark = verify_stage(inputs["benchmark"], "benchmark-lm", "a generation benchmark (benchmark-lm)")
