@@ -4,6 +4,10 @@ Exports write one model for each runtime; runners run any of them (and the TVM l
 this process) through one interface, so the benchmark, the numerics checks and the servers
 treat every backend alike. A family names its model's inputs and outputs and gives the model
 (canao.qa.compile, canao.lm.generator); nothing here knows what the model computes.
+
+PyTorch is imported where an export needs it, not here: a benchmark times every peer in a
+fresh process (`timed_calls`), and a process that imports only its runtime starts in a fraction
+of a second where one that imports PyTorch and transformers takes seconds (measured, 2026-12-07).
 """
 
 from __future__ import annotations
@@ -13,15 +17,20 @@ import subprocess
 import time
 import warnings
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import ai_edge_litert
 import numpy as np
 import onnxruntime as ort
-import torch
 from ai_edge_litert.interpreter import Interpreter
 
 from canao.config import PROJECT_ROOT
+from canao.lab import devices
+
+if TYPE_CHECKING:
+    import torch
+
+    from canao.lab.devices import Device
 
 # LayerNormalization became a standard op in opset 17; ORT 1.32 runs it fused.
 ONNX_OPSET = 17
@@ -31,6 +40,8 @@ def export_onnx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], input_
                 output_names: tuple[str, ...], path: str | os.PathLike) -> Path:
     """`model` as ONNX with the static shapes of `inputs`, through the legacy TorchScript exporter:
     with eager attention it runs faster in ORT than the dynamo export (TOOLCHAIN.md)."""
+    import torch
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
@@ -177,3 +188,13 @@ def time_calls(runner, inputs: list, warmup: int, runs: int) -> list[float]:
         runner(*inputs)
         times.append((time.perf_counter() - started) * 1000)
     return times
+
+
+def timed_calls(device: Device, make_runner, inputs: list, warmup: int, runs: int) -> tuple[list[float], str]:
+    """In a child process (canao.processes.call_in_child): pin to `device`'s cores and thread
+    count, then `time_calls` the runner `make_runner()` builds: (ms of each run, its version).
+    `make_runner` (a class, or a functools.partial of one) is imported in the child by its
+    module, so a peer's child imports this module and its runtime only."""
+    devices.pin(device)
+    runner = make_runner()
+    return time_calls(runner, inputs, warmup, runs), runner.version

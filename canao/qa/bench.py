@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from canao.compile import peers
-from canao.lab import devices, rpc
+from canao.lab import rpc
 from canao.lab.devices import Device
 from canao.manifest import verify_manifest
 from canao.processes import call_in_child
 from canao.qa.config import BenchConfig
 from canao.qa.model import example_inputs
-from canao.qa.predictor import backend_runner
+from canao.qa.predictor import runner_factory
 
 BACKENDS = ("tvm", "litert", "litert-int8", "onnxruntime", "onnxruntime-int8", "torch")
 BASELINE = "litert"  # speedups are relative to LiteRT fp32, the strongest fp32 peer on CPUs
@@ -50,13 +50,6 @@ def summarize(times_ms: list[float]) -> dict:
     return {"p50_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)), "min_ms": float(t.min())}
 
 
-def _time_peer(backend: str, path: str, device: Device, warmup: int, runs: int, seq_len: int) -> tuple[list, str]:
-    """In a child process: pin to the device's cores, then time the peer runtime."""
-    devices.pin(device)
-    runner = backend_runner(backend, Path(path), threads=device.threads)
-    return peers.time_calls(runner, [t.numpy() for t in example_inputs(seq_len)], warmup, runs), runner.version
-
-
 def bench(artifact_dir: str | Path, model_dir: str | Path, device: Device, backends: tuple[str, ...],
           cfg: BenchConfig) -> list[Record]:
     """Time `backends` of a compiled artifact directory on `device`."""
@@ -81,8 +74,9 @@ def bench(artifact_dir: str | Path, model_dir: str | Path, device: Device, backe
             version = _tvm_version()
         else:
             path = Path(model_dir) if backend == "torch" else artifact_dir / manifest["backends"][backend]
-            times, version = call_in_child(f"timing {backend}", _time_peer, backend, str(path), device, cfg.warmup,
-                                           cfg.runs, seq_len)
+            times, version = call_in_child(f"timing {backend}", peers.timed_calls, device,
+                                           runner_factory(backend, path, device.threads),
+                                           [t.numpy() for t in example_inputs(seq_len)], cfg.warmup, cfg.runs)
         records.append(Record(
             backend=backend, device=device.key, seq_len=seq_len, runs=len(times), threads=device.threads,
             cores=tuple(device.cores), version=version, numerics_max_abs_diff=numerics.get(backend, 0.0),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 from dataclasses import dataclass
@@ -49,13 +50,20 @@ RUNNERS = {
 NAMED_RUNNERS = (peers.OnnxRunner, peers.LiteRTRunner)  # find tensors by INPUT_NAMES and OUTPUT_NAMES
 
 
-def backend_runner(name: str, path: str | Path, threads: int) -> peers.Runner:
-    """A runner for backend `name` (tvm or a peer with `path` its file, or torch with `path` the model directory)."""
+def runner_factory(name: str, path: str | Path, threads: int) -> functools.partial:
+    """What builds backend `name`'s runner (tvm or a peer with `path` its file, or torch with
+    `path` the model directory) when called: picklable, so a child process can build it
+    (canao.compile.peers.timed_calls) importing only the runner's own module."""
     if name not in RUNNERS:
         raise ValueError(f"backend {name!r}: unknown; one of {list(RUNNERS)}")
     kind = RUNNERS[name]
     names = {"inputs": INPUT_NAMES, "outputs": OUTPUT_NAMES} if kind in NAMED_RUNNERS else {}
-    return kind(path, threads, name=name, **names)
+    return functools.partial(kind, str(path), threads, name=name, **names)
+
+
+def backend_runner(name: str, path: str | Path, threads: int) -> peers.Runner:
+    """A runner for backend `name` in this process (see `runner_factory`)."""
+    return runner_factory(name, path, threads)()
 
 
 class SpanPredictor:

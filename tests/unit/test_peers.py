@@ -1,16 +1,19 @@
 """Peer runtimes on a tiny random BERT: exports match PyTorch, int8 stays close, errors are clear."""
 
+import subprocess
+import sys
 
 import numpy as np
 import onnx
 import pytest
 
 from canao.codesign.elastic import extract
+from canao.compile import peers
 from canao.compile.relax import max_abs_diff
 from canao.qa.compile import export, export_litert
 from canao.qa.config import BertShape
 from canao.qa.model import Supernet, example_inputs, init_qa_model, load_for_export
-from canao.qa.predictor import TorchRunner, backend_runner
+from canao.qa.predictor import TorchRunner, backend_runner, runner_factory
 from canao.qa.space import SubnetConfig
 
 SEQ_LEN = 32
@@ -119,3 +122,13 @@ def test_a_student_converts_to_litert_without_running_its_saved_modeling_file(li
     outputs = backend_runner("litert", path, threads=1)(*inputs)
     assert max_abs_diff(outputs, TorchRunner(tmp_path / "student", threads=1)(*inputs)) < 1e-3
     assert not marker.exists()
+
+
+def test_a_peers_timing_child_imports_its_runtime_without_pytorch():
+    # Every peer is timed in a fresh process (canao.compile.peers.timed_calls): one that imported
+    # PyTorch and transformers too would spend seconds starting for every timing.
+    factory = runner_factory("onnxruntime", "model.onnx", threads=1)
+    assert factory.func is peers.OnnxRunner
+    code = "import sys, canao.compile.peers; print(sorted({'torch', 'transformers', 'tvm'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
