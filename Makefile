@@ -38,8 +38,12 @@ $(LITERT_STAMP): requirements-litert.txt
 	$(LITERT_VENV)/bin/python -m pip install --quiet -r requirements-litert.txt
 	touch $@
 
+# Two workers, a test file each at a time (its module fixtures built once): the serial suite
+# keeps one of two cores busy on average (a compile, a converter process, a server starting),
+# so two take about 40 % off its time (BENCHMARKS.md, "Test suite").
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # The API against its schema with new random requests each run, FUZZ_EXAMPLES per operation and
 # mode; `make test` sends the same 100 every run, so CI never passes or fails by chance.

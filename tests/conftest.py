@@ -1,3 +1,5 @@
+import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -59,8 +61,12 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def litert_env():
-    """Builds the converter environment the way a fresh clone gets it (about a minute, once)."""
-    done = subprocess.run(["make", "-C", str(PROJECT_ROOT), "litert-env"], capture_output=True, text=True)
+    """Builds the converter environment the way a fresh clone gets it (about a minute, once): one
+    test worker builds it while the others wait (two pips in one venv break it)."""
+    lock = Path(tempfile.gettempdir()) / f"canao-litert-env-{hashlib.sha256(bytes(PROJECT_ROOT)).hexdigest()[:12]}.lock"
+    with lock.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        done = subprocess.run(["make", "-C", str(PROJECT_ROOT), "litert-env"], capture_output=True, text=True)
     assert done.returncode == 0, f"make litert-env failed:\n{done.stderr[-3000:]}"
 
 
