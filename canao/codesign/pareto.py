@@ -57,15 +57,34 @@ class Objectives:
     latency: str = "ms"  # the latency model's metric the search minimises (canao.codesign.latency_model.Metric)
 
 
+@dataclasses.dataclass(frozen=True)
+class Climb:
+    """Hill-climbing after NSGA-II, each budget from its most accurate subnet within it: NSGA-II's
+    trials sample the neighbourhood of a good point sparsely (the 2026-12-07 full run's best 8x
+    points were its seeds, uniform subnets priced 1.2 ms under the budget, and none of its 96
+    trials was a larger variant of them). Each round evaluates, for every budget, up to
+    `per_round` of its best point's `neighbours` that the latency model prices within it and
+    that no trial has evaluated, those using the most of the budget first; it ends when `trials`
+    are spent or no budget has such a neighbour (its best point is then a local optimum)."""
+
+    budgets: tuple[float, ...]  # ms (> 0), as the latency model prices the objective's latency
+    trials: int  # subnets the climb evaluates, beyond NSGA-II's trials
+    per_round: int  # neighbours of each budget's best point evaluated a round, at most
+    neighbours: Callable[[object], list]  # a subnet -> its one-step-larger variants
+    parse: Callable[[dict], object]  # a trial's "subnet" attribute -> the subnet
+    params: Callable[[object], dict]  # a subnet -> the trial parameters `suggest` reads back
+
+
 def pareto_search(cfg, objectives: Objectives, suggest: Callable[[optuna.Trial], object],
                   score: Callable[[object], dict], latency: LatencyModel, count_params: Callable[[object], int],
-                  count_flops: Callable[[object], int], seeds: list[dict], on_trial: TrialHook | None) -> optuna.Study:
+                  count_flops: Callable[[object], int], seeds: list[dict], on_trial: TrialHook | None,
+                  climb: Climb | None = None) -> optuna.Study:
     """NSGA-II over the subnets `suggest(trial)` proposes: the accuracy in `score(subnet)` (a dict
     that may hold more figures; they are kept with the trial) against the latency model's
     prediction of `objectives.latency` for the fastest backend, under `cfg`'s latency and
     parameter budgets. `seeds`: the parameters of the first trials (the reference subnet, then
     any the front must weigh, such as the uniform baselines: the front then holds each of them
-    or a point that dominates it)."""
+    or a point that dominates it). Then the `climb`, if any."""
     latency = latency.of(objectives.latency)
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
@@ -95,7 +114,33 @@ def pareto_search(cfg, objectives: Objectives, suggest: Callable[[optuna.Trial],
     for params in seeds:
         study.enqueue_trial(params)
     study.optimize(objective, n_trials=cfg.trials)
+    if climb is not None:
+        _climb(study, objective, objectives, climb, lambda subnet: latency.fastest(subnet)[0])
     return study
+
+
+def _climb(study: optuna.Study, objective: Callable, objectives: Objectives, climb: Climb,
+           predicted_ms: Callable[[object], float]) -> None:
+    sign = 1 if objectives.maximize else -1
+    seen = {json.dumps(t.user_attrs["subnet"], sort_keys=True) for t in study.trials}
+    left = climb.trials
+    while left > 0:
+        queued = 0
+        for budget in climb.budgets:
+            within = [t for t in study.trials if t.values and _feasible(t) and t.values[1] <= budget]
+            if not within:
+                continue
+            best = climb.parse(max(within, key=lambda t: sign * t.values[0]).user_attrs["subnet"])
+            steps = [s for s in climb.neighbours(best)
+                     if json.dumps(s.to_dict(), sort_keys=True) not in seen and predicted_ms(s) <= budget]
+            for step in sorted(steps, key=predicted_ms, reverse=True)[:min(climb.per_round, left - queued)]:
+                study.enqueue_trial(climb.params(step))
+                seen.add(json.dumps(step.to_dict(), sort_keys=True))
+                queued += 1
+        if not queued:
+            return
+        study.optimize(objective, n_trials=queued)
+        left -= queued
 
 
 def remeasure(front: list[dict], objectives: Objectives, count: int,

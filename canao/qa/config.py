@@ -225,6 +225,11 @@ class SearchConfig:
     # and its ms given in the latency stage's frame (canao.qa.bench.in_frame_of): the budget, made from
     # the latency stage's timing of the teacher, then judges the ratio, not the machine's speed that hour.
     timed_with_teacher: bool = False
+    # Hill-climbing after NSGA-II (canao.codesign.pareto.Climb): from each budget's most accurate
+    # subnet, its one-step-larger neighbours (canao.qa.space.SearchSpace.larger_neighbours) priced
+    # within the budget, at most `climb_per_round` a budget a round, `climb_trials` in all; 0 = none.
+    climb_trials: int = 0
+    climb_per_round: int = 4
     finalists: FinalistConfig = field(default_factory=FinalistConfig)  # re-ranking by short KD
     # The uniform baseline held to each budget as measured, as the student is: the largest uniform
     # subnets priced within the budget plus `baseline_slack` are measured in turn (at most
@@ -236,6 +241,9 @@ class SearchConfig:
     def __post_init__(self):
         if self.trials < 1 or self.population_size < 2 or self.val_questions < 1 or self.remeasure_rounds < 1:
             raise ConfigError("trials, val_questions, remeasure_rounds: must be >= 1; population_size: >= 2")
+        if self.climb_trials < 0 or self.climb_per_round < 1:
+            raise ConfigError(f"climb_trials: must be >= 0, climb_per_round: >= 1; got {self.climb_trials}, "
+                              f"{self.climb_per_round}")
         if self.baseline_tries < 0 or not self.baseline_slack >= 0:  # also refuses NaN
             raise ConfigError(f"baseline_tries, baseline_slack: must be >= 0, got {self.baseline_tries}, "
                               f"{self.baseline_slack}")

@@ -5,7 +5,8 @@ with the supernet's shared weights on a held-out slice of the training file (the
 `val_questions` questions, which distillation never saw; dev-a stays for the final
 evaluation only) and by the latency model's prediction for the device (the fastest
 backend, i.e. what would be deployed), under a latency budget and an optional parameter
-budget (NSGA-II's constraint handling). The front's best points are compiled and measured
+budget (NSGA-II's constraint handling); then, with `climb_trials`, a hill-climb from each
+budget's best point through its larger neighbours. The front's best points are compiled and measured
 on the device again (with `timed_with_teacher`, in turn with the teacher's shape and given in
 the frame of the latency stage's timing of it, which the budgets come from). With
 `finalists`, each budget's best few points (measured to fit) are distilled briefly and
@@ -33,6 +34,7 @@ from canao.codesign.pareto import (
     FRONT_JSON,
     FRONT_PNG,
     RERANKED,
+    Climb,
     Objectives,
     TrialHook,
     choose,
@@ -145,15 +147,19 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
     # budget, where the 6-block baseline scored 42 to its 34), and the baseline candidates, priced
     # within the budget plus `baseline_slack`, may all be over it and so infeasible to NSGA-II (the
     # 2026-12-07 run: its 8x front held 3-block students alone).
+    budgets = [budget, *(b["latency_budget_ms"] for b in looser)]  # 0: none
     seeds = [space.largest()]
-    for b in (budget, *(b["latency_budget_ms"] for b in looser)):
+    for b in budgets:
         candidates = [*baseline_candidates(b), *uniform_per_depth(space, fastest_ms, b)] if b else []
         seeds += [s for s in candidates if s not in seeds]
     started = time.perf_counter()
+    climbed = tuple(b for b in budgets if b)
+    climb = Climb(climbed, cfg.climb_trials, cfg.climb_per_round, space.larger_neighbours, SubnetConfig.from_dict,
+                  lambda s: _trial_params(s, deepest)) if cfg.climb_trials and climbed else None
     study = pareto_search(dataclasses.replace(cfg, latency_budget_ms=search_budget(budget, looser)), QA, suggest,
                           lambda s: {"f1": f1_of(s)}, latency, lambda s: params(s, space.teacher, vocab, positions),
                           lambda s: flops(s, space.teacher, latency.seq_len),
-                          [_trial_params(s, deepest) for s in seeds], on_trial)
+                          [_trial_params(s, deepest) for s in seeds], on_trial, climb)
     search_seconds = time.perf_counter() - started
 
     front = front_of(study, SubnetConfig)
@@ -161,7 +167,6 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
     bench_cfg = from_dict(BenchConfig, latency_manifest["config"]["bench"], "bench.")
     out_dir.mkdir(parents=True, exist_ok=True)
     started_measure = time.perf_counter()
-    budgets = [budget, *(b["latency_budget_ms"] for b in looser)]
 
     frame_dir = out_dir / "teacher-shape"  # removed before the manifest is written
     frame = None
@@ -228,7 +233,8 @@ def search(cfg: SearchConfig, supernet_dir: str | Path, latency_dir: str | Path,
     plot_front(result, out_dir / FRONT_PNG, QA)
     metrics = {"search_seconds": round(search_seconds, 1), "remeasure_seconds": round(remeasure_seconds, 1),
                "rerank_seconds": round(rerank_seconds, 1), "baseline_seconds": round(baseline_seconds, 1),
-               "trials": len(study.trials), "distinct_subnets": len(f1_cache), "front_size": len(front),
+               "trials": len(study.trials), "climb_trials": len(study.trials) - cfg.trials,
+               "distinct_subnets": len(f1_cache), "front_size": len(front),
                "teacher_val_f1": result["teacher"]["f1"], "val_questions": len(val_examples)}
     reranked = [p for p in front if RERANKED in p]
     if len(reranked) >= 2:  # how well the supernet's F1 ranks what a short distillation makes of each

@@ -12,6 +12,7 @@ The allowed values follow canao.codesign.space's rules for the compiler.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,6 +131,28 @@ class SearchSpace:
                    self.make(deep, hidden, [min(c.head_counts)] * deep, [min(c.ffn_sizes)] * deep),
                    self.make(shallow, hidden, [max(c.head_counts)] * shallow, [max(c.ffn_sizes)] * shallow)]
         return list(dict.fromkeys(corners))
+
+    def larger_neighbours(self, subnet: SubnetConfig) -> list[SubnetConfig]:
+        """`subnet` with one layer's heads or FFN width one choice larger, then with every layer's:
+        the steps of the search's climb (canao.codesign.pareto.Climb). Depth, width and kept layers
+        stay; a layer already at its largest choice has no step."""
+        heads = [h for h in self.cfg.head_counts if h <= self.max_heads(subnet.hidden_size)]
+        choices = {"heads": sorted(heads), "ffn_sizes": sorted(self.cfg.ffn_sizes)}
+
+        def larger(field: str, value: int) -> int | None:
+            bigger = [c for c in choices[field] if c > value]
+            return bigger[0] if bigger else None
+
+        steps = []
+        for field in ("heads", "ffn_sizes"):
+            values = getattr(subnet, field)
+            for i, value in enumerate(values):
+                if (up := larger(field, value)) is not None:
+                    steps.append(dataclasses.replace(subnet, **{field: values[:i] + (up,) + values[i + 1:]}))
+            every = tuple(larger(field, v) or v for v in values)
+            if every != values and sum(u != v for u, v in zip(every, values, strict=True)) > 1:
+                steps.append(dataclasses.replace(subnet, **{field: every}))
+        return [self.validate(s) for s in steps]
 
     def sample(self, rng: random.Random) -> SubnetConfig:
         c = self.cfg

@@ -2,15 +2,19 @@
 
 import json
 
+import optuna
 import pytest
 
 from canao.codesign.latency_model import MODEL_FILE, LatencyModel, sample_subnets
 from canao.codesign.pareto import (
     RERANKED,
+    Climb,
+    Objectives,
     choose,
     dominated,
     front_budgets,
     latency_budget,
+    pareto_search,
     remeasure,
     rerank,
     search_budget,
@@ -235,3 +239,42 @@ def test_the_pipeline_searches_under_the_tightest_budget_given_or_else_the_profi
     assert load_config("search", "quick").latency_budget_ms == 10.0  # `make run`'s budget
     with pytest.raises(ValueError, match=r"latency_budgets_ms: expected a list of positive numbers, got \[10.0, -1\]"):
         with_latency_budget({}, [10.0, -1])
+
+
+def test_the_climb_steps_from_each_budgets_best_point_to_a_better_neighbour_within_the_budget():
+    model = LatencyModel.fit("x86-1t", 384, MINILM, synthetic_measurements(16, 5), BERT_QA)
+    space = SearchSpace(SpaceConfig(layer_counts=(2, 6), hidden_sizes=(384,), head_counts=(2, 6, 12),
+                                    ffn_sizes=(256, 768, 1536)), MINILM)
+
+    def suggest(trial: optuna.Trial) -> SubnetConfig:
+        return space.make(trial.suggest_categorical("num_layers", (2, 6)), 384,
+                          [trial.suggest_categorical(f"heads_{i}", (2, 6, 12)) for i in range(6)],
+                          [trial.suggest_categorical(f"ffn_{i}", (256, 768, 1536)) for i in range(6)])
+
+    def params(subnet: SubnetConfig) -> dict:
+        pad = 6 - subnet.num_layers
+        return {"num_layers": subnet.num_layers, **{f"heads_{i}": h for i, h in enumerate(subnet.heads + (2,) * pad)},
+                **{f"ffn_{i}": f for i, f in enumerate(subnet.ffn_sizes + (256,) * pad)}}
+
+    def score(subnet: SubnetConfig) -> dict:  # the first layer's FFN matters most
+        return {"f1": subnet.num_layers + subnet.ffn_sizes[0] / 100 + sum(subnet.ffn_sizes[1:]) / 1e3
+                + sum(subnet.heads) / 1e4}
+
+    smallest = space.make(6, 384, [2] * 6, [256] * 6)
+    budgets = (model.fastest(smallest)[0] * 1.15, model.fastest(space.largest())[0] * 0.8)
+    cfg = SearchConfig(trials=1, population_size=2, latency_budget_ms=max(budgets))
+    objectives = Objectives("f1", True, "", "", "litert")
+    climb = Climb(budgets, 30, 2, space.larger_neighbours, SubnetConfig.from_dict, params)
+    study = pareto_search(cfg, objectives, suggest, score, model, lambda s: 0, lambda s: 0, [params(smallest)], None,
+                          climb)
+    evaluated = [SubnetConfig.from_dict(t.user_attrs["subnet"]) for t in study.trials]
+    assert evaluated[0] == smallest and len(evaluated) == len(set(evaluated)) <= 31
+    for budget in budgets:
+        within = [s for s in evaluated if model.fastest(s)[0] <= budget]
+        best = max(within, key=lambda s: score(s)["f1"])
+        assert score(best)["f1"] > score(smallest)["f1"]
+        # the climb ended at a local optimum: every neighbour within the budget was evaluated
+        if len(evaluated) < 31:
+            assert all(n in evaluated for n in space.larger_neighbours(best) if model.fastest(n)[0] <= budget)
+    with pytest.raises(ConfigError, match="climb_trials: must be >= 0, climb_per_round: >= 1"):
+        load_config("search", "tiny", overrides=["climb_per_round=0"])

@@ -211,3 +211,13 @@ def test_the_measured_baseline_is_the_largest_uniform_subnet_that_measures_withi
     assert uniform_baseline(space, priced, budget) != baseline  # by price alone, a smaller one
     timed.clear()
     assert first_fitting(priced_within(uniform, priced, 0.5, 0.25, 2), measure, 0.5) is None and len(timed) <= 2
+
+
+def test_a_subnets_larger_neighbours_step_one_layer_or_every_layer_one_choice_up():
+    space = SearchSpace(SPACE, SHAPE)
+    subnet = SubnetConfig(3, 32, (1, 2, 2), (32, 96, 64))  # hidden 32 holds at most 2 heads
+    steps = space.larger_neighbours(subnet)
+    assert steps == [SubnetConfig(3, 32, (2, 2, 2), (32, 96, 64)),
+                     SubnetConfig(3, 32, (1, 2, 2), (64, 96, 64)), SubnetConfig(3, 32, (1, 2, 2), (32, 96, 96)),
+                     SubnetConfig(3, 32, (1, 2, 2), (64, 96, 96))]
+    assert space.larger_neighbours(space.largest()) == []
