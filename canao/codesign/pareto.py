@@ -61,8 +61,8 @@ class Objectives:
 class Climb:
     """Hill-climbing after NSGA-II, each budget from its most accurate subnet within it: NSGA-II's
     trials sample the neighbourhood of a good point sparsely (the 2026-12-07 full run's best 8x
-    points were its seeds, uniform subnets priced 1.2 ms under the budget, and none of its 96
-    trials was a larger variant of them). Each round evaluates, for every budget, up to
+    points were its seeds, uniform subnets priced 1.2 ms under the budget, and no other of its 96
+    trials at their depths came within the budget). Each round evaluates, for every budget, up to
     `per_round` of its best point's `neighbours` that the latency model prices within it and
     that no trial has evaluated, those using the most of the budget first; it ends when `trials`
     are spent or no budget has such a neighbour (its best point is then a local optimum)."""
