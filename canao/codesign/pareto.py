@@ -122,7 +122,7 @@ def pareto_search(cfg, objectives: Objectives, suggest: Callable[[optuna.Trial],
 def _climb(study: optuna.Study, objective: Callable, objectives: Objectives, climb: Climb,
            predicted_ms: Callable[[object], float]) -> None:
     sign = 1 if objectives.maximize else -1
-    seen = {json.dumps(t.user_attrs["subnet"], sort_keys=True) for t in study.trials}
+    seen = {_subnet_key(t.user_attrs["subnet"]) for t in study.trials}
     left = climb.trials
     while left > 0:
         queued = 0
@@ -132,10 +132,10 @@ def _climb(study: optuna.Study, objective: Callable, objectives: Objectives, cli
                 continue
             best = climb.parse(max(within, key=lambda t: sign * t.values[0]).user_attrs["subnet"])
             steps = [s for s in climb.neighbours(best)
-                     if json.dumps(s.to_dict(), sort_keys=True) not in seen and predicted_ms(s) <= budget]
+                     if _subnet_key(s.to_dict()) not in seen and predicted_ms(s) <= budget]
             for step in sorted(steps, key=predicted_ms, reverse=True)[:min(climb.per_round, left - queued)]:
                 study.enqueue_trial(climb.params(step))
-                seen.add(json.dumps(step.to_dict(), sort_keys=True))
+                seen.add(_subnet_key(step.to_dict()))
                 queued += 1
         if not queued:
             return
@@ -240,6 +240,11 @@ def search_budget(budget: float, extra: list[dict]) -> float:
     return max([budget, *(b["latency_budget_ms"] for b in extra)]) if budget else 0.0
 
 
+def _subnet_key(subnet: dict) -> str:
+    """One subnet's identity among trials (its dict as a trial's "subnet" attribute holds it)."""
+    return json.dumps(subnet, sort_keys=True)
+
+
 def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
     return all(v <= 0 for v in trial.constraints.values())
 
@@ -255,8 +260,7 @@ def front_of(study: optuna.Study, subnet_type: type) -> list[dict]:
     for t in study.best_trials:
         if not _feasible(t):
             continue
-        key = json.dumps(t.user_attrs["subnet"], sort_keys=True)
-        points.setdefault(key, {
+        points.setdefault(_subnet_key(t.user_attrs["subnet"]), {
             "trial": t.number, "subnet": t.user_attrs["subnet"],
             "label": subnet_type.from_dict(t.user_attrs["subnet"]).label(), **t.user_attrs["scores"],
             "predicted_ms": t.values[1], "predicted_backend": t.user_attrs["backend"],

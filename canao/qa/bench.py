@@ -65,18 +65,18 @@ def bench(artifact_dir: str | Path, model_dir: str | Path, device: Device, backe
         raise ValueError(f"{artifact_dir}: has no {', '.join(missing)} export (compile it with those peers)")
     seq_len = manifest["config"]["seq_len"]
     numerics = manifest["metrics"]["numerics_max_abs_diff"]
+    inputs = [t.numpy() for t in example_inputs(seq_len)]  # every backend times the same windows
     records = []
     for backend in backends:
         if backend == "tvm":
-            inputs = [t.numpy() for t in example_inputs(seq_len)]
             times = rpc.time_remote(artifact_dir / manifest["backends"]["tvm"], inputs, device.key,
                                            cfg.warmup, cfg.runs)
             version = _tvm_version()
         else:
             path = Path(model_dir) if backend == "torch" else artifact_dir / manifest["backends"][backend]
             times, version = call_in_child(f"timing {backend}", peers.timed_calls, device,
-                                           runner_factory(backend, path, device.threads),
-                                           [t.numpy() for t in example_inputs(seq_len)], cfg.warmup, cfg.runs)
+                                           runner_factory(backend, path, device.threads), inputs, cfg.warmup,
+                                           cfg.runs)
         records.append(Record(
             backend=backend, device=device.key, seq_len=seq_len, runs=len(times), threads=device.threads,
             cores=tuple(device.cores), version=version, numerics_max_abs_diff=numerics.get(backend, 0.0),

@@ -150,7 +150,7 @@ class SearchSpace:
                 if (up := larger(field, value)) is not None:
                     steps.append(dataclasses.replace(subnet, **{field: values[:i] + (up,) + values[i + 1:]}))
             every = tuple(larger(field, v) or v for v in values)
-            if every != values and sum(u != v for u, v in zip(every, values, strict=True)) > 1:
+            if sum(u != v for u, v in zip(every, values, strict=True)) > 1:  # else a one-layer step above
                 steps.append(dataclasses.replace(subnet, **{field: every}))
         return [self.validate(s) for s in steps]
 
